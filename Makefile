@@ -1,0 +1,24 @@
+# `make run` and `make test` work on a fresh machine: each builds the virtual environment first.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# torch is installed in the same pip command as the project so that no dependency pulls another build.
+TORCH ?= torch==2.13.0
+
+.PHONY: run test benchmark clean
+
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(VENV)/bin/pip install --quiet "$(TORCH)" -e '.[dev]'
+	touch $@
+
+run: $(VENV)/.installed
+	$(PY) -m pipeline stage=all
+
+test: $(VENV)/.installed
+	$(PY) -m pytest
+
+benchmark: $(VENV)/.installed
+	$(PY) benchmarks/train_overhead.py
+
+clean:
+	rm -rf artifacts mlruns mlflow.db outputs multirun

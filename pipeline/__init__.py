@@ -1,0 +1,1 @@
+"""precision-pipeline: train at a chosen precision, quantize, export, evaluate, serve, report."""

@@ -1,0 +1,1 @@
+"""One module a stage; each exposes `check(cfg)` (cheap validation) and `run(cfg, tracker)`."""

@@ -1,0 +1,307 @@
+"""train: causal-LM fine-tune through Accelerate at fp32, bf16, fp16 (dynamic loss scaling) or fp8.
+
+Weights and optimizer states stay fp32 in every mode; the precision only changes the compute
+(autocast). The output directory holds the final model in Hugging Face format (config,
+safetensors, tokenizer) and summary.json: the input of every later stage.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import math
+import shutil
+import time
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+from pipeline.artifacts import atomic_dir, read_json, require_stage_output, stage_dir, write_json
+from pipeline.data import load_blocks
+from pipeline.hardware import expected_compute_dtype, peak_memory_mb
+from pipeline.models import pretrained_source
+
+log = logging.getLogger(__name__)
+
+
+def check(cfg: DictConfig) -> None:
+    t = cfg.train
+    for key in ("max_steps", "micro_batch_size", "grad_accum_steps", "log_every", "eval_every", "checkpoint_every"):
+        if not isinstance(t[key], int) or t[key] < 1:
+            raise ValueError(f"train.{key}={t[key]!r} must be a positive integer.")
+    if t.warmup_steps >= t.max_steps:
+        raise ValueError(f"train.warmup_steps={t.warmup_steps} must be below train.max_steps={t.max_steps}.")
+    arch = cfg.model.arch
+    if arch is not None and cfg.data.seq_len > arch.max_position_embeddings:
+        raise ValueError(f"data.seq_len={cfg.data.seq_len} exceeds model.arch.max_position_embeddings="
+                         f"{arch.max_position_embeddings}.")
+    pretrained_source(cfg)
+
+
+def build_model(cfg: DictConfig, tokenizer):
+    """fp32 model: from the checkpoint in model.name_or_path, or freshly initialised from model.arch."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    source = pretrained_source(cfg)
+    if source is not None:
+        return AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
+    arch = OmegaConf.to_container(cfg.model.arch, resolve=True)
+    if len(tokenizer) > arch["vocab_size"]:
+        raise ValueError(f"The tokenizer has {len(tokenizer)} tokens, more than model.arch.vocab_size={arch['vocab_size']}.")
+    config = AutoConfig.for_model(
+        arch.pop("model_type"),
+        **arch,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    return AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+
+
+def add_lora(model, lora: DictConfig):
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                        target_modules=list(lora.target_modules), task_type="CAUSAL_LM")
+    return get_peft_model(model, config)
+
+
+def make_accelerator(precision: str, grad_accum_steps: int, init_loss_scale: float):
+    import torch
+    from accelerate import Accelerator
+    from accelerate.utils import GradScalerKwargs
+
+    accelerator = Accelerator(
+        mixed_precision="no" if precision == "fp32" else precision,
+        gradient_accumulation_steps=grad_accum_steps,
+        kwargs_handlers=[GradScalerKwargs(init_scale=init_loss_scale)],
+        # The schedule is defined in optimizer steps; stepping it once per step ourselves keeps
+        # it that way under several processes too.
+        step_scheduler_with_optimizer=False,
+    )
+    if precision == "fp16" and accelerator.scaler is None:
+        # Accelerate turns fp16 off on a CPU without a word and trains in fp32. torch runs fp16
+        # autocast and a GradScaler on the CPU, so switch both on before prepare() wraps the
+        # model and optimizer; the compute-dtype check after the first step proves it worked.
+        accelerator.native_amp = True
+        accelerator.scaler = torch.amp.GradScaler(accelerator.device.type, init_scale=init_loss_scale)
+    return accelerator
+
+
+class ComputeDtypeProbe:
+    """Records the output dtype of the model's first Linear layer, i.e. what the matmuls ran in."""
+
+    def __init__(self, model):
+        import torch
+
+        linear = next(m for m in model.modules() if isinstance(m, torch.nn.Linear))
+        self.dtype = None
+        self._handle = linear.register_forward_hook(self._record)
+
+    def _record(self, module, inputs, output):
+        self.dtype = str(output.dtype).removeprefix("torch.")
+        self._handle.remove()
+
+
+@functools.lru_cache(maxsize=2)
+def _epoch_order(n: int, seed: int, epoch: int):
+    import torch
+
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+
+
+def batch_at(blocks, index: int, batch_size: int, seed: int):
+    """The `index`-th batch of a shuffle that is redrawn every epoch. A pure function of its
+    arguments, so a resumed run continues with exactly the batches it would have seen."""
+    import torch
+
+    n = len(blocks)
+    positions = range(index * batch_size, (index + 1) * batch_size)
+    return blocks[torch.stack([_epoch_order(n, seed, p // n)[p % n] for p in positions])]
+
+
+def lr_lambda(step: int, warmup: int, total: int, min_ratio: float) -> float:
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def heldout_loss(model, blocks, batch_size: int, device) -> float:
+    import torch
+
+    model.eval()
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for i in range(0, len(blocks), batch_size):
+            batch = blocks[i : i + batch_size].to(device)
+            total += model(input_ids=batch, labels=batch).loss.item() * len(batch)
+            count += len(batch)
+    model.train()
+    return total / count
+
+
+def latest_checkpoint(root: Path) -> Path | None:
+    done = sorted(p for p in root.glob("step-*") if (p / "trainer_state.json").exists())
+    return done[-1] if done else None
+
+
+def run(cfg: DictConfig, tracker) -> None:
+    import torch
+    from accelerate.state import AcceleratorState
+    from accelerate.utils import set_seed
+    from tqdm import tqdm
+    from transformers import AutoTokenizer
+
+    t = cfg.train
+    if t.threads:
+        torch.set_num_threads(t.threads)
+    prepared = require_stage_output(cfg, "prepare")
+    tracker.set_tags({"data_hash": read_json(prepared / "manifest.json")["data_hash"]})
+    tokenizer = AutoTokenizer.from_pretrained(prepared / "tokenizer")
+    train_blocks = load_blocks(prepared, "train", cfg.data.seq_len)
+    heldout_blocks = load_blocks(prepared, "heldout", cfg.data.seq_len)
+
+    set_seed(cfg.seed)
+    model = build_model(cfg, tokenizer)
+    if cfg.model.lora.enabled:
+        model = add_lora(model, cfg.model.lora)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, functools.partial(lr_lambda, warmup=t.warmup_steps, total=t.max_steps, min_ratio=t.min_lr_ratio)
+    )
+
+    accelerator = make_accelerator(t.precision, t.grad_accum_steps, t.init_loss_scale)
+    try:
+        model, optimizer = accelerator.prepare(model, optimizer)
+        accelerator.register_for_checkpointing(scheduler)
+        masters = {str(p.dtype) for p in trainable}
+        if masters != {"torch.float32"}:
+            raise RuntimeError(f"Master weights must be fp32, found {masters}.")
+        probe = ComputeDtypeProbe(model)
+
+        out = stage_dir(cfg, "train")
+        checkpoints = Path(cfg.paths.artifacts).resolve() / "checkpoints" / out.name
+        start, skipped = 0, 0
+        last = latest_checkpoint(checkpoints)
+        if t.resume and last is not None:
+            accelerator.load_state(str(last))
+            state = read_json(last / "trainer_state.json")
+            start, skipped = state["step"], state["skipped_steps"]
+            log.info("resuming from %s (step %d)", last, start)
+        elif t.resume:
+            log.warning("train.resume=true but no checkpoint under %s: starting from step 0", checkpoints)
+        elif checkpoints.exists():
+            shutil.rmtree(checkpoints)  # a fresh run must not be resumed from a stale one later
+
+        tokens_per_step = t.micro_batch_size * t.grad_accum_steps * cfg.data.seq_len * accelerator.num_processes
+        eval_blocks = heldout_blocks if t.eval_batches is None else heldout_blocks[: t.eval_batches * t.micro_batch_size]
+        window = {"loss": [], "time": [], "grad_norm": []}
+        consecutive_skips, compute_dtype, started = 0, None, time.perf_counter()
+        progress = tqdm(range(start, t.max_steps), initial=start, total=t.max_steps,
+                        desc=f"train {t.precision}", disable=not accelerator.is_main_process)
+        for step in progress:
+            step_start = time.perf_counter()
+            step_loss = 0.0
+            for micro in range(t.grad_accum_steps):
+                batch = batch_at(train_blocks, step * t.grad_accum_steps + micro, t.micro_batch_size, cfg.seed)
+                batch = batch.to(accelerator.device)
+                with accelerator.accumulate(model):
+                    loss = model(input_ids=batch, labels=batch).loss
+                    if not torch.isfinite(loss) and accelerator.scaler is None:
+                        raise FloatingPointError(
+                            f"Loss became {loss.item()} at step {step} (train.precision={t.precision}). "
+                            f"Lower train.lr (now {t.lr}) or check the data and checkpoint.")
+                    accelerator.backward(loss)
+                    if accelerator.sync_gradients:
+                        grad_norm = accelerator.clip_grad_norm_(trainable, t.max_grad_norm)
+                    optimizer.step()
+                    optimizer.zero_grad()
+                step_loss += loss.item() / t.grad_accum_steps
+            scheduler.step()
+
+            if compute_dtype is None:
+                compute_dtype = probe.dtype
+                if compute_dtype != expected_compute_dtype(t.precision):
+                    raise RuntimeError(f"train.precision={t.precision} asked for {expected_compute_dtype(t.precision)} "
+                                       f"compute but the model computed in {compute_dtype}; refusing to go on.")
+                tracker.set_tags({"train.compute_dtype": compute_dtype})
+            if optimizer.step_was_skipped:
+                skipped += 1
+                consecutive_skips += 1
+                if consecutive_skips > t.max_consecutive_skips:
+                    raise FloatingPointError(
+                        f"{consecutive_skips} fp16 steps in a row overflowed (loss scale now "
+                        f"{accelerator.scaler.get_scale()}); fp16 cannot represent this run's values. "
+                        f"Use train.precision=bf16 or fp32, or lower train.lr.")
+            else:
+                consecutive_skips = 0
+                window["loss"].append(step_loss)
+                window["grad_norm"].append(float(grad_norm))
+            window["time"].append(time.perf_counter() - step_start)
+
+            done = step + 1
+            if done % t.log_every == 0 or done == t.max_steps:
+                step_time = sum(window["time"]) / len(window["time"])
+                metrics = {
+                    "train/step_time_s": step_time,
+                    "train/tokens_per_s": tokens_per_step / step_time,
+                    "train/lr": scheduler.get_last_lr()[0],
+                    "train/peak_memory_mb": peak_memory_mb(accelerator.device.type),
+                    "train/skipped_steps": skipped,
+                }
+                if window["loss"]:
+                    metrics["train/loss"] = sum(window["loss"]) / len(window["loss"])
+                    metrics["train/grad_norm"] = sum(window["grad_norm"]) / len(window["grad_norm"])
+                if accelerator.scaler is not None:
+                    metrics["train/loss_scale"] = accelerator.scaler.get_scale()
+                tracker.log_metrics(metrics, step=done)
+                progress.set_postfix(loss=f"{metrics.get('train/loss', float('nan')):.3f}")
+                window = {k: [] for k in window}
+            if done % t.eval_every == 0 or done == t.max_steps:
+                loss = heldout_loss(model, eval_blocks, t.micro_batch_size, accelerator.device)
+                tracker.log_metrics({"eval/loss": loss, "eval/perplexity": math.exp(loss)}, step=done)
+            if done % t.checkpoint_every == 0 and done < t.max_steps:
+                with atomic_dir(checkpoints / f"step-{done:06d}") as tmp:
+                    accelerator.save_state(str(tmp))
+                    write_json(tmp / "trainer_state.json", {"step": done, "skipped_steps": skipped})
+                for old in sorted(checkpoints.glob("step-*"))[:-1]:
+                    shutil.rmtree(old)
+                tracker.flush()
+
+        final_loss = heldout_loss(model, eval_blocks, t.micro_batch_size, accelerator.device)
+        summary = {
+            "precision": t.precision,
+            "compute_dtype": compute_dtype,
+            "master_dtype": "float32",
+            "steps": t.max_steps,
+            "resumed_from_step": start,
+            "skipped_steps": skipped,
+            "heldout_loss": final_loss,
+            "heldout_perplexity": math.exp(final_loss),
+            "train_seconds": time.perf_counter() - started,
+            "peak_memory_mb": peak_memory_mb(accelerator.device.type),
+            "device": accelerator.device.type,
+            "num_processes": accelerator.num_processes,
+        }
+        tracker.log_metrics({"final/heldout_loss": final_loss, "final/heldout_perplexity": math.exp(final_loss),
+                             "final/skipped_steps": skipped}, step=t.max_steps)
+        unwrapped = accelerator.unwrap_model(model)
+        if cfg.model.lora.enabled:
+            unwrapped = unwrapped.merge_and_unload()
+        with atomic_dir(out) as tmp:
+            unwrapped.save_pretrained(tmp, safe_serialization=True)
+            tokenizer.save_pretrained(tmp)
+            write_json(tmp / "summary.json", summary)
+        shutil.rmtree(checkpoints, ignore_errors=True)
+    finally:
+        # Accelerate keeps its state in a process-wide singleton; a Hydra multirun trains the
+        # next precision in this same process and must start from a clean one.
+        AcceleratorState._reset_state(reset_partial_state=True)
+
+    tracker.set_tags({"train.output": str(out)})
+    tracker.log_artifact(out / "summary.json")
+    if cfg.tracking.log_model:
+        tracker.log_artifacts(out, "model")

@@ -1,0 +1,59 @@
+"""Shared fixtures: the real pipeline run as a subprocess in a throwaway working directory."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+# Small but real: the tiny model for a handful of steps.
+FAST = [
+    "train.max_steps=8",
+    "train.warmup_steps=1",
+    "train.log_every=2",
+    "train.eval_every=4",
+    "train.checkpoint_every=4",
+    "train.eval_batches=1",
+    "tracking.log_model=false",
+]
+
+
+def pipeline(cwd: Path, *overrides: str, check: bool = True, multirun: bool = False) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "pipeline", *(["-m"] if multirun else []), *overrides]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    result = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
+    if check and result.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed ({result.returncode}):\n{result.stderr[-4000:]}")
+    return result
+
+
+@pytest.fixture
+def run_pipeline(tmp_path):
+    def run(*overrides, **kwargs):
+        return pipeline(tmp_path, *overrides, **kwargs)
+
+    return run
+
+
+def mlflow_client(cwd: Path):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(f"sqlite:///{cwd}/mlflow.db")
+
+
+def runs(cwd: Path, name: str | None = None):
+    """All runs of the pipeline's experiment (optionally only those with this run name), oldest first."""
+    client = mlflow_client(cwd)
+    experiment = client.get_experiment_by_name("precision-pipeline")
+    found = client.search_runs([experiment.experiment_id], order_by=["attributes.start_time ASC"])
+    return [r for r in found if name is None or r.info.run_name == name]
+
+
+def only_dir(parent: Path) -> Path:
+    dirs = [p for p in parent.iterdir() if p.is_dir() and not p.name.startswith(".")]
+    assert len(dirs) == 1, dirs
+    return dirs[0]

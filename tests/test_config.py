@@ -1,0 +1,101 @@
+"""Every config composes; bad names fail at once with the valid choices; --help stays light."""
+
+import itertools
+import subprocess
+import sys
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from pipeline.artifacts import stage_dir
+from pipeline.runner import STAGES, selected_stages
+from tests.conftest import ROOT, pipeline
+
+CONF = ROOT / "conf"
+GROUPS = {g.name: sorted(p.stem for p in g.glob("*.yaml")) for g in CONF.iterdir() if g.is_dir()}
+REQUIRED = {"model/hf": ["model.name_or_path=/ckpt"], "data/text": ["data.files=[a.txt]"], "data/hf": ["data.path=/ds"]}
+
+
+def compose_with(*overrides):
+    with initialize_config_dir(str(CONF), version_base="1.3"):
+        return compose("config", overrides=list(overrides))
+
+
+@pytest.mark.parametrize("choice", [f"{g}/{o}" for g, opts in GROUPS.items() for o in opts])
+def test_every_config_composes(choice):
+    group, option = choice.split("/")
+    cfg = compose_with(f"{group}={option}", *REQUIRED.get(choice, []))
+    OmegaConf.resolve(cfg)  # every interpolation resolves
+    assert cfg[group] is not None and set(cfg) >= {"model", "data", "train", "tracking", "paths", "stage", "seed"}
+
+
+def test_config_groups_cover_the_pipeline():
+    assert {"model", "data", "train", "tracking"} <= set(GROUPS)
+    assert {"tiny", "hf"} <= set(GROUPS["model"]) and {"pydoc", "text", "hf"} <= set(GROUPS["data"])
+
+
+def test_stage_selection():
+    assert selected_stages("all") == list(STAGES)
+    assert selected_stages(["train", "prepare"]) == ["prepare", "train"]  # always chain order
+    with pytest.raises(ValueError, match=r"'trian'.*Valid: all, prepare, train"):
+        selected_stages("trian")
+
+
+def test_unknown_stage_fails_before_any_work(tmp_path):
+    result = pipeline(tmp_path, "stage=trian", check=False)
+    assert result.returncode != 0
+    assert "Unknown stage 'trian'" in result.stderr and "prepare, train" in result.stderr
+    assert list(tmp_path.iterdir()) == [tmp_path / "outputs"]  # only Hydra's log: no store, no artifacts
+
+
+def test_unknown_precision_names_the_choices(tmp_path):
+    result = pipeline(tmp_path, "train.precision=fp12", check=False)
+    assert result.returncode != 0
+    assert "train.precision='fp12' is not one of fp32, bf16, fp16, fp8, auto" in result.stderr
+    assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "artifacts").exists()
+
+
+def test_unknown_model_lists_the_available_ones(tmp_path):
+    result = pipeline(tmp_path, "model=gpt9", check=False)
+    assert result.returncode != 0
+    assert "model/gpt9" in result.stderr and "hf" in result.stderr and "tiny" in result.stderr
+
+
+def test_missing_checkpoint_directory_is_a_clear_error(tmp_path):
+    result = pipeline(tmp_path, "model=hf", f"model.name_or_path={tmp_path}/nope", check=False)
+    assert result.returncode != 0 and f"{tmp_path}/nope" in result.stderr and "does not exist" in result.stderr
+    assert not (tmp_path / "artifacts").exists()
+
+
+def test_help_imports_no_heavy_library():
+    code = (
+        "import sys; sys.argv = ['pipeline', '--help']\n"
+        "import pipeline.__main__ as m\n"
+        "try:\n    m.main()\nexcept SystemExit:\n    pass\n"
+        "print(sorted(k for k in ('torch', 'transformers', 'mlflow', 'accelerate') if k in sys.modules))"
+    )
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert "stage" in result.stdout  # the help text itself
+    assert result.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_stage_dirs_differ_whenever_an_input_differs():
+    base = compose_with()
+    base.train.precision = "fp32"
+    variants = [("train.precision", "bf16"), ("train.lr", 1.0), ("seed", 1), ("data.split_seed", 3),
+                ("model.arch.hidden_size", 512)]
+    seen = {stage_dir(base, "train")}
+    for key, value in variants:
+        cfg = base.copy()
+        OmegaConf.update(cfg, key, value)
+        seen.add(stage_dir(cfg, "train"))
+    assert len(seen) == len(variants) + 1
+    # settings that only change how the run is driven keep the directory, so resume finds it
+    cfg = base.copy()
+    OmegaConf.update(cfg, "train.resume", True)
+    OmegaConf.update(cfg, "train.log_every", 1)
+    assert stage_dir(cfg, "train") == stage_dir(base, "train")
+    # prepare does not depend on training settings
+    assert stage_dir(base, "prepare") == stage_dir(cfg, "prepare")
+    assert list(itertools.islice(seen, 1))[0].parent.name == "train"

@@ -1,0 +1,86 @@
+"""prepare: deterministic split, a working tokenizer, token ids and hashes that match the files."""
+
+import json
+
+import numpy as np
+import pytest
+from transformers import AutoTokenizer
+
+from pipeline.artifacts import atomic_dir, read_json, sha256_file
+from stages.prepare import split
+from tests.conftest import only_dir, runs
+
+
+def test_pydoc_prepare_writes_hashed_split(run_pipeline, tmp_path):
+    run_pipeline("stage=prepare")
+    out = only_dir(tmp_path / "artifacts" / "prepare")
+    manifest = read_json(out / "manifest.json")
+    assert manifest["hashes"]["train_ids"] == sha256_file(out / "train.npy")
+    assert manifest["hashes"]["heldout_ids"] == sha256_file(out / "heldout.npy")
+    train, heldout = np.load(out / "train.npy"), np.load(out / "heldout.npy")
+    assert len(train) == manifest["tokens"]["train"] > 10 * len(heldout) > 0
+
+    tokenizer = AutoTokenizer.from_pretrained(out / "tokenizer")
+    assert len(tokenizer) == manifest["vocab_size"] == 4096
+    first_doc = json.loads((out / "heldout.jsonl").read_text().splitlines()[0])["text"]
+    ids = tokenizer(first_doc, add_special_tokens=False)["input_ids"]
+    assert heldout[: len(ids)].tolist() == ids and heldout[len(ids)] == tokenizer.eos_token_id
+    assert tokenizer.decode(ids) == first_doc  # byte-level BPE round-trips
+
+    (prepare_run,) = runs(tmp_path, "prepare")
+    assert prepare_run.data.tags["data_hash"] == manifest["data_hash"]
+    assert prepare_run.data.metrics["prepare/heldout_tokens"] == len(heldout)
+
+
+def test_split_is_seeded_disjoint_and_complete():
+    docs = [f"document {i}" for i in range(50)]
+    train, heldout = split(docs, 0.1, seed=0)
+    assert split(docs, 0.1, seed=0) == (train, heldout)
+    assert len(heldout) == 5 and not set(train) & set(heldout) and set(train) | set(heldout) == set(docs)
+    assert split(docs, 0.1, seed=1)[1] != heldout
+
+
+def test_text_files_and_jsonl(run_pipeline, tmp_path):
+    (tmp_path / "a.txt").write_text("\n\n".join(f"Paragraph {i} about apples and pears." * 20 for i in range(20)))
+    (tmp_path / "b.jsonl").write_text("".join(json.dumps({"body": f"Line {i} of json text. " * 30}) + "\n" for i in range(20)))
+    run_pipeline("stage=prepare", "data=text", "data.files=[a.txt,b.jsonl]", "data.text_field=body",
+                 "data.seq_len=32", "model.arch.vocab_size=300")
+    manifest = read_json(only_dir(tmp_path / "artifacts" / "prepare") / "manifest.json")
+    assert manifest["documents"]["train"] + manifest["documents"]["heldout"] == 40
+
+
+def test_text_field_missing_names_the_fields(run_pipeline, tmp_path):
+    (tmp_path / "b.jsonl").write_text(json.dumps({"content": "x"}) + "\n" + json.dumps({"content": "y"}) + "\n")
+    result = run_pipeline("stage=prepare", "data=text", "data.files=[b.jsonl]", check=False)
+    assert result.returncode != 0 and "has no field 'text'" in result.stderr and "content" in result.stderr
+
+
+def test_missing_text_file_fails_before_work(run_pipeline, tmp_path):
+    result = run_pipeline("data=text", "data.files=[nope/*.txt]", check=False)
+    assert result.returncode != 0 and "'nope/*.txt' matches no file" in result.stderr
+    assert not (tmp_path / "artifacts").exists()
+
+
+def test_hf_dataset_directory(run_pipeline, tmp_path):
+    import datasets
+
+    rows = [{"text": f"Sample {i}: the quick brown fox jumps over the lazy dog. " * 10} for i in range(30)]
+    datasets.Dataset.from_list(rows).save_to_disk(str(tmp_path / "ds"))
+    run_pipeline("stage=prepare", "data=hf", f"data.path={tmp_path}/ds", "data.seq_len=32", "model.arch.vocab_size=300")
+    manifest = read_json(only_dir(tmp_path / "artifacts" / "prepare") / "manifest.json")
+    assert manifest["documents"] == {"train": 27, "heldout": 3}
+
+    result = run_pipeline("stage=prepare", "data=hf", f"data.path={tmp_path}/ds", "data.text_field=body", check=False)
+    assert result.returncode != 0 and "data.text_field='body' is not a column" in result.stderr
+
+
+def test_atomic_dir_keeps_the_old_output_on_failure(tmp_path):
+    final = tmp_path / "out"
+    with atomic_dir(final) as tmp:
+        (tmp / "weights").write_text("good")
+    with pytest.raises(RuntimeError):
+        with atomic_dir(final) as tmp:
+            (tmp / "weights").write_text("half")
+            raise RuntimeError("killed mid-write")
+    assert (final / "weights").read_text() == "good"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
