@@ -63,7 +63,7 @@ def run(cfg: DictConfig) -> None:
     with tracker.run(run_name, {**tags, **_hydra_context(), "precision.requested": requested,
                                 "precision.reason": reason, "stages": ",".join(stages)}):
         tracker.log_params(flatten(cfg))
-        tracker.log_text(OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")
+        tracker.log_text(OmegaConf.to_yaml(cfg, resolve=True), "resolved_config.yaml")
         tracker.log_text(installed_packages(), "environment.txt")
         for name in stages:
             log.info("stage %s", name)

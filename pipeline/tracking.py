@@ -118,7 +118,7 @@ class Tracker:
         for key, value in params.items():
             value = str(value)
             if len(value) > MAX_PARAM_VAL_LENGTH:
-                # MLflow rejects longer values; the full config is kept as the config.yaml artifact.
+                # MLflow rejects longer values; the full config is kept as the resolved_config.yaml artifact.
                 value = value[: MAX_PARAM_VAL_LENGTH - 15] + "...[truncated]"
             items.append(Param(key, value))
         for i in range(0, len(items), PARAM_BATCH):
