@@ -16,14 +16,11 @@ from omegaconf import DictConfig, OmegaConf
 STAGE_INPUTS = {
     "prepare": ["data", "model.name_or_path", "model.arch.vocab_size"],
     "train": ["stage:prepare", "model", "train", "seed"],
+    "quantize": ["stage:train", "quantize"],
+    "evaluate": ["stage:quantize", "evaluate"],
 }
 # Settings that change how a stage runs, not what it produces.
 NOT_INPUTS = {"train.resume", "train.log_every", "train.checkpoint_every"}
-# Readable part of each stage directory's name.
-STAGE_LABEL = {
-    "prepare": lambda cfg: cfg.data.name,
-    "train": lambda cfg: f"{cfg.model.name}-{cfg.train.precision}",
-}
 
 
 def _select(cfg: DictConfig, dotted: str):
@@ -51,7 +48,8 @@ def stage_key(cfg: DictConfig, stage: str) -> str:
 
 
 def stage_dir(cfg: DictConfig, stage: str) -> Path:
-    label = STAGE_LABEL[stage](cfg)
+    # Readable part of the name: what the data is, or which model at which precision it came from.
+    label = cfg.data.name if stage == "prepare" else f"{cfg.model.name}-{cfg.train.precision}"
     return Path(cfg.paths.artifacts).resolve() / stage / f"{label}-{stage_key(cfg, stage)}"
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 from omegaconf import DictConfig
@@ -24,3 +25,32 @@ def pretrained_source(cfg: DictConfig) -> str | None:
                                     f"checkpoint directory (config.json, weights, tokenizer files).")
         return str(path.resolve())
     return str(source)  # a hub id: only reachable where the machine can download
+
+
+def model_config(cfg: DictConfig, **overrides):
+    """The transformers config of the model the train stage starts from."""
+    from omegaconf import OmegaConf
+    from transformers import AutoConfig
+
+    source = pretrained_source(cfg)
+    if source is not None:
+        return AutoConfig.from_pretrained(source)
+    arch = OmegaConf.to_container(cfg.model.arch, resolve=True)
+    return AutoConfig.for_model(arch.pop("model_type"), **arch, **overrides)
+
+
+def load_causal_lm(path: Path):
+    """An fp32 model from a Hugging Face directory; compressed-tensors checkpoints are unpacked."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    if "quantization_config" not in (Path(path) / "config.json").read_text():
+        return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    from transformers.utils.quantization_config import CompressedTensorsConfig
+
+    with warnings.catch_warnings():
+        # transformers warns that the checkpoint's own quantization config wins; only the
+        # dequantize-on-load flag is taken from ours, which is the point.
+        warnings.filterwarnings("ignore", message="You passed `quantization_config`")
+        return AutoModelForCausalLM.from_pretrained(
+            path, dtype=torch.float32, quantization_config=CompressedTensorsConfig(dequantize=True)).eval()

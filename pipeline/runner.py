@@ -11,7 +11,7 @@ from pipeline import hardware
 from pipeline.tracking import Tracker, flatten, installed_packages, run_tags
 
 # Chain order: every stage reads what the ones before it wrote.
-STAGES = ("prepare", "train")
+STAGES = ("prepare", "train", "quantize", "evaluate")
 
 log = logging.getLogger(__name__)
 # Accelerate logs every checkpoint file at INFO; the pipeline's own lines are enough.
@@ -43,6 +43,9 @@ def _hydra_context() -> dict[str, str]:
 
 def run(cfg: DictConfig) -> None:
     stages = selected_stages(cfg.stage)
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()  # per-file load bars drown the pipeline's own log
     modules = {name: importlib.import_module(f"stages.{name}") for name in stages}
 
     hw = hardware.detect()

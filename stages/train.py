@@ -14,12 +14,12 @@ import shutil
 import time
 from pathlib import Path
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from pipeline.artifacts import atomic_dir, read_json, require_stage_output, stage_dir, write_json
 from pipeline.data import load_blocks
 from pipeline.hardware import expected_compute_dtype, peak_memory_mb
-from pipeline.models import pretrained_source
+from pipeline.models import model_config, pretrained_source
 
 log = logging.getLogger(__name__)
 
@@ -41,21 +41,15 @@ def check(cfg: DictConfig) -> None:
 def build_model(cfg: DictConfig, tokenizer):
     """fp32 model: from the checkpoint in model.name_or_path, or freshly initialised from model.arch."""
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
     source = pretrained_source(cfg)
     if source is not None:
         return AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
-    arch = OmegaConf.to_container(cfg.model.arch, resolve=True)
-    if len(tokenizer) > arch["vocab_size"]:
-        raise ValueError(f"The tokenizer has {len(tokenizer)} tokens, more than model.arch.vocab_size={arch['vocab_size']}.")
-    config = AutoConfig.for_model(
-        arch.pop("model_type"),
-        **arch,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
+    if len(tokenizer) > cfg.model.arch.vocab_size:
+        raise ValueError(f"The tokenizer has {len(tokenizer)} tokens, more than model.arch.vocab_size={cfg.model.arch.vocab_size}.")
+    config = model_config(cfg, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                          pad_token_id=tokenizer.pad_token_id)
     return AutoModelForCausalLM.from_config(config, dtype=torch.float32)
 
 

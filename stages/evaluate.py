@@ -1,0 +1,166 @@
+"""evaluate: every artifact of the run measured the same way against the trained model.
+
+On the same held-out sequences: perplexity, KL divergence from the trained model's next-token
+distribution (reference computed once, in fp32), top-1 agreement with it, each with a bootstrap
+confidence interval over sequences; greedy-continuation agreement on fixed prompts; size on disk.
+The same metrics on edge-case slices where precision loss hides: rare tokens, late positions,
+digit / punctuation tokens.
+
+Outputs: metrics/<artifact>.json for each artifact, summary.json and summary.md (a table).
+A new artifact format plugs in by adding a loader to LOADERS and its files to `artifacts()`.
+"""
+
+from __future__ import annotations
+
+import string
+from pathlib import Path
+
+import numpy as np
+from omegaconf import DictConfig
+
+from pipeline.artifacts import atomic_dir, require_stage_output, stage_dir, write_json
+from pipeline.data import load_blocks
+from pipeline.metrics import greedy, prefix_agreement, summarize, token_metrics
+from pipeline.models import load_causal_lm
+
+SLICES = ("all", "rare", "late", "digits_punct")
+HEADLINE = ("perplexity", "kl", "top1")
+
+
+def check(cfg: DictConfig) -> None:
+    e = cfg.evaluate
+    for key in ("batch_size", "bootstrap", "prompts", "prompt_tokens", "continuation_tokens"):
+        if not isinstance(e[key], int) or e[key] < 1:
+            raise ValueError(f"evaluate.{key}={e[key]!r} must be a positive integer.")
+    if not 0 < e.confidence < 1:
+        raise ValueError(f"evaluate.confidence={e.confidence} must be between 0 and 1.")
+    if e.prompt_tokens + e.continuation_tokens > cfg.data.seq_len:
+        raise ValueError(f"evaluate.prompt_tokens + continuation_tokens ({e.prompt_tokens + e.continuation_tokens}) "
+                         f"must fit in data.seq_len={cfg.data.seq_len}.")
+    for name, path in e.extra.items():
+        if not (Path(path) / "config.json").is_file():
+            raise FileNotFoundError(f"evaluate.extra.{name}={path!r} is not a Hugging Face checkpoint directory.")
+
+
+def hf_logits(path: Path):
+    import torch
+
+    model = load_causal_lm(path)
+
+    def logits(ids):
+        with torch.no_grad():
+            return model(input_ids=ids).logits.float()
+
+    return logits
+
+
+# Artifact kind -> loader returning a function from token ids [batch, seq] to logits [batch, seq, vocab].
+LOADERS = {"hf": hf_logits}
+
+
+def artifacts(cfg: DictConfig) -> list[tuple[str, str, Path]]:
+    """(name, kind, path) of everything this run produced, the trained model first."""
+    found = [("trained", "hf", require_stage_output(cfg, "train"))]
+    quantized = stage_dir(cfg, "quantize")
+    found += [(m, "hf", quantized / m) for m in ("awq", "rtn") if (quantized / m).is_dir()]
+    found += [(name, "hf", Path(path)) for name, path in cfg.evaluate.extra.items()]
+    return found
+
+
+def slice_masks(ids, train_ids: np.ndarray, tokenizer) -> dict:
+    """Boolean [batch, seq_len - 1] masks over predicted tokens for each slice."""
+    import torch
+
+    targets = ids[:, 1:]
+    vocab = max(len(tokenizer), int(ids.max()) + 1)
+    frequency = torch.from_numpy(np.bincount(train_ids, minlength=vocab)[:vocab])
+    target_freq = frequency[targets]
+    # the tenth of held-out predictions whose token is rarest in the train split
+    rare = target_freq <= torch.quantile(target_freq.double(), 0.1)
+    positions = torch.arange(1, ids.shape[1]).expand_as(targets)
+    late = positions >= ids.shape[1] * 3 // 4
+    symbols = set(string.digits + string.punctuation)
+    is_symbol = torch.tensor([(t := tokenizer.decode([i]).strip()) != "" and set(t) <= symbols for i in range(vocab)])
+    return {"all": torch.ones_like(targets, dtype=torch.bool), "rare": rare, "late": late,
+            "digits_punct": is_symbol[targets]}
+
+
+def measure(logits_fn, ids, ref_logprobs, masks, ref_continuation, e: DictConfig) -> dict:
+    import torch
+
+    per_token = {k: [] for k in ("nll", "kl", "top1")}
+    for i in range(0, len(ids), e.batch_size):
+        batch = token_metrics(ref_logprobs[i : i + e.batch_size], logits_fn(ids[i : i + e.batch_size]),
+                              ids[i : i + e.batch_size])
+        for key, value in batch.items():
+            per_token[key].append(value)
+    per_token = {k: torch.cat(v) for k, v in per_token.items()}
+    result = {name: summarize(per_token, mask, e.bootstrap, e.confidence) for name, mask in masks.items()}
+    prompts = ids[: e.prompts, : e.prompt_tokens]
+    result["all"]["greedy_agreement"] = prefix_agreement(ref_continuation, greedy(logits_fn, prompts, e.continuation_tokens))
+    return result
+
+
+def run(cfg: DictConfig, tracker) -> None:
+    import torch
+    from transformers import AutoTokenizer
+
+    e = cfg.evaluate
+    prepared = require_stage_output(cfg, "prepare")
+    found = artifacts(cfg)
+    trained = found[0][2]
+    tokenizer = AutoTokenizer.from_pretrained(trained)
+    ids = load_blocks(prepared, "heldout", cfg.data.seq_len)[: e.max_sequences]
+    masks = slice_masks(ids, np.load(prepared / "train.npy"), tokenizer)
+
+    # The reference, once, in fp32.
+    reference = hf_logits(trained)
+    ref_logprobs = torch.cat([torch.log_softmax(reference(ids[i : i + e.batch_size]), -1)
+                              for i in range(0, len(ids), e.batch_size)])
+    ref_continuation = greedy(reference, ids[: e.prompts, : e.prompt_tokens], e.continuation_tokens)
+    del reference
+
+    results = {}
+    for name, kind, path in found:
+        result = measure(LOADERS[kind](path), ids, ref_logprobs, masks, ref_continuation, e)
+        result["all"]["size_mb"] = sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file()) / 2**20
+        result["source"] = {"kind": kind, "path": str(path)}
+        results[name] = result
+
+    out = stage_dir(cfg, "evaluate")
+    with atomic_dir(out) as tmp:
+        (tmp / "metrics").mkdir()
+        for name, result in results.items():
+            write_json(tmp / "metrics" / f"{name}.json", result)
+        write_json(tmp / "summary.json", {n: r["all"] for n, r in results.items()})
+        (tmp / "summary.md").write_text(table(results, e.confidence))
+
+    metrics = {}
+    for name, result in results.items():
+        for slice_name in SLICES:
+            prefix = f"eval/{name}" if slice_name == "all" else f"eval/{name}/{slice_name}"
+            for key, value in result[slice_name].items():
+                if isinstance(value, (list, tuple)):  # a confidence interval
+                    base = key.removesuffix("_ci")
+                    metrics[f"{prefix}/{base}_low"], metrics[f"{prefix}/{base}_high"] = value
+                else:
+                    metrics[f"{prefix}/{key}"] = value
+    tracker.log_metrics(metrics)
+    tracker.log_artifacts(out, "evaluation")
+
+
+def table(results: dict, confidence: float) -> str:
+    level = f"{confidence:.0%}"
+    lines = [f"| artifact | slice | perplexity ({level} CI) | KL vs trained ({level} CI) | top-1 agreement | greedy agreement | size MB |",
+             "|---|---|---|---|---|---|---|"]
+    for name, result in results.items():
+        for slice_name in SLICES:
+            s = result[slice_name]
+            if "perplexity" not in s:
+                continue
+            greedy_cell = f"{s['greedy_agreement']:.3f}" if "greedy_agreement" in s else ""
+            size_cell = f"{s['size_mb']:.1f}" if "size_mb" in s else ""
+            lines.append(
+                f"| {name} | {slice_name} | {s['perplexity']:.3f} [{s['perplexity_ci'][0]:.3f}, {s['perplexity_ci'][1]:.3f}] "
+                f"| {s['kl']:.2e} [{s['kl_ci'][0]:.2e}, {s['kl_ci'][1]:.2e}] | {s['top1']:.4f} | {greedy_cell} | {size_cell} |")
+    return "\n".join(lines) + "\n"

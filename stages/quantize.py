@@ -1,0 +1,173 @@
+"""quantize: post-training W4A16 of the trained model through llm-compressor, AWQ and plain RTN.
+
+Outputs (in the stage directory), each a Hugging Face checkpoint with the tokenizer:
+- awq/, rtn/: compressed-tensors `pack-quantized` checkpoints (vLLM serves them; transformers
+  loads them on a CPU), with the recipe llm-compressor applied;
+- awq_smoothed/: the trained model with AWQ's scales folded into its float weights, not quantized.
+  It computes the trained model's function (checked here) and is what the GGUF export quantizes
+  with llama.cpp's own types, to show whether AWQ's scaling helps them too;
+- summary.json: timings, sizes, calibration hash.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import re
+import time
+from pathlib import Path
+
+from omegaconf import DictConfig
+
+from pipeline.artifacts import atomic_dir, require_stage_output, stage_dir, write_json
+from pipeline.data import load_blocks
+from pipeline.metrics import mean_kl
+from pipeline.models import load_causal_lm, model_config
+
+METHODS = ("awq", "rtn")
+# llm-compressor logs every lifecycle step at INFO; keep its console to warnings unless asked.
+os.environ.setdefault("LLM_COMPRESSOR_LOG_LEVEL", "WARNING")
+QUANT_PARAM_SUFFIXES = ("weight_scale", "weight_zero_point", "weight_g_idx", "weight_shape", "weight_packed")
+
+
+def _ignored(name: str, patterns) -> bool:
+    return any(re.match(p[3:], name) if p.startswith("re:") else name == p or name.endswith("." + p) for p in patterns)
+
+
+def check(cfg: DictConfig) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    q = cfg.quantize
+    unknown = [m for m in q.methods if m not in METHODS]
+    if unknown or not q.methods:
+        raise ValueError(f"quantize.methods={list(q.methods)} must be a non-empty list of {', '.join(METHODS)}.")
+    if not isinstance(q.group_size, int) or q.group_size < 1:
+        raise ValueError(f"quantize.group_size={q.group_size!r} must be a positive integer.")
+
+    # The model's shapes, without its weights, decide whether the scheme fits every layer.
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(model_config(cfg))
+    linears = {n: m.in_features for n, m in model.named_modules()
+               if isinstance(m, torch.nn.Linear) and not _ignored(n, q.ignore)}
+    bad = {n: w for n, w in linears.items() if w % q.group_size}
+    if bad:
+        widths = sorted(set(linears.values()))
+        valid = [g for g in (16, 32, 64, 128, 256, 512) if all(w % g == 0 for w in widths)]
+        first = ", ".join(f"{n} (input width {w})" for n, w in list(bad.items())[:3])
+        raise ValueError(f"quantize.group_size={q.group_size} does not divide the input width of {len(bad)} "
+                         f"Linear layer(s): {first}. Input widths: {widths}; group sizes that fit: "
+                         f"{valid or 'none of 16..512'} (or add the layers to quantize.ignore).")
+    if "awq" in q.methods:
+        from llmcompressor.modifiers.transform.awq.mappings import AWQ_MAPPING_REGISTRY
+
+        arch = type(model).__name__
+        if arch not in AWQ_MAPPING_REGISTRY:
+            raise ValueError(f"llm-compressor has no AWQ mapping for {arch}; supported: "
+                             f"{', '.join(sorted(AWQ_MAPPING_REGISTRY))}. Use quantize.methods=[rtn].")
+
+
+def recipe(method: str, q: DictConfig) -> list:
+    from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
+    from llmcompressor.modifiers.quantization import QuantizationModifier
+
+    weights = QuantizationArgs(num_bits=4, type="int", symmetric=q.symmetric, strategy="group", group_size=q.group_size)
+    quantize = QuantizationModifier(config_groups={"group_0": QuantizationScheme(targets=["Linear"], weights=weights)},
+                                    ignore=list(q.ignore))
+    if method == "rtn":
+        return [quantize]
+    from llmcompressor.modifiers.transform.awq import AWQModifier
+
+    return [AWQModifier(n_grid=q.awq.n_grid, duo_scaling=q.awq.duo_scaling), quantize]
+
+
+@contextlib.contextmanager
+def _cpu_workaround():
+    """llm-compressor 0.14 pins calibration tensors in memory for fast copies to an accelerator;
+    with no accelerator, pin_memory() raises. Pinning only speeds up those copies, so skip it."""
+    import torch
+    from llmcompressor.pipelines.cache import IntermediatesCache
+
+    if torch.cuda.is_available():
+        yield
+        return
+    original = IntermediatesCache.pin_memory
+    IntermediatesCache.pin_memory = lambda self, *args, **kwargs: None
+    try:
+        yield
+    finally:
+        IntermediatesCache.pin_memory = original
+
+
+def dir_size(path: Path) -> int:
+    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
+
+
+def run(cfg: DictConfig, tracker) -> None:
+    import torch
+    from datasets import Dataset
+    from llmcompressor import oneshot
+    from transformers import AutoTokenizer
+
+    q = cfg.quantize
+    trained = require_stage_output(cfg, "train")
+    prepared = require_stage_output(cfg, "prepare")
+    tokenizer = AutoTokenizer.from_pretrained(trained)
+
+    blocks = load_blocks(prepared, "train", q.calibration.seq_len)
+    picks = torch.randperm(len(blocks), generator=torch.Generator().manual_seed(cfg.seed))[: q.calibration.samples]
+    calibration = blocks[picks.sort().values]
+    calibration_hash = hashlib.sha256(calibration.numpy().tobytes()).hexdigest()
+    dataset = Dataset.from_dict({"input_ids": calibration.tolist(), "attention_mask": torch.ones_like(calibration).tolist()})
+    check_ids = load_blocks(prepared, "heldout", cfg.data.seq_len)[:8]
+
+    out = stage_dir(cfg, "quantize")
+    summary = {"calibration": {"samples": len(calibration), "seq_len": q.calibration.seq_len, "sha256": calibration_hash},
+               "group_size": q.group_size, "symmetric": q.symmetric, "ignore": list(q.ignore),
+               "source_bytes": dir_size(trained), "methods": {}}
+    with atomic_dir(out) as tmp, _cpu_workaround():
+        for method in q.methods:
+            model = load_causal_lm(trained)
+            started = time.perf_counter()
+            oneshot(model=model, dataset=dataset, recipe=recipe(method, q), num_calibration_samples=len(calibration),
+                    max_seq_length=q.calibration.seq_len, pipeline="sequential" if method == "awq" else "datafree")
+            seconds = time.perf_counter() - started
+            if method == "awq":
+                summary["awq_smoothed_kl"] = save_smoothed(model, trained, tmp / "awq_smoothed", check_ids, q.awq.smoothed_max_kl)
+                tokenizer.save_pretrained(tmp / "awq_smoothed")
+            model.save_pretrained(tmp / method, save_compressed=True)
+            tokenizer.save_pretrained(tmp / method)
+            summary["methods"][method] = {"seconds": seconds, "bytes": dir_size(tmp / method)}
+        write_json(tmp / "summary.json", summary)
+
+    tracker.log_params({"quantize.scheme": f"W4A16_{'SYM' if q.symmetric else 'ASYM'}_G{q.group_size}",
+                        "quantize.calibration_sha256": calibration_hash})
+    metrics = {"quantize/calibration_samples": len(calibration), "quantize/source_mb": summary["source_bytes"] / 2**20}
+    for method, info in summary["methods"].items():
+        metrics[f"quantize/{method}/seconds"] = info["seconds"]
+        metrics[f"quantize/{method}/size_mb"] = info["bytes"] / 2**20
+        metrics[f"quantize/{method}/compression"] = summary["source_bytes"] / info["bytes"]
+        tracker.log_artifact(out / method / "recipe.yaml", f"recipes/{method}")
+    if "awq_smoothed_kl" in summary:
+        metrics["quantize/awq_smoothed/kl"] = summary["awq_smoothed_kl"]
+    tracker.log_metrics(metrics)
+    tracker.log_artifact(out / "summary.json")
+
+
+def save_smoothed(model, trained: Path, path: Path, check_ids, max_kl: float) -> float:
+    """Save the AWQ-scaled float weights as a plain checkpoint, after checking they compute the
+    trained model's function (AWQ only moves scale between a norm and the layers it feeds)."""
+    import torch
+
+    float_weights = {k: v for k, v in model.state_dict().items() if not k.endswith(QUANT_PARAM_SUFFIXES)}
+    smoothed = load_causal_lm(trained)
+    reference = load_causal_lm(trained)
+    smoothed.load_state_dict(float_weights, strict=True)
+    with torch.no_grad():
+        kl = mean_kl(reference(check_ids).logits, smoothed(check_ids).logits)
+    if kl > max_kl:
+        raise RuntimeError(f"The AWQ-smoothed float model drifted from the trained model: mean KL {kl:.3g} > "
+                           f"quantize.awq.smoothed_max_kl={max_kl}. Its scales were not folded exactly.")
+    smoothed.save_pretrained(path)
+    return kl

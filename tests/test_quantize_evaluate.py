@@ -1,0 +1,162 @@
+"""quantize and evaluate: real llm-compressor AWQ / RTN and real transformers loading, on the CPU."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.artifacts import read_json
+from pipeline.metrics import bootstrap_ci, mean_kl
+from pipeline.models import load_causal_lm
+from tests.conftest import FAST, mlflow_client, only_dir, pipeline, runs
+
+SMALL_QUANT = ["quantize.calibration.samples=4", "quantize.calibration.seq_len=64", "quantize.awq.n_grid=4",
+               "evaluate.max_sequences=16", "evaluate.bootstrap=200", "evaluate.prompts=4"]
+
+
+@pytest.fixture(scope="module")
+def chain(tmp_path_factory):
+    """One small but complete run: prepare, train (fp32), quantize (AWQ and RTN), evaluate."""
+    cwd = tmp_path_factory.mktemp("chain")
+    pipeline(cwd, "stage=all", "train.precision=fp32", *FAST, "train.max_steps=30", "train.lr=5e-3", *SMALL_QUANT)
+    return cwd
+
+
+def heldout(cwd, n=4):
+    return torch.from_numpy(np.load(only_dir(cwd / "artifacts" / "prepare") / "heldout.npy")[: n * 128].astype(np.int64)).view(n, 128)
+
+
+def test_compressed_checkpoints_reload_and_stay_close(chain):
+    quantized = only_dir(chain / "artifacts" / "quantize")
+    trained = load_causal_lm(only_dir(chain / "artifacts" / "train"))
+    ids = heldout(chain)
+    with torch.no_grad():
+        reference = trained(ids).logits
+        kls = {}
+        for method in ("awq", "rtn"):
+            config = json.loads((quantized / method / "config.json").read_text())["quantization_config"]
+            assert config["format"] == "pack-quantized" and config["quant_method"] == "compressed-tensors"
+            (group,) = config["config_groups"].values()
+            weights = group["weights"]
+            assert (weights["num_bits"], weights["group_size"], weights["symmetric"]) == (4, 128, False)
+            assert "lm_head" in config["ignore"]
+            logits = load_causal_lm(quantized / method)(ids).logits
+            assert torch.isfinite(logits).all()
+            kls[method] = mean_kl(reference, logits)
+    assert all(0 < kl < 0.05 for kl in kls.values()), kls
+    summary = read_json(quantized / "summary.json")
+    assert summary["methods"]["awq"]["bytes"] < summary["source_bytes"] / 1.8
+
+
+def test_awq_smoothed_float_checkpoint_computes_the_trained_function(chain):
+    quantized = only_dir(chain / "artifacts" / "quantize")
+    trained_dir = only_dir(chain / "artifacts" / "train")
+    smoothed, trained = load_causal_lm(quantized / "awq_smoothed"), load_causal_lm(trained_dir)
+    name = "model.layers.0.self_attn.q_proj.weight"
+    assert not torch.allclose(smoothed.state_dict()[name], trained.state_dict()[name])  # really rescaled
+    ids = heldout(chain)
+    with torch.no_grad():
+        assert mean_kl(trained(ids).logits, smoothed(ids).logits) < 1e-6
+
+
+def test_evaluation_logged_for_every_artifact_with_intervals(chain):
+    evaluation = only_dir(chain / "artifacts" / "evaluate")
+    summary = read_json(evaluation / "summary.json")
+    assert set(summary) == {"trained", "awq", "rtn"}
+    assert summary["trained"]["kl"] == pytest.approx(0, abs=1e-7) and summary["trained"]["top1"] == 1.0
+    for name in ("awq", "rtn"):
+        s = summary[name]
+        assert 0 < s["kl"] < 0.05 and 0.8 < s["top1"] <= 1.0
+        assert s["kl_ci"][0] <= s["kl"] <= s["kl_ci"][1]
+        assert s["perplexity_ci"][0] <= s["perplexity"] <= s["perplexity_ci"][1]
+        assert s["size_mb"] < summary["trained"]["size_mb"]
+        slices = read_json(evaluation / "metrics" / f"{name}.json")
+        assert {"rare", "late", "digits_punct"} <= set(slices) and all(slices[k]["tokens"] > 0 for k in ("rare", "late", "digits_punct"))
+    assert "| awq | rare |" in (evaluation / "summary.md").read_text()
+
+    (run,) = runs(chain, "evaluate")
+    metrics = run.data.metrics
+    for name in ("trained", "awq", "rtn"):
+        for key in ("perplexity", "perplexity_low", "perplexity_high", "kl", "kl_low", "kl_high", "top1",
+                    "greedy_agreement", "size_mb", "rare/kl", "late/top1", "digits_punct/perplexity"):
+            assert f"eval/{name}/{key}" in metrics, f"eval/{name}/{key}"
+    (quantize,) = runs(chain, "quantize")
+    assert quantize.data.params["quantize.scheme"] == "W4A16_ASYM_G128"
+    assert quantize.data.metrics["quantize/awq/seconds"] > 0 and quantize.data.params["quantize.calibration_sha256"]
+    assert {"recipes"} <= {a.path for a in mlflow_client(chain).list_artifacts(quantize.info.run_id)}
+
+
+def test_scrambled_weights_score_badly(chain, tmp_path):
+    """The yardstick can fail: a model with shuffled weights must look nothing like the trained one."""
+    trained_dir = only_dir(chain / "artifacts" / "train")
+    model = load_causal_lm(trained_dir)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            flat = parameter.view(-1)
+            flat.copy_(flat[torch.randperm(flat.numel(), generator=generator)])
+    model.save_pretrained(tmp_path / "scrambled")
+    shutil.copy(trained_dir / "tokenizer.json", tmp_path / "scrambled")
+    pipeline(chain, "stage=evaluate", "train.precision=fp32", *FAST, "train.max_steps=30", "train.lr=5e-3",
+             *SMALL_QUANT, f"+evaluate.extra.scrambled={tmp_path}/scrambled")
+    evaluations = sorted((chain / "artifacts" / "evaluate").iterdir(), key=lambda p: p.stat().st_mtime)
+    summary = read_json(evaluations[-1] / "summary.json")
+    assert summary["scrambled"]["kl"] > 1.0 and summary["scrambled"]["top1"] < 0.5
+    assert summary["scrambled"]["kl"] > 100 * summary["rtn"]["kl"]
+
+
+def test_indivisible_group_size_fails_before_any_work(tmp_path):
+    result = pipeline(tmp_path, "stage=all", "quantize.group_size=100", check=False)
+    assert result.returncode != 0
+    assert "quantize.group_size=100 does not divide the input width" in result.stderr
+    assert "model.layers.0.self_attn.q_proj (input width 256)" in result.stderr and "[256, 768]" in result.stderr
+    assert not (tmp_path / "artifacts").exists() and not (tmp_path / "mlflow.db").exists()
+
+
+def test_architecture_without_awq_mapping_is_refused(tmp_path):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from stages.prepare import train_tokenizer
+
+    path = tmp_path / "gpt2"
+    GPT2LMHeadModel(GPT2Config(n_embd=64, n_layer=1, n_head=2, vocab_size=300)).save_pretrained(path)
+    train_tokenizer(["some text"] * 10, 300).save_pretrained(path)
+    result = pipeline(tmp_path, "stage=quantize", "model=hf", f"model.name_or_path={path}", check=False)
+    assert result.returncode != 0
+    assert "no AWQ mapping for GPT2LMHeadModel" in result.stderr and "LlamaForCausalLM" in result.stderr
+    assert "quantize.methods=[rtn]" in result.stderr
+
+
+def test_bootstrap_interval_contains_estimate_and_shrinks_with_data():
+    rng = np.random.default_rng(1)
+    widths = []
+    for n in (20, 500):
+        values, counts = rng.normal(2.0, 1.0, n), np.full(n, 1.0)
+        low, high = bootstrap_ci(values, counts, 1000, 0.95)
+        assert low <= values.mean() <= high
+        widths.append(high - low)
+    assert widths[1] < widths[0] / 3
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or shutil.which("vllm") is None, reason="needs a GPU and vLLM")
+def test_vllm_loads_the_awq_checkpoint_and_agrees(chain):
+    import subprocess
+
+    quantized = only_dir(chain / "artifacts" / "quantize") / "awq"
+    ids = heldout(chain, 1)[0, :64].tolist()
+    script = (
+        "import json, sys\nfrom vllm import LLM, SamplingParams\n"
+        f"llm = LLM(model={str(quantized)!r}, dtype='float16', gpu_memory_utilization=0.3, max_model_len=256)\n"
+        f"out = llm.generate([{{'prompt_token_ids': {ids}}}], SamplingParams(max_tokens=1, prompt_logprobs=0))[0]\n"
+        "print(json.dumps([next(iter(p.values())).logprob for p in out.prompt_logprobs[1:]]))\n"
+    )
+    vllm_python = shutil.which("vllm").rsplit("/", 1)[0] + "/python"
+    result = subprocess.run([vllm_python, "-c", script], capture_output=True, text=True, check=True)
+    vllm_logprobs = torch.tensor(json.loads(result.stdout.strip().splitlines()[-1]))
+    model = load_causal_lm(quantized)
+    with torch.no_grad():
+        logprobs = torch.log_softmax(model(torch.tensor([ids])).logits[0, :-1], -1)
+    ours = logprobs.gather(-1, torch.tensor(ids[1:]).unsqueeze(-1)).squeeze(-1)
+    assert (ours - vllm_logprobs).abs().mean() < 0.05
