@@ -3,12 +3,13 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 # torch is installed in the same pip command as the project so that no dependency pulls another build.
 TORCH ?= torch==2.13.0
+# llama-cpp-python compiles llama.cpp on install; its multimodal part is not needed here.
 
 .PHONY: run test benchmark clean
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
-	$(VENV)/bin/pip install --quiet "$(TORCH)" -e '.[dev]'
+	CMAKE_ARGS="-DLLAVA_BUILD=OFF" $(VENV)/bin/pip install --quiet "$(TORCH)" -e '.[dev]'
 	touch $@
 
 run: $(VENV)/.installed
@@ -19,6 +20,7 @@ test: $(VENV)/.installed
 
 benchmark: $(VENV)/.installed
 	$(PY) benchmarks/train_overhead.py
+	$(PY) benchmarks/gguf_export.py
 
 clean:
 	rm -rf artifacts mlruns mlflow.db outputs multirun

@@ -17,7 +17,8 @@ STAGE_INPUTS = {
     "prepare": ["data", "model.name_or_path", "model.arch.vocab_size"],
     "train": ["stage:prepare", "model", "train", "seed"],
     "quantize": ["stage:train", "quantize"],
-    "evaluate": ["stage:quantize", "evaluate"],
+    "export": ["stage:quantize", "export"],
+    "evaluate": ["stage:export", "evaluate"],
 }
 # Settings that change how a stage runs, not what it produces.
 NOT_INPUTS = {"train.resume", "train.log_every", "train.checkpoint_every"}
@@ -99,6 +100,12 @@ def sha256_dir(path: Path, pattern: str = "*") -> str:
         digest.update(str(file.relative_to(path)).encode())
         digest.update(sha256_file(file).encode())
     return digest.hexdigest()
+
+
+def disk_bytes(path: Path) -> int:
+    """Size of a file, or of every file under a directory."""
+    path = Path(path)
+    return path.stat().st_size if path.is_file() else sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
 
 def require_stage_output(cfg: DictConfig, stage: str) -> Path:

@@ -18,10 +18,11 @@ from pathlib import Path
 import numpy as np
 from omegaconf import DictConfig
 
-from pipeline.artifacts import atomic_dir, require_stage_output, stage_dir, write_json
+from pipeline.artifacts import atomic_dir, disk_bytes, require_stage_output, stage_dir, write_json
 from pipeline.data import load_blocks
 from pipeline.metrics import greedy, prefix_agreement, summarize, token_metrics
 from pipeline.models import load_causal_lm
+from stages.export import gguf_files
 
 SLICES = ("all", "rare", "late", "digits_punct")
 HEADLINE = ("perplexity", "kl", "top1")
@@ -42,7 +43,7 @@ def check(cfg: DictConfig) -> None:
             raise FileNotFoundError(f"evaluate.extra.{name}={path!r} is not a Hugging Face checkpoint directory.")
 
 
-def hf_logits(path: Path):
+def hf_logits(path: Path, seq_len: int):
     import torch
 
     model = load_causal_lm(path)
@@ -54,8 +55,14 @@ def hf_logits(path: Path):
     return logits
 
 
-# Artifact kind -> loader returning a function from token ids [batch, seq] to logits [batch, seq, vocab].
-LOADERS = {"hf": hf_logits}
+def gguf_logits(path: Path, seq_len: int):
+    from pipeline import llamacpp
+
+    return llamacpp.logits_fn(llamacpp.load(path, n_ctx=seq_len))
+
+
+# Artifact kind -> loader(path, seq_len) returning a function from token ids [batch, seq] to logits [batch, seq, vocab].
+LOADERS = {"hf": hf_logits, "gguf": gguf_logits}
 
 
 def artifacts(cfg: DictConfig) -> list[tuple[str, str, Path]]:
@@ -63,6 +70,7 @@ def artifacts(cfg: DictConfig) -> list[tuple[str, str, Path]]:
     found = [("trained", "hf", require_stage_output(cfg, "train"))]
     quantized = stage_dir(cfg, "quantize")
     found += [(m, "hf", quantized / m) for m in ("awq", "rtn") if (quantized / m).is_dir()]
+    found += [(name, "gguf", path) for name, path in gguf_files(cfg)]
     found += [(name, "hf", Path(path)) for name, path in cfg.evaluate.extra.items()]
     return found
 
@@ -114,7 +122,7 @@ def run(cfg: DictConfig, tracker) -> None:
     masks = slice_masks(ids, np.load(prepared / "train.npy"), tokenizer)
 
     # The reference, once, in fp32.
-    reference = hf_logits(trained)
+    reference = hf_logits(trained, cfg.data.seq_len)
     ref_logprobs = torch.cat([torch.log_softmax(reference(ids[i : i + e.batch_size]), -1)
                               for i in range(0, len(ids), e.batch_size)])
     ref_continuation = greedy(reference, ids[: e.prompts, : e.prompt_tokens], e.continuation_tokens)
@@ -122,8 +130,8 @@ def run(cfg: DictConfig, tracker) -> None:
 
     results = {}
     for name, kind, path in found:
-        result = measure(LOADERS[kind](path), ids, ref_logprobs, masks, ref_continuation, e)
-        result["all"]["size_mb"] = sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file()) / 2**20
+        result = measure(LOADERS[kind](path, cfg.data.seq_len), ids, ref_logprobs, masks, ref_continuation, e)
+        result["all"]["size_mb"] = disk_bytes(path) / 2**20
         result["source"] = {"kind": kind, "path": str(path)}
         results[name] = result
 

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from pipeline.artifacts import atomic_dir, require_stage_output, stage_dir, write_json
+from pipeline.artifacts import atomic_dir, disk_bytes, require_stage_output, stage_dir, write_json
 from pipeline.data import load_blocks
 from pipeline.metrics import mean_kl
 from pipeline.models import load_causal_lm, model_config
@@ -100,10 +100,6 @@ def _cpu_workaround():
         IntermediatesCache.pin_memory = original
 
 
-def dir_size(path: Path) -> int:
-    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
-
-
 def run(cfg: DictConfig, tracker) -> None:
     import torch
     from datasets import Dataset
@@ -125,7 +121,7 @@ def run(cfg: DictConfig, tracker) -> None:
     out = stage_dir(cfg, "quantize")
     summary = {"calibration": {"samples": len(calibration), "seq_len": q.calibration.seq_len, "sha256": calibration_hash},
                "group_size": q.group_size, "symmetric": q.symmetric, "ignore": list(q.ignore),
-               "source_bytes": dir_size(trained), "methods": {}}
+               "source_bytes": disk_bytes(trained), "methods": {}}
     with atomic_dir(out) as tmp, _cpu_workaround():
         for method in q.methods:
             model = load_causal_lm(trained)
@@ -138,7 +134,7 @@ def run(cfg: DictConfig, tracker) -> None:
                 tokenizer.save_pretrained(tmp / "awq_smoothed")
             model.save_pretrained(tmp / method, save_compressed=True)
             tokenizer.save_pretrained(tmp / method)
-            summary["methods"][method] = {"seconds": seconds, "bytes": dir_size(tmp / method)}
+            summary["methods"][method] = {"seconds": seconds, "bytes": disk_bytes(tmp / method)}
         write_json(tmp / "summary.json", summary)
 
     tracker.log_params({"quantize.scheme": f"W4A16_{'SYM' if q.symmetric else 'ASYM'}_G{q.group_size}",

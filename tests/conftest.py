@@ -21,6 +21,11 @@ FAST = [
     "tracking.log_model=false",
 ]
 
+# The whole chain, small: fp32 training, quick AWQ, a shorter evaluation.
+SMALL_CHAIN = ["train.precision=fp32", *FAST, "train.max_steps=30", "train.lr=5e-3",
+               "quantize.calibration.samples=4", "quantize.calibration.seq_len=64", "quantize.awq.n_grid=4",
+               "evaluate.max_sequences=16", "evaluate.bootstrap=200", "evaluate.prompts=4"]
+
 
 def pipeline(cwd: Path, *overrides: str, check: bool = True, multirun: bool = False) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "pipeline", *(["-m"] if multirun else []), *overrides]
@@ -37,6 +42,14 @@ def run_pipeline(tmp_path):
         return pipeline(tmp_path, *overrides, **kwargs)
 
     return run
+
+
+@pytest.fixture(scope="session")
+def chain(tmp_path_factory):
+    """One small but complete run of every stage, shared by the tests that read its outputs."""
+    cwd = tmp_path_factory.mktemp("chain")
+    pipeline(cwd, "stage=all", *SMALL_CHAIN)
+    return cwd
 
 
 def mlflow_client(cwd: Path):

@@ -10,19 +10,7 @@ import torch
 from pipeline.artifacts import read_json
 from pipeline.metrics import bootstrap_ci, mean_kl
 from pipeline.models import load_causal_lm
-from tests.conftest import FAST, mlflow_client, only_dir, pipeline, runs
-
-SMALL_QUANT = ["quantize.calibration.samples=4", "quantize.calibration.seq_len=64", "quantize.awq.n_grid=4",
-               "evaluate.max_sequences=16", "evaluate.bootstrap=200", "evaluate.prompts=4"]
-
-
-@pytest.fixture(scope="module")
-def chain(tmp_path_factory):
-    """One small but complete run: prepare, train (fp32), quantize (AWQ and RTN), evaluate."""
-    cwd = tmp_path_factory.mktemp("chain")
-    pipeline(cwd, "stage=all", "train.precision=fp32", *FAST, "train.max_steps=30", "train.lr=5e-3", *SMALL_QUANT)
-    return cwd
-
+from tests.conftest import FAST, SMALL_CHAIN, mlflow_client, only_dir, pipeline, runs
 
 def heldout(cwd, n=4):
     return torch.from_numpy(np.load(only_dir(cwd / "artifacts" / "prepare") / "heldout.npy")[: n * 128].astype(np.int64)).view(n, 128)
@@ -64,7 +52,7 @@ def test_awq_smoothed_float_checkpoint_computes_the_trained_function(chain):
 def test_evaluation_logged_for_every_artifact_with_intervals(chain):
     evaluation = only_dir(chain / "artifacts" / "evaluate")
     summary = read_json(evaluation / "summary.json")
-    assert set(summary) == {"trained", "awq", "rtn"}
+    assert {"trained", "awq", "rtn"} <= set(summary)
     assert summary["trained"]["kl"] == pytest.approx(0, abs=1e-7) and summary["trained"]["top1"] == 1.0
     for name in ("awq", "rtn"):
         s = summary[name]
@@ -99,8 +87,7 @@ def test_scrambled_weights_score_badly(chain, tmp_path):
             flat.copy_(flat[torch.randperm(flat.numel(), generator=generator)])
     model.save_pretrained(tmp_path / "scrambled")
     shutil.copy(trained_dir / "tokenizer.json", tmp_path / "scrambled")
-    pipeline(chain, "stage=evaluate", "train.precision=fp32", *FAST, "train.max_steps=30", "train.lr=5e-3",
-             *SMALL_QUANT, f"+evaluate.extra.scrambled={tmp_path}/scrambled")
+    pipeline(chain, "stage=evaluate", *SMALL_CHAIN, f"+evaluate.extra.scrambled={tmp_path}/scrambled")
     evaluations = sorted((chain / "artifacts" / "evaluate").iterdir(), key=lambda p: p.stat().st_mtime)
     summary = read_json(evaluations[-1] / "summary.json")
     assert summary["scrambled"]["kl"] > 1.0 and summary["scrambled"]["top1"] < 0.5

@@ -1,0 +1,146 @@
+"""export: real gguf writer, real llama.cpp (llama-cpp-python) on the CPU."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline import llamacpp
+from pipeline.artifacts import read_json
+from pipeline.models import load_causal_lm
+from tests.conftest import FAST, only_dir, pipeline, runs
+
+EXPORT_ONLY = ["stage=[prepare,train,export]", "train.precision=fp32", *FAST, "export.sources=[trained]"]
+
+
+def f16_matrices(model):
+    """The f16 file holds matrices in f16 and vectors (norms) in f32."""
+    for parameter in model.parameters():
+        if parameter.ndim > 1:
+            parameter.data = parameter.data.half().float()
+    return model
+
+
+def heldout_ids(cwd, n=2):
+    ids = np.load(only_dir(cwd / "artifacts" / "prepare") / "heldout.npy")[: n * 128]
+    return torch.from_numpy(ids.astype(np.int64)).view(n, 128)
+
+
+def gguf_dir(cwd):
+    return only_dir(cwd / "artifacts" / "export")
+
+
+def test_every_file_validated_with_the_requested_types(chain):
+    manifest = read_json(gguf_dir(chain) / "manifest.json")
+    assert set(manifest) == {"trained", "awq_smoothed"}
+    for files in manifest.values():
+        assert set(files) == {"f16", "q8_0", "q4_k_m"}  # fp32 training: an f16 base file
+        assert files["f16"]["top1_flips_beyond_ties"] == 0 and files["f16"]["top1_agreement"] > 0.99
+        assert files["f16"]["max_logit_diff"] < 0.05
+        assert files["q8_0"]["fallbacks"] == [] and files["q4_k_m"]["fallbacks"] == []
+        assert files["q4_k_m"]["bytes"] < files["q8_0"]["bytes"] < files["f16"]["bytes"]
+    types = llamacpp.tensor_types(gguf_dir(chain) / "trained" / "model-q8_0.gguf")
+    assert {t for t, shape in types.values() if len(shape) > 1} == {"Q8_0"}
+    assert {t for t, shape in types.values() if len(shape) == 1} == {"F32"}  # norms stay f32
+    types = llamacpp.tensor_types(gguf_dir(chain) / "trained" / "model-q4_k_m.gguf")
+    assert {t for t, shape in types.values() if len(shape) > 1} <= {"Q4_K", "Q6_K"}
+    assert "Q4_K" in {t for t, _ in types.values()}
+
+
+def test_llama_cpp_matches_transformers_logits_and_tokens(chain):
+    trained = only_dir(chain / "artifacts" / "train")
+    model = f16_matrices(load_causal_lm(trained))
+    ids = heldout_ids(chain)
+    llm = llamacpp.load(gguf_dir(chain) / "trained" / "model-f16.gguf", n_ctx=128)
+    ours = llamacpp.logits_fn(llm)(ids)
+    with torch.no_grad():
+        theirs = model(ids).logits
+    assert (ours.argmax(-1) == theirs.argmax(-1)).all()
+    assert (ours - theirs).abs().max() < 0.05
+
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(trained)
+    prepared = only_dir(chain / "artifacts" / "prepare")
+    text = json.loads((prepared / "heldout.jsonl").read_text().splitlines()[-1])["text"]
+    assert llamacpp.tokenize(llm, text) == tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def test_transformers_reads_the_gguf_back(chain):
+    from transformers import AutoModelForCausalLM
+
+    trained = only_dir(chain / "artifacts" / "train")
+    folder = gguf_dir(chain) / "trained"
+    from_gguf = AutoModelForCausalLM.from_pretrained(folder, gguf_file="model-f16.gguf", dtype=torch.float32)
+    model = f16_matrices(load_causal_lm(trained))
+    ids = heldout_ids(chain, 1)
+    with torch.no_grad():
+        assert (from_gguf(ids).logits - model(ids).logits).abs().max() < 1e-3
+
+
+def test_gguf_files_are_evaluated_and_q8_beats_q4(chain):
+    summary = read_json(only_dir(chain / "artifacts" / "evaluate") / "summary.json")
+    for source in ("trained", "awq_smoothed"):
+        assert summary[f"{source}.q8_0"]["kl"] < summary[f"{source}.q4_k_m"]["kl"]
+        assert summary[f"{source}.f16"]["kl"] < summary[f"{source}.q8_0"]["kl"]
+    (evaluate,) = runs(chain, "evaluate")
+    assert "eval/awq_smoothed.q4_k_m/kl_high" in evaluate.data.metrics
+    (export,) = runs(chain, "export")
+    assert export.data.metrics["export/trained.q4_k_m/fallback_tensors"] == 0
+
+
+def test_qwen2_exports_and_round_trips(run_pipeline, tmp_path):
+    run_pipeline(*EXPORT_ONLY, "model.arch.model_type=qwen2", "export.types=[q8_0]")
+    manifest = read_json(gguf_dir(tmp_path) / "manifest.json")
+    assert manifest["trained"]["f16"]["top1_flips_beyond_ties"] == 0
+    from transformers import AutoModelForCausalLM
+
+    from_gguf = AutoModelForCausalLM.from_pretrained(gguf_dir(tmp_path) / "trained", gguf_file="model-f16.gguf")
+    assert type(from_gguf).__name__ == "Qwen2ForCausalLM"
+
+
+def test_fallback_types_fail_with_a_report_unless_allowed(run_pipeline, tmp_path):
+    narrow = ["model.arch.intermediate_size=640", "export.types=[q4_k_m]"]  # 640 rows: not a multiple of 256
+    result = run_pipeline(*EXPORT_ONLY, *narrow, check=False)
+    assert result.returncode != 0
+    assert "llama.cpp fell back to other types for 4 tensor(s)" in result.stderr
+    assert "blk.0.ffn_down.weight [640, 256]" in result.stderr and "do not fill blocks of 256" in result.stderr
+    assert list((tmp_path / "artifacts" / "export").iterdir()) == []  # no file, not even a partial one
+
+    run_pipeline(*EXPORT_ONLY, *narrow, "export.allow_fallback=true")
+    report = read_json(gguf_dir(tmp_path) / "manifest.json")["trained"]["q4_k_m"]["fallbacks"]
+    assert sorted(f["tensor"] for f in report) == [f"blk.{i}.ffn_down.weight" for i in range(4)]
+
+
+def test_damaged_gguf_is_rejected_clearly(chain, tmp_path):
+    source = gguf_dir(chain) / "trained" / "model-q8_0.gguf"
+    truncated = tmp_path / "truncated.gguf"
+    truncated.write_bytes(source.read_bytes()[: source.stat().st_size // 2])
+    garbage = tmp_path / "garbage.gguf"
+    garbage.write_bytes(b"not a gguf file at all" * 100)
+    for bad in (truncated, garbage):
+        with pytest.raises(llamacpp.GGUFError, match="not a valid GGUF file"):
+            llamacpp.load(bad, n_ctx=128)
+
+
+def test_unsupported_architecture_refused_before_writing(tmp_path):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from stages.prepare import train_tokenizer
+
+    path = tmp_path / "gpt2"
+    GPT2LMHeadModel(GPT2Config(n_embd=64, n_layer=1, n_head=2, vocab_size=300)).save_pretrained(path)
+    train_tokenizer(["some text"] * 10, 300).save_pretrained(path)
+    result = pipeline(tmp_path, "stage=export", "model=hf", f"model.name_or_path={path}", check=False)
+    assert result.returncode != 0
+    assert "GPT2LMHeadModel is not supported; GGUF export supports LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM" in result.stderr
+    assert not (tmp_path / "artifacts").exists()
+
+
+def test_unknown_llama_cpp_type_names_the_valid_ones(tmp_path):
+    result = pipeline(tmp_path, "export.types=[q4_k_x]", check=False)
+    assert result.returncode != 0 and "'q4_k_x' is not a llama.cpp type" in result.stderr and "q4_k_m" in result.stderr
+    shutil.rmtree(tmp_path / "outputs", ignore_errors=True)
+    assert list(tmp_path.iterdir()) == []
