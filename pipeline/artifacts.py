@@ -19,6 +19,7 @@ STAGE_INPUTS = {
     "quantize": ["stage:train", "quantize"],
     "export": ["stage:quantize", "export"],
     "evaluate": ["stage:export", "evaluate"],
+    "serve": ["stage:export", "serve"],
 }
 # Settings that change how a stage runs, not what it produces.
 NOT_INPUTS = {"train.resume", "train.log_every", "train.checkpoint_every"}

@@ -11,11 +11,12 @@ from pipeline import hardware
 from pipeline.tracking import Tracker, flatten, installed_packages, run_tags
 
 # Chain order: every stage reads what the ones before it wrote.
-STAGES = ("prepare", "train", "quantize", "export", "evaluate")
+STAGES = ("prepare", "train", "quantize", "export", "evaluate", "serve")
 
 log = logging.getLogger(__name__)
-# Accelerate logs every checkpoint file at INFO; the pipeline's own lines are enough.
+# Accelerate logs every checkpoint file and httpx every request at INFO; the pipeline's own lines are enough.
 logging.getLogger("accelerate").setLevel(logging.WARNING)
+logging.getLogger("httpx").setLevel(logging.WARNING)
 
 
 def selected_stages(stage) -> list[str]:

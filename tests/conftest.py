@@ -21,10 +21,11 @@ FAST = [
     "tracking.log_model=false",
 ]
 
-# The whole chain, small: fp32 training, quick AWQ, a shorter evaluation.
+# The whole chain, small: fp32 training, quick AWQ, a shorter evaluation, two GGUF files served.
 SMALL_CHAIN = ["train.precision=fp32", *FAST, "train.max_steps=30", "train.lr=5e-3",
                "quantize.calibration.samples=4", "quantize.calibration.seq_len=64", "quantize.awq.n_grid=4",
-               "evaluate.max_sequences=16", "evaluate.bootstrap=200", "evaluate.prompts=4"]
+               "evaluate.max_sequences=16", "evaluate.bootstrap=200", "evaluate.prompts=4",
+               "serve.llamacpp.files=[trained.q8_0,trained.q4_k_m]", "serve.load.levels=[1,2]", "serve.load.requests=6"]
 
 
 def pipeline(cwd: Path, *overrides: str, check: bool = True, multirun: bool = False) -> subprocess.CompletedProcess:

@@ -1,0 +1,106 @@
+"""An OpenAI-compatible server process: started on a free loopback port, waited for, measured,
+and always stopped with its children, on every way out."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+
+class ServerError(RuntimeError):
+    """The server did not come up, or died; the message ends with the tail of its log."""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def port_is_free(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def log_tail(path: Path, lines: int = 30) -> str:
+    text = Path(path).read_text(errors="replace") if Path(path).exists() else ""
+    return "\n".join(text.splitlines()[-lines:])
+
+
+class Server:
+    """`with Server(command, port, log) as server:` runs `command` until the block ends."""
+
+    def __init__(self, command: list[str], port: int, log: Path, ready_timeout_s: float):
+        self.command, self.port, self.log, self.ready_timeout_s = command, port, Path(log), ready_timeout_s
+        self.url = f"http://127.0.0.1:{port}"
+        self.peak_rss_mb = 0.0
+        self.process = None
+        self._stop_polling = threading.Event()
+
+    def __enter__(self):
+        with open(self.log, "w") as log:
+            # A session of its own, so that stopping it reaches every child it spawns.
+            self.process = subprocess.Popen(self.command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        threading.Thread(target=self._poll_memory, daemon=True).start()
+        try:
+            self._wait_ready()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(self, *exc):
+        self.stop()
+
+    def _wait_ready(self) -> None:
+        import httpx
+
+        deadline = time.monotonic() + self.ready_timeout_s
+        while time.monotonic() < deadline:
+            self.raise_if_dead("exited before it was ready")
+            try:
+                if httpx.get(f"{self.url}/v1/models", timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        raise ServerError(f"{self.command[0]} did not answer {self.url}/v1/models within {self.ready_timeout_s} s.\n"
+                          f"{log_tail(self.log)}")
+
+    def raise_if_dead(self, what: str = "died") -> None:
+        if self.process.poll() is not None:
+            raise ServerError(f"The server {what} (exit code {self.process.returncode}). Last lines of {self.log}:\n"
+                              f"{log_tail(self.log)}")
+
+    def _poll_memory(self) -> None:
+        import psutil
+
+        while not self._stop_polling.wait(0.2):
+            try:
+                root = psutil.Process(self.process.pid)
+                rss = sum(p.memory_info().rss for p in [root, *root.children(recursive=True)])
+            except psutil.Error:
+                return
+            self.peak_rss_mb = max(self.peak_rss_mb, rss / 2**20)
+
+    def stop(self) -> None:
+        self._stop_polling.set()
+        if self.process is None:
+            return
+        group = self.process.pid  # the session leader's pid is the group id
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(group, signal.SIGTERM)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.process.wait(10)
+            os.killpg(group, signal.SIGKILL)  # whatever ignored SIGTERM, children included
+        self.process.wait()

@@ -1,0 +1,264 @@
+"""serve: what the deployed artifacts cost to serve, over an OpenAI-compatible API.
+
+Engines: llama.cpp's server (llama-cpp-python) on each GGUF file, vLLM on the trained and AWQ
+checkpoints (GPU; run from its own environment), or an already running endpoint. Load comes from
+GuideLLM with requests cut from the held-out text by the model's own tokenizer. Per artifact and
+load level: TTFT, ITL, TPOT, end-to-end latency (mean, p50, p90, p99), request and output-token
+throughput, goodput under the SLOs, errors; the server's peak memory and the file size. One
+streamed request timed directly keeps GuideLLM's TTFT honest.
+
+Outputs: <artifact>/guidellm.json (the raw report), <artifact>/server.log, summary.json.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+from omegaconf import DictConfig
+
+from pipeline.artifacts import atomic_dir, disk_bytes, require_stage_output, stage_dir, write_json
+from pipeline.data import load_blocks
+from pipeline.server import Server, ServerError, free_port, log_tail, port_is_free
+from stages.export import gguf_files
+
+ENGINES = ("auto", "llamacpp", "vllm", "external")
+PROFILES = {"concurrent": "streams", "constant": "rate", "poisson": "rate", "synchronous": None, "throughput": None}
+LATENCIES = {"ttft_ms": "time_to_first_token_ms", "itl_ms": "inter_token_latency_ms",
+             "tpot_ms": "time_per_output_token_ms", "latency_s": "request_latency"}
+
+
+def guidellm_command() -> str:
+    beside_python = Path(sys.executable).with_name("guidellm")
+    found = str(beside_python) if beside_python.exists() else shutil.which("guidellm")
+    if found is None:
+        raise FileNotFoundError("serve: the guidellm command is not installed (pip install guidellm==0.8.1).")
+    return found
+
+
+def engine(cfg: DictConfig) -> str:
+    import torch
+
+    s = cfg.serve
+    if s.engine not in ENGINES:
+        raise ValueError(f"serve.engine={s.engine!r} is not one of {', '.join(ENGINES)}.")
+    if s.engine != "auto":
+        return s.engine
+    return "vllm" if torch.cuda.is_available() and shutil.which(s.vllm.command[0]) else "llamacpp"
+
+
+def check(cfg: DictConfig) -> None:
+    import torch
+
+    s = cfg.serve
+    chosen = engine(cfg)
+    if chosen == "vllm":
+        if not torch.cuda.is_available():
+            raise ValueError("serve.engine=vllm needs a CUDA GPU; this machine has none. Use serve.engine=llamacpp.")
+        if shutil.which(s.vllm.command[0]) is None:
+            raise FileNotFoundError(f"serve.vllm.command={list(s.vllm.command)}: {s.vllm.command[0]!r} not found. "
+                                    "Install vLLM in its own environment and point this at its vllm executable.")
+    if chosen == "external" and not (s.external.url and s.external.model):
+        raise ValueError("serve.engine=external needs serve.external.url and serve.external.model.")
+    if s.load.profile not in PROFILES:
+        raise ValueError(f"serve.load.profile={s.load.profile!r} is not one of {', '.join(PROFILES)}.")
+    if s.port is not None and not port_is_free(s.port):
+        raise ValueError(f"serve.port={s.port} is already in use on 127.0.0.1; pick another or leave it null.")
+    guidellm_command()
+
+
+def targets(cfg: DictConfig, chosen: str) -> list[tuple[str, Path | None]]:
+    """(name, path) of what to serve."""
+    s = cfg.serve
+    if chosen == "external":
+        return [(s.external.model, None)]
+    if chosen == "vllm":
+        paths = {"trained": require_stage_output(cfg, "train"), "awq": stage_dir(cfg, "quantize") / "awq"}
+        return [(name, paths[name]) for name in s.vllm.artifacts if paths[name].is_dir()]
+    files = dict(gguf_files(cfg))
+    if not files:
+        raise FileNotFoundError("serve: the export stage has made no GGUF file for these settings; run stage=export first.")
+    wanted = files if s.llamacpp.files is None else list(s.llamacpp.files)
+    missing = [n for n in wanted if n not in files]
+    if missing:
+        raise FileNotFoundError(f"serve.llamacpp.files: {', '.join(missing)} not exported; available: {', '.join(files)}.")
+    return [(name, files[name]) for name in wanted]
+
+
+def server_command(cfg: DictConfig, chosen: str, name: str, path: Path, port: int) -> list[str]:
+    s = cfg.serve
+    if chosen == "llamacpp":
+        return [sys.executable, "-m", "llama_cpp.server", "--model", str(path), "--model_alias", name,
+                "--host", "127.0.0.1", "--port", str(port), "--n_threads", str(s.llamacpp.threads),
+                "--n_ctx", str(cfg.data.seq_len * 2),
+                # By default a new request cancels the stream in flight: under concurrent load
+                # that turns most requests into errors instead of queueing them.
+                "--interrupt_requests", "false"]
+    command = [*s.vllm.command, "serve", str(path), "--served-model-name", name, "--host", "127.0.0.1",
+               "--port", str(port), "--gpu-memory-utilization", str(s.vllm.gpu_memory_utilization),
+               "--max-model-len", str(cfg.data.seq_len * 2)]
+    if (Path(path) / "recipe.yaml").exists():  # an llm-compressor checkpoint
+        command += ["--quantization", "compressed-tensors"]
+    return [*command, *s.vllm.extra_args]
+
+
+def held_out_prompts(cfg: DictConfig, tokenizer, count: int, skip: int = 0) -> list[str]:
+    """Held-out text, each prompt exactly load.prompt_tokens tokens of the model's tokenizer."""
+    blocks = load_blocks(require_stage_output(cfg, "prepare"), "heldout", cfg.serve.load.prompt_tokens)
+    if len(blocks) < skip + count:
+        raise ValueError(f"The held-out split has {len(blocks)} prompts of {cfg.serve.load.prompt_tokens} tokens; "
+                         f"serve needs {skip + count}. Lower serve.load.requests or serve.load.prompt_tokens.")
+    return [tokenizer.decode(ids) for ids in blocks[skip : skip + count]]
+
+
+def run_guidellm(url: str, model: str, cfg: DictConfig, tokenizer_dir: Path, requests: Path, report: Path,
+                 server: Server | None) -> None:
+    load, s = cfg.serve.load, cfg.serve
+    backend = f"kind=openai_http,target={url},model={model},request_format=/v1/completions,validate_backend=false"
+    if s.engine == "external" and s.external.api_key:
+        backend += f",api_key={s.external.api_key}"
+    command = [guidellm_command(), "run", "--backend", backend, "--profile", f"kind={load.profile}",
+               "--constraint", f"kind=max_requests,count={load.requests}",
+               "--data", f"kind=json_file,path={requests}", "--tokenizer", f"kind=huggingface_auto,model={tokenizer_dir}",
+               "--output", f"kind=json,path={report}", "--disable-console"]
+    if PROFILES[load.profile]:
+        command += ["--override", f"profile.{PROFILES[load.profile]}", ",".join(str(v) for v in load.levels)]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    while process.poll() is None:
+        if server is not None and server.process.poll() is not None:
+            process.kill()
+            server.raise_if_dead("died during the benchmark")
+        time.sleep(0.2)
+    output = process.stdout.read()
+    if server is not None:
+        server.raise_if_dead("died during the benchmark")
+    if process.returncode != 0 or not report.exists():
+        raise RuntimeError(f"GuideLLM failed (exit code {process.returncode}):\n{output[-3000:]}")
+
+
+def summarize(report: dict, slo: DictConfig) -> dict:
+    """Per load level: latency statistics, throughput, goodput and errors from GuideLLM's report."""
+    levels = {}
+    for benchmark in report["benchmarks"]:
+        strategy = benchmark["config"]["strategy"]
+        label = {"concurrent": f"c{strategy.get('streams')}", "constant": f"r{strategy.get('rate')}",
+                 "poisson": f"p{strategy.get('rate')}"}.get(strategy["type_"], strategy["type_"])
+        ok = benchmark["requests"]["successful"]
+        m = benchmark["metrics"]
+        level = {"requests": len(ok), "errors": m["request_totals"]["errored"] + m["request_totals"]["incomplete"],
+                 "requests_per_s": m["requests_per_second"]["successful"]["mean"],
+                 "output_tokens_per_s": m["output_tokens_per_second"]["successful"]["mean"],
+                 "concurrency": m["request_concurrency"]["successful"]["mean"],
+                 "prompt_tokens": statistics.mean(r["prompt_tokens"] for r in ok) if ok else 0,
+                 "output_tokens": statistics.mean(r["output_tokens"] for r in ok) if ok else 0}
+        for name, key in LATENCIES.items():
+            values = np.array([r[key] for r in ok if r[key] is not None])
+            if len(values):
+                level[f"{name}_mean"] = float(values.mean())
+                for q in (50, 90, 99):
+                    level[f"{name}_p{q}"] = float(np.percentile(values, q))
+        good = [r for r in ok if r["time_to_first_token_ms"] <= slo.ttft_ms and (r["inter_token_latency_ms"] or 0) <= slo.itl_ms]
+        duration = benchmark["duration"]
+        level["goodput_fraction"] = len(good) / max(1, len(ok) + level["errors"])
+        level["goodput_requests_per_s"] = len(good) / duration if duration else 0.0
+        levels[label] = level
+    return levels
+
+
+def streamed_ttft_ms(client, url: str, model: str, prompt: str) -> float:
+    """Time from sending one streamed completion to its first generated text."""
+    body = {"model": model, "prompt": prompt, "max_tokens": 4, "stream": True}
+    started = time.perf_counter()
+    with client.stream("POST", f"{url}/v1/completions", json=body) as response:
+        response.raise_for_status()
+        for line in response.iter_lines():
+            if line.startswith("data: ") and line != "data: [DONE]":
+                if json.loads(line[6:])["choices"][0].get("text"):
+                    return (time.perf_counter() - started) * 1000
+    raise RuntimeError(f"{url} streamed no text.")
+
+
+def crosscheck(url: str, model: str, prompts: list[str], api_key, guidellm_ttft_ms: float, tol: DictConfig) -> dict:
+    import httpx
+
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    # One kept-alive connection, as the load generator uses: connecting is not part of TTFT.
+    with httpx.Client(headers=headers, timeout=60) as client:
+        streamed_ttft_ms(client, url, model, prompts[0])
+        direct = statistics.median(streamed_ttft_ms(client, url, model, p) for p in prompts[1:])
+    allowed = max(tol.abs_ms, tol.rel * guidellm_ttft_ms)
+    return {"direct_ttft_ms": direct, "guidellm_ttft_ms": guidellm_ttft_ms, "allowed_ms": allowed,
+            "agrees": abs(direct - guidellm_ttft_ms) <= allowed}
+
+
+def benchmark(cfg, chosen, name, path, tokenizer_dir, requests, direct: list[str], folder: Path) -> dict:
+    s = cfg.serve
+    report = folder / "guidellm.json"
+
+    def measure(url, model, server):
+        run_guidellm(url, model, cfg, tokenizer_dir, requests, report, server)
+        levels = summarize(json.loads(report.read_text()), s.slo)
+        lowest = levels[min(levels, key=lambda k: levels[k]["concurrency"])]
+        check = crosscheck(url, model, direct, s.external.api_key if chosen == "external" else None,
+                           lowest["ttft_ms_p50"], s.crosscheck)
+        return {"status": "ok", "levels": levels, "crosscheck": check}
+
+    if chosen == "external":
+        return measure(s.external.url.rstrip("/"), name, None)
+    port = s.port or free_port()
+    with Server(server_command(cfg, chosen, name, path, port), port, folder / "server.log", s.ready_timeout_s) as server:
+        result = measure(server.url, name, server)
+    result.update(peak_rss_mb=server.peak_rss_mb, size_mb=disk_bytes(path) / 2**20)
+    return result
+
+
+def run(cfg: DictConfig, tracker) -> None:
+    from transformers import AutoTokenizer
+
+    chosen = engine(cfg)
+    tokenizer_dir = require_stage_output(cfg, "train")
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    out = stage_dir(cfg, "serve")
+    results = {}
+    load = cfg.serve.load
+    # Direct requests use prompts of their own: llama.cpp reuses the cached prefix of a prompt it
+    # has just seen, which would make them look faster than the load generator's.
+    direct = held_out_prompts(cfg, tokenizer, 4, skip=load.requests)
+    with atomic_dir(out) as tmp:
+        requests = tmp / "requests.jsonl"
+        requests.write_text("".join(json.dumps({"prompt": p, "prompt_tokens_count": load.prompt_tokens,
+                                                "output_tokens_count": load.output_tokens}) + "\n"
+                                    for p in held_out_prompts(cfg, tokenizer, load.requests)))
+        for name, path in targets(cfg, chosen):
+            (tmp / name).mkdir()
+            try:
+                results[name] = benchmark(cfg, chosen, name, path, tokenizer_dir, requests, direct, tmp / name)
+            except (ServerError, RuntimeError) as error:
+                # No partial numbers: a failed artifact keeps only the reason and the server's log.
+                results[name] = {"status": "failed", "error": str(error),
+                                 "log_tail": log_tail(tmp / name / "server.log")}
+        write_json(tmp / "summary.json", {"engine": chosen, "results": results})
+
+    metrics = {}
+    for name, result in results.items():
+        metrics[f"serve/{name}/failed"] = float(result["status"] != "ok")
+        if result["status"] != "ok":
+            continue
+        for label, level in result["levels"].items():
+            metrics.update({f"serve/{name}/{label}/{k}": v for k, v in level.items()})
+        metrics[f"serve/{name}/crosscheck_direct_ttft_ms"] = result["crosscheck"]["direct_ttft_ms"]
+        for key in ("peak_rss_mb", "size_mb"):
+            if key in result:
+                metrics[f"serve/{name}/{key}"] = result[key]
+    tracker.set_tags({"serve.engine": chosen})
+    tracker.log_metrics(metrics)
+    tracker.log_artifacts(out, "serve")
+    failed = {n: r["error"] for n, r in results.items() if r["status"] != "ok"}
+    if failed:
+        raise RuntimeError("serve failed for " + "; ".join(f"{n}: {e}" for n, e in failed.items()))

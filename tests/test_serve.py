@@ -1,0 +1,159 @@
+"""serve: a real llama.cpp server on loopback, real GuideLLM load."""
+
+import json
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import httpx
+import psutil
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+
+from pipeline.artifacts import read_json
+from pipeline.server import Server, ServerError, free_port
+from stages.serve import server_command, streamed_ttft_ms, targets
+from tests.conftest import ROOT, SMALL_CHAIN, only_dir, pipeline, runs
+
+
+def config(cwd, *overrides):
+    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("config", overrides=[*SMALL_CHAIN, f"paths.artifacts={cwd}/artifacts", *overrides])
+    return cfg
+
+
+def gguf(chain, name="trained.q8_0"):
+    source, kind = name.split(".")
+    return only_dir(chain / "artifacts" / "export") / source / f"model-{kind}.gguf"
+
+
+def test_serving_numbers_for_each_file_are_sane(chain):
+    summary = read_json(only_dir(chain / "artifacts" / "serve") / "summary.json")
+    assert summary["engine"] == "llamacpp" and set(summary["results"]) == {"trained.q8_0", "trained.q4_k_m"}
+    for name, result in summary["results"].items():
+        assert result["status"] == "ok", result
+        assert result["peak_rss_mb"] > 10 and result["size_mb"] > 0
+        assert result["crosscheck"]["agrees"], result["crosscheck"]
+        for label, level in result["levels"].items():
+            assert level["requests"] == 6 and level["errors"] == 0
+            assert level["ttft_ms_p50"] > 0 and level["ttft_ms_p99"] >= level["ttft_ms_p50"]
+            assert level["prompt_tokens"] == 64 and level["output_tokens"] == 32  # as the server counted them
+            # Little's law: requests in flight = throughput x time in the system
+            assert level["concurrency"] == pytest.approx(level["requests_per_s"] * level["latency_s_mean"], rel=0.3)
+        assert set(result["levels"]) == {"c1", "c2"}
+    (serve,) = runs(chain, "serve")
+    for key in ("c1/ttft_ms_p50", "c2/itl_ms_p90", "c1/latency_s_p99", "c2/output_tokens_per_s", "c1/goodput_fraction",
+                "peak_rss_mb", "size_mb"):
+        assert f"serve/trained.q4_k_m/{key}" in serve.data.metrics, key
+    report = json.loads((only_dir(chain / "artifacts" / "serve") / "trained.q8_0" / "guidellm.json").read_text())
+    assert report["benchmarks"][0]["requests"]["successful"]
+
+
+def test_default_serves_every_exported_file(chain):
+    cfg = config(chain, "serve.llamacpp.files=null")
+    assert sorted(name for name, _ in targets(cfg, "llamacpp")) == sorted(
+        f"{s}.{t}" for s in ("trained", "awq_smoothed") for t in ("f16", "q8_0", "q4_k_m"))
+
+
+def test_server_streams_and_always_stops(chain, tmp_path):
+    cfg = config(chain)
+    port = free_port()
+    command = server_command(cfg, "llamacpp", "tiny", gguf(chain), port)
+    with pytest.raises(RuntimeError, match="benchmark blew up"):
+        with Server(command, port, tmp_path / "server.log", 60) as server:
+            pids = [server.process.pid, *(c.pid for c in psutil.Process(server.process.pid).children(recursive=True))]
+            with httpx.Client(timeout=30) as client:
+                assert streamed_ttft_ms(client, server.url, "tiny", "def main():") > 0
+            raise RuntimeError("benchmark blew up")
+    time.sleep(0.5)
+    assert not any(psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE for p in pids)
+    with pytest.raises(httpx.ConnectError):
+        httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=2)
+
+
+def test_a_server_that_cannot_start_reports_its_log(tmp_path):
+    port = free_port()
+    command = [sys.executable, "-m", "llama_cpp.server", "--model", str(tmp_path / "missing.gguf"), "--port", str(port)]
+    with pytest.raises(ServerError, match="exited before it was ready") as error:
+        with Server(command, port, tmp_path / "server.log", 60):
+            pass
+    assert "missing.gguf" in str(error.value)  # the tail of the server's own log
+
+
+def test_server_dying_mid_benchmark_is_a_failure_not_numbers(chain):
+    killed = []
+
+    def kill_server_once_ready():
+        deadline = time.time() + 120
+        while time.time() < deadline and not killed:
+            for process in psutil.process_iter(["cmdline"]):
+                cmdline = " ".join(process.info["cmdline"] or [])
+                if "llama_cpp.server" in cmdline and "--model_alias trained.q8_0" in cmdline:
+                    port = cmdline.split("--port ")[1].split()[0]
+                    try:
+                        httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=1)
+                    except httpx.HTTPError:
+                        continue
+                    time.sleep(1)  # GuideLLM is starting its run
+                    process.send_signal(signal.SIGKILL)
+                    killed.append(process.pid)
+            time.sleep(0.1)
+
+    killer = threading.Thread(target=kill_server_once_ready)
+    killer.start()
+    # Other load settings than the chain's, so this failed run gets its own output directory.
+    result = pipeline(chain, "stage=serve", *SMALL_CHAIN, "serve.llamacpp.files=[trained.q8_0]", "serve.load.requests=4",
+                      "serve.load.levels=[1]", "serve.load.output_tokens=31", check=False)
+    killer.join()
+    assert killed and result.returncode != 0
+    assert "serve failed for trained.q8_0" in result.stderr and "died" in result.stderr
+    serve = runs(chain, "serve")[-1]
+    assert serve.info.status == "FAILED"
+    assert serve.data.metrics["serve/trained.q8_0/failed"] == 1.0
+    assert not any(k.startswith("serve/trained.q8_0/c1") for k in serve.data.metrics)
+    failed = [json.loads(p.read_text()) for p in (chain / "artifacts" / "serve").glob("*/summary.json")]
+    failed = [s["results"]["trained.q8_0"] for s in failed if s["results"]["trained.q8_0"]["status"] == "failed"]
+    assert failed and "levels" not in failed[0] and failed[0]["log_tail"]
+
+
+def test_port_in_use_is_refused_and_free_ports_avoid_it(chain):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert all(free_port() != port for _ in range(50))
+        result = pipeline(chain, "stage=serve", *SMALL_CHAIN, f"serve.port={port}", check=False)
+    assert result.returncode != 0 and f"serve.port={port} is already in use" in result.stderr
+
+
+def test_missing_file_or_engine_is_an_early_clear_error(chain, tmp_path):
+    result = pipeline(chain, "stage=serve", *SMALL_CHAIN, "serve.llamacpp.files=[trained.q3_k]", check=False)
+    assert result.returncode != 0 and "trained.q3_k not exported; available:" in result.stderr
+    if not torch.cuda.is_available():
+        result = pipeline(tmp_path, "stage=serve", "serve.engine=vllm", check=False)
+        assert result.returncode != 0 and "serve.engine=vllm needs a CUDA GPU" in result.stderr
+        assert not (tmp_path / "artifacts").exists()
+
+
+def test_vllm_command_line(chain):
+    cfg = config(chain, "serve.vllm.command=[/opt/vllm/bin/vllm]", "serve.vllm.extra_args=[--enforce-eager]")
+    quantized = only_dir(chain / "artifacts" / "quantize")
+    awq = server_command(cfg, "vllm", "awq", quantized / "awq", 8123)
+    assert awq[:3] == ["/opt/vllm/bin/vllm", "serve", str(quantized / "awq")]
+    assert awq[awq.index("--quantization") + 1] == "compressed-tensors"
+    assert awq[awq.index("--port") + 1] == "8123" and awq[awq.index("--host") + 1] == "127.0.0.1"
+    assert awq[awq.index("--served-model-name") + 1] == "awq" and awq[-1] == "--enforce-eager"
+    trained = server_command(cfg, "vllm", "trained", only_dir(chain / "artifacts" / "train"), 8123)
+    assert "--quantization" not in trained
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or subprocess.run(["which", "vllm"], capture_output=True).returncode,
+                    reason="needs a GPU and vLLM")
+def test_vllm_serves_the_chain(chain):
+    pipeline(chain, "stage=serve", *SMALL_CHAIN, "serve.engine=vllm")
+    summary = read_json(max((chain / "artifacts" / "serve").glob("*/summary.json"), key=lambda p: p.stat().st_mtime))
+    assert summary["engine"] == "vllm" and all(r["status"] == "ok" for r in summary["results"].values())
