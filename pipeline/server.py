@@ -44,6 +44,7 @@ class Server:
         self.command, self.port, self.log, self.ready_timeout_s = command, port, Path(log), ready_timeout_s
         self.url = f"http://127.0.0.1:{port}"
         self.peak_rss_mb = 0.0
+        self.peak_gpu_mb = None  # stays None without an NVIDIA GPU
         self.process = None
         self._stop_polling = threading.Event()
 
@@ -85,13 +86,17 @@ class Server:
     def _poll_memory(self) -> None:
         import psutil
 
+        gpus = _gpu_handles()
         while not self._stop_polling.wait(0.2):
             try:
                 root = psutil.Process(self.process.pid)
-                rss = sum(p.memory_info().rss for p in [root, *root.children(recursive=True)])
+                tree = [root, *root.children(recursive=True)]
+                rss = sum(p.memory_info().rss for p in tree)
             except psutil.Error:
                 return
             self.peak_rss_mb = max(self.peak_rss_mb, rss / 2**20)
+            if gpus:
+                self.peak_gpu_mb = max(self.peak_gpu_mb or 0.0, _gpu_memory_mb(gpus, {p.pid for p in tree}))
 
     def stop(self) -> None:
         self._stop_polling.set()
@@ -104,3 +109,24 @@ class Server:
                 self.process.wait(10)
             os.killpg(group, signal.SIGKILL)  # whatever ignored SIGTERM, children included
         self.process.wait()
+
+
+def _gpu_handles() -> list:
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        return [pynvml.nvmlDeviceGetHandleByIndex(i) for i in range(pynvml.nvmlDeviceGetCount())]
+    except Exception:  # no NVIDIA driver, no GPU: nothing to sample
+        return []
+
+
+def _gpu_memory_mb(handles: list, pids: set[int]) -> float:
+    import pynvml
+
+    used = 0
+    for handle in handles:
+        for process in pynvml.nvmlDeviceGetComputeRunningProcesses(handle):
+            if process.pid in pids and process.usedGpuMemory:
+                used += process.usedGpuMemory
+    return used / 2**20

@@ -215,6 +215,8 @@ def benchmark(cfg, chosen, name, path, tokenizer_dir, requests, direct: list[str
     with Server(server_command(cfg, chosen, name, path, port), port, folder / "server.log", s.ready_timeout_s) as server:
         result = measure(server.url, name, server)
     result.update(peak_rss_mb=server.peak_rss_mb, size_mb=disk_bytes(path) / 2**20)
+    if server.peak_gpu_mb is not None:
+        result["peak_gpu_mb"] = server.peak_gpu_mb
     return result
 
 
@@ -253,7 +255,7 @@ def run(cfg: DictConfig, tracker) -> None:
         for label, level in result["levels"].items():
             metrics.update({f"serve/{name}/{label}/{k}": v for k, v in level.items()})
         metrics[f"serve/{name}/crosscheck_direct_ttft_ms"] = result["crosscheck"]["direct_ttft_ms"]
-        for key in ("peak_rss_mb", "size_mb"):
+        for key in ("peak_rss_mb", "peak_gpu_mb", "size_mb"):
             if key in result:
                 metrics[f"serve/{name}/{key}"] = result[key]
     tracker.set_tags({"serve.engine": chosen})
