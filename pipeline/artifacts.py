@@ -20,9 +20,10 @@ STAGE_INPUTS = {
     "export": ["stage:quantize", "export"],
     "evaluate": ["stage:export", "evaluate"],
     "serve": ["stage:export", "serve"],
+    "report": ["stage:serve", "stage:evaluate", "report"],
 }
 # Settings that change how a stage runs, not what it produces.
-NOT_INPUTS = {"train.resume", "train.log_every", "train.checkpoint_every"}
+NOT_INPUTS = {"train.resume", "train.log_every", "train.checkpoint_every", "report.gates"}
 
 
 def _select(cfg: DictConfig, dotted: str):
@@ -50,8 +51,13 @@ def stage_key(cfg: DictConfig, stage: str) -> str:
 
 
 def stage_dir(cfg: DictConfig, stage: str) -> Path:
+    if stage == "report":  # one report for the whole sweep, whichever precision's run writes it
+        cfg = cfg.copy()
+        cfg.train.precision = "sweep"
     # Readable part of the name: what the data is, or which model at which precision it came from.
     label = cfg.data.name if stage == "prepare" else f"{cfg.model.name}-{cfg.train.precision}"
+    if cfg.paths.fixed:
+        return Path(cfg.paths.fixed).resolve() / stage / label
     return Path(cfg.paths.artifacts).resolve() / stage / f"{label}-{stage_key(cfg, stage)}"
 
 

@@ -11,7 +11,7 @@ from pipeline import hardware
 from pipeline.tracking import Tracker, flatten, installed_packages, run_tags
 
 # Chain order: every stage reads what the ones before it wrote.
-STAGES = ("prepare", "train", "quantize", "export", "evaluate", "serve")
+STAGES = ("prepare", "train", "quantize", "export", "evaluate", "serve", "report")
 
 log = logging.getLogger(__name__)
 # Accelerate logs every checkpoint file and httpx every request at INFO; the pipeline's own lines are enough.

@@ -93,24 +93,39 @@ def slice_masks(ids, train_ids: np.ndarray, tokenizer) -> dict:
             "digits_punct": is_symbol[targets]}
 
 
-def measure(logits_fn, ids, ref_logprobs, masks, ref_continuation, e: DictConfig) -> dict:
+def measure(logits_fn, ids, ref_logprobs, masks, ref_continuation, e: DictConfig, fp32_logprobs=None) -> dict:
+    """Metrics of one artifact; with `fp32_logprobs`, also its KL and top-1 against the
+    fp32-trained model of the same settings, which puts every training precision on one scale."""
     import torch
 
-    per_token = {k: [] for k in ("nll", "kl", "top1")}
+    per_token, vs_fp32 = {k: [] for k in ("nll", "kl", "top1")}, {k: [] for k in ("nll", "kl", "top1")}
     for i in range(0, len(ids), e.batch_size):
-        batch = token_metrics(ref_logprobs[i : i + e.batch_size], logits_fn(ids[i : i + e.batch_size]),
-                              ids[i : i + e.batch_size])
-        for key, value in batch.items():
+        batch_ids = ids[i : i + e.batch_size]
+        logits = logits_fn(batch_ids)
+        for key, value in token_metrics(ref_logprobs[i : i + e.batch_size], logits, batch_ids).items():
             per_token[key].append(value)
+        if fp32_logprobs is not None:
+            for key, value in token_metrics(fp32_logprobs[i : i + e.batch_size], logits, batch_ids).items():
+                vs_fp32[key].append(value)
     per_token = {k: torch.cat(v) for k, v in per_token.items()}
     result = {name: summarize(per_token, mask, e.bootstrap, e.confidence) for name, mask in masks.items()}
+    if fp32_logprobs is not None:
+        vs_fp32 = summarize({k: torch.cat(v) for k, v in vs_fp32.items()}, masks["all"], e.bootstrap, e.confidence)
+        result["all"].update({f"{k}_vs_fp32": vs_fp32[k] for k in ("kl", "kl_ci", "top1", "top1_ci")})
     prompts = ids[: e.prompts, : e.prompt_tokens]
     result["all"]["greedy_agreement"] = prefix_agreement(ref_continuation, greedy(logits_fn, prompts, e.continuation_tokens))
     return result
 
 
-def run(cfg: DictConfig, tracker) -> None:
+def reference_logprobs(path: Path, ids, batch_size: int, seq_len: int):
     import torch
+
+    reference = hf_logits(path, seq_len)
+    return reference, torch.cat([torch.log_softmax(reference(ids[i : i + batch_size]), -1)
+                                 for i in range(0, len(ids), batch_size)])
+
+
+def run(cfg: DictConfig, tracker) -> None:
     from transformers import AutoTokenizer
 
     e = cfg.evaluate
@@ -121,16 +136,20 @@ def run(cfg: DictConfig, tracker) -> None:
     ids = load_blocks(prepared, "heldout", cfg.data.seq_len)[: e.max_sequences]
     masks = slice_masks(ids, np.load(prepared / "train.npy"), tokenizer)
 
-    # The reference, once, in fp32.
-    reference = hf_logits(trained, cfg.data.seq_len)
-    ref_logprobs = torch.cat([torch.log_softmax(reference(ids[i : i + e.batch_size]), -1)
-                              for i in range(0, len(ids), e.batch_size)])
+    # The references, once each, in fp32: this run's trained model and, for a run trained in
+    # another precision, the fp32-trained model of otherwise identical settings where it exists.
+    reference, ref_logprobs = reference_logprobs(trained, ids, e.batch_size, cfg.data.seq_len)
     ref_continuation = greedy(reference, ids[: e.prompts, : e.prompt_tokens], e.continuation_tokens)
-    del reference
+    fp32_logprobs = None
+    fp32_cfg = cfg.copy()
+    fp32_cfg.train.precision = "fp32"
+    if cfg.train.precision != "fp32" and stage_dir(fp32_cfg, "train").is_dir():
+        _, fp32_logprobs = reference_logprobs(stage_dir(fp32_cfg, "train"), ids, e.batch_size, cfg.data.seq_len)
 
     results = {}
     for name, kind, path in found:
-        result = measure(LOADERS[kind](path, cfg.data.seq_len), ids, ref_logprobs, masks, ref_continuation, e)
+        result = measure(LOADERS[kind](path, cfg.data.seq_len), ids, ref_logprobs, masks, ref_continuation, e,
+                         fp32_logprobs)
         result["all"]["size_mb"] = disk_bytes(path) / 2**20
         result["source"] = {"kind": kind, "path": str(path)}
         results[name] = result

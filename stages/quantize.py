@@ -43,6 +43,8 @@ def check(cfg: DictConfig) -> None:
     unknown = [m for m in q.methods if m not in METHODS]
     if unknown or not q.methods:
         raise ValueError(f"quantize.methods={list(q.methods)} must be a non-empty list of {', '.join(METHODS)}.")
+    if "awq" in q.methods and q.awq.n_grid < 3:  # llm-compressor 0.14 divides by n_grid - 2
+        raise ValueError(f"quantize.awq.n_grid={q.awq.n_grid} must be 3 or more.")
     if not isinstance(q.group_size, int) or q.group_size < 1:
         raise ValueError(f"quantize.group_size={q.group_size!r} must be a positive integer.")
 

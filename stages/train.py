@@ -178,12 +178,13 @@ def run(cfg: DictConfig, tracker) -> None:
 
         out = stage_dir(cfg, "train")
         checkpoints = Path(cfg.paths.artifacts).resolve() / "checkpoints" / out.name
-        start, skipped = 0, 0
+        # [step, value] pairs of the curves the report draws; kept in checkpoints for resume.
+        start, skipped, history = 0, 0, {"train_loss": [], "eval_loss": [], "step_time_s": []}
         last = latest_checkpoint(checkpoints)
         if t.resume and last is not None:
             accelerator.load_state(str(last))
             state = read_json(last / "trainer_state.json")
-            start, skipped = state["step"], state["skipped_steps"]
+            start, skipped, history = state["step"], state["skipped_steps"], state["history"]
             log.info("resuming from %s (step %d)", last, start)
         elif t.resume:
             log.warning("train.resume=true but no checkpoint under %s: starting from step 0", checkpoints)
@@ -252,15 +253,19 @@ def run(cfg: DictConfig, tracker) -> None:
                 if accelerator.scaler is not None:
                     metrics["train/loss_scale"] = accelerator.scaler.get_scale()
                 tracker.log_metrics(metrics, step=done)
+                history["step_time_s"].append([done, step_time])
+                if "train/loss" in metrics:
+                    history["train_loss"].append([done, metrics["train/loss"]])
                 progress.set_postfix(loss=f"{metrics.get('train/loss', float('nan')):.3f}")
                 window = {k: [] for k in window}
             if done % t.eval_every == 0 or done == t.max_steps:
                 loss = heldout_loss(model, eval_blocks, t.micro_batch_size, accelerator.device)
                 tracker.log_metrics({"eval/loss": loss, "eval/perplexity": math.exp(loss)}, step=done)
+                history["eval_loss"].append([done, loss])
             if done % t.checkpoint_every == 0 and done < t.max_steps:
                 with atomic_dir(checkpoints / f"step-{done:06d}") as tmp:
                     accelerator.save_state(str(tmp))
-                    write_json(tmp / "trainer_state.json", {"step": done, "skipped_steps": skipped})
+                    write_json(tmp / "trainer_state.json", {"step": done, "skipped_steps": skipped, "history": history})
                 for old in sorted(checkpoints.glob("step-*"))[:-1]:
                     shutil.rmtree(old)
                 tracker.flush()
@@ -277,6 +282,8 @@ def run(cfg: DictConfig, tracker) -> None:
             "heldout_perplexity": math.exp(final_loss),
             "train_seconds": time.perf_counter() - started,
             "peak_memory_mb": peak_memory_mb(accelerator.device.type),
+            "step_time_s": sum(v for _, v in history["step_time_s"]) / max(1, len(history["step_time_s"])),
+            "history": history,
             "device": accelerator.device.type,
             "num_processes": accelerator.num_processes,
         }

@@ -28,6 +28,12 @@ SMALL_CHAIN = ["train.precision=fp32", *FAST, "train.max_steps=30", "train.lr=5e
                "serve.llamacpp.files=[trained.q8_0,trained.q4_k_m]", "serve.load.levels=[1,2]", "serve.load.requests=6"]
 
 
+def replace(overrides: list[str], *new: str) -> list[str]:
+    """`overrides` with the keys of `new` set to new values (Hydra refuses a key given twice)."""
+    keys = {o.split("=", 1)[0] for o in new}
+    return [o for o in overrides if o.split("=", 1)[0] not in keys] + list(new)
+
+
 def pipeline(cwd: Path, *overrides: str, check: bool = True, multirun: bool = False) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "pipeline", *(["-m"] if multirun else []), *overrides]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}

@@ -10,7 +10,7 @@ import torch
 from pipeline.artifacts import read_json
 from pipeline.metrics import bootstrap_ci, mean_kl
 from pipeline.models import load_causal_lm
-from tests.conftest import FAST, SMALL_CHAIN, mlflow_client, only_dir, pipeline, runs
+from tests.conftest import SMALL_CHAIN, mlflow_client, only_dir, pipeline, runs
 
 def heldout(cwd, n=4):
     return torch.from_numpy(np.load(only_dir(cwd / "artifacts" / "prepare") / "heldout.npy")[: n * 128].astype(np.int64)).view(n, 128)

@@ -1,0 +1,73 @@
+"""dvc.yaml: real `dvc repro` in a throwaway git repository holding the project."""
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from tests.conftest import ROOT
+
+SMALL = ["report.precisions=[fp32,bf16]", "train.max_steps=6", "train.warmup_steps=1", "train.eval_every=3",
+         "train.eval_batches=1", "quantize.calibration.samples=4", "quantize.calibration.seq_len=64", "quantize.awq.n_grid=3",
+         "evaluate.max_sequences=8", "evaluate.bootstrap=100", "evaluate.prompts=2", "serve.llamacpp.files=[trained.q4_k_m]",
+         "serve.load.levels=[1]", "serve.load.requests=4", "tracking.log_model=false"]
+
+
+def run(repo, *args):
+    env = {**os.environ, "PATH": f"{os.path.dirname(sys.executable)}:{os.environ['PATH']}"}
+    result = subprocess.run(args, cwd=repo, env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result.stdout + result.stderr
+
+
+def ran(output):
+    return set(re.findall(r"Running stage '([^']+)'", output))
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory):
+    repo = tmp_path_factory.mktemp("dvc-repo")
+    for name in ("pipeline", "stages", "conf", ".dvc"):
+        shutil.copytree(ROOT / name, repo / name, ignore=shutil.ignore_patterns("__pycache__", "cache", "tmp"))
+    for name in ("dvc.yaml", ".dvcignore", ".gitignore"):
+        shutil.copy(ROOT / name, repo / name)
+    params = run(repo, sys.executable, "-m", "pipeline", "--cfg", "job", "--resolve", *SMALL)
+    (repo / "params.yaml").write_text(params)
+    run(repo, "git", "init", "-q")
+    run(repo, "git", "add", "-A")
+    run(repo, "git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "project")
+    return repo
+
+
+def test_repro_runs_everything_then_nothing_then_only_what_changed(repo):
+    first = ran(run(repo, "dvc", "repro"))
+    per_precision = {"train", "quantize", "export", "evaluate", "serve"}
+    assert first == {"prepare", "report"} | {f"{s}@{p}" for s in per_precision for p in ("fp32", "bf16")}
+    assert (repo / "dvc" / "report" / "tiny-sweep" / "report.html").exists()
+
+    second = run(repo, "dvc", "repro")
+    assert ran(second) == set()
+
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params["quantize"]["awq"]["n_grid"] = 4
+    (repo / "params.yaml").write_text(yaml.safe_dump(params))
+    third = ran(run(repo, "dvc", "repro"))
+    assert third == {"report"} | {f"{s}@{p}" for s in per_precision - {"train"} for p in ("fp32", "bf16")}
+
+
+def test_metrics_and_plots_render(repo):
+    metrics = run(repo, "dvc", "metrics", "show", "--json")
+    assert "trained.q4_k_m" in metrics and "kl_vs_fp32" in metrics
+    out = run(repo, "dvc", "plots", "show", "-o", str(repo / "plots"))
+    assert "index.html" in out and (repo / "plots" / "index.html").exists()
+
+
+def test_committed_params_match_the_config_tree():
+    """params.yaml is what dvc.yaml's stages read: it must not drift from conf/."""
+    composed = subprocess.run([sys.executable, "-m", "pipeline", "--cfg", "job", "--resolve"], cwd=ROOT,
+                              capture_output=True, text=True, check=True).stdout
+    assert yaml.safe_load(composed) == yaml.safe_load((ROOT / "params.yaml").read_text()), "run `make params`"
