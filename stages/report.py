@@ -73,6 +73,42 @@ def collect(cfg: DictConfig, precision: str, seed: int | None = None) -> dict | 
     return found
 
 
+def collect_runs(client, run_ids: list[str], serve_level: str) -> tuple[dict, dict]:
+    """Rows from MLflow pipeline runs (the parent runs), wherever they were run. A second fp32
+    run with another seed is kept aside as the noise floor. Returns (rows, {precision: [(seed, row)]})."""
+    import json
+    import tempfile
+
+    seeds = {}
+    for run_id in run_ids:
+        parent = client.get_run(run_id)
+        precision, seed = parent.data.params["train.precision"], int(parent.data.params["seed"])
+        children = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{run_id}'")
+        by_stage = {c.data.tags.get("stage"): c for c in children}
+        if "train" not in by_stage:
+            raise ValueError(f"report.runs: MLflow run {run_id} has no train stage.")
+        with tempfile.TemporaryDirectory() as tmp:
+            train = json.loads(Path(client.download_artifacts(by_stage["train"].info.run_id, "summary.json", tmp)).read_text())
+        artifacts = {}
+        for key, value in (by_stage["evaluate"].data.metrics if "evaluate" in by_stage else {}).items():
+            parts = key.split("/")  # eval/<artifact>/<metric>; slices have one part more
+            if len(parts) != 3:
+                continue
+            cell = artifacts.setdefault(column(parts[1]), {})
+            base, _, side = parts[2].rpartition("_")
+            if side in ("low", "high"):
+                cell.setdefault(f"{base}_ci", [None, None])[side == "high"] = value
+            else:
+                cell[parts[2]] = value
+        for key, value in (by_stage["serve"].data.metrics if "serve" in by_stage else {}).items():
+            parts = key.split("/")  # serve/<artifact>/<level>/<metric>
+            if len(parts) == 4 and parts[2] == serve_level and column(parts[1]) in artifacts:
+                artifacts[column(parts[1])][parts[3]] = value
+        seeds.setdefault(precision, []).append((seed, {"train": train, "artifacts": artifacts}))
+    rows = {p: found[0][1] for p, found in seeds.items()}
+    return rows, seeds
+
+
 def add_ratios(rows: dict) -> None:
     fp32 = (rows.get("fp32") or {}).get("artifacts", {})
     for row in rows.values():
@@ -166,7 +202,7 @@ def plots(rows: dict, columns: list[str], folder: Path, quality: str) -> list[Pa
         ax.annotate(label, (x, y), fontsize=6)
     front = pareto_front([(x, y) for x, y, _ in points])
     if front:
-        ax.plot(*zip(*front), "r-", label="Pareto front")
+        ax.plot(*zip(*front), "r-o", mfc="none", ms=11, label="Pareto front")
     if ax.get_legend_handles_labels()[0]:
         ax.legend(fontsize=7)
     ax.set(xlabel="output tokens/s (served)", ylabel=quality, title=f"{quality} against throughput")
@@ -255,7 +291,15 @@ def html_page(title_tables, notes: list[str], images: list[Path], gates: list[di
 
 def run(cfg: DictConfig, tracker) -> None:
     r = cfg.report
-    rows = {p: collect(cfg, p) for p in r.precisions}
+    if r.runs:
+        rows, seeds = collect_runs(tracker.client, list(r.runs), r.serve_level)
+        fp32_runs = seeds.get("fp32", [])
+        seed = fp32_runs[0][0] if fp32_runs else cfg.seed
+        noise_seed, other = fp32_runs[1] if len(fp32_runs) > 1 else (None, None)
+    else:
+        rows = {p: collect(cfg, p) for p in r.precisions}
+        seed, noise_seed = cfg.seed, r.noise_seed if r.noise_seed is not None else cfg.seed + 1
+        other = collect(cfg, "fp32", noise_seed)
     if not any(rows.values()):
         raise FileNotFoundError(f"report: no training precision of {list(r.precisions)} has been run with these settings; "
                                 f"run e.g. python -m pipeline -m train.precision={','.join(r.precisions)} stage=all first.")
@@ -263,18 +307,17 @@ def run(cfg: DictConfig, tracker) -> None:
     columns = sorted({n for row in rows.values() if row for n in row["artifacts"]},
                      key=lambda n: (n != "trained", "." in n, n))
 
-    notes = [f"Settings: model {cfg.model.name}, data {cfg.data.name}, seed {cfg.seed}."]
+    notes = [f"Settings: model {cfg.model.name}, data {cfg.data.name}, seed {seed}."
+             if not r.runs else f"MLflow runs: {', '.join(r.runs)}."]
     missing = [p for p, row in rows.items() if row is None]
     if missing:
         notes.append(f"Not run with these settings: {', '.join(missing)}.")
-    noise_seed = r.noise_seed if r.noise_seed is not None else cfg.seed + 1
-    other = collect(cfg, "fp32", noise_seed)
     if rows.get("fp32") and other and "trained" in other["artifacts"] and "trained" in rows["fp32"]["artifacts"]:
         a, b = rows["fp32"]["artifacts"]["trained"]["perplexity"], other["artifacts"]["trained"]["perplexity"]
-        notes.append(f"Noise floor: two fp32 runs with seeds {cfg.seed} and {noise_seed} differ in perplexity by "
+        notes.append(f"Noise floor: two fp32 runs with seeds {seed} and {noise_seed} differ in perplexity by "
                      f"{abs(a - b):.4g} ({abs(a - b) / a:.2%}); differences between precisions smaller than this are noise.")
     else:
-        notes.append(f"Noise floor unknown: also run train.precision=fp32 seed={noise_seed} to measure it.")
+        notes.append(f"Noise floor unknown: also run train.precision=fp32 seed={noise_seed or seed + 1} to measure it.")
 
     out = stage_dir(cfg, "report")
     gates = gate_results(rows, r.gates)

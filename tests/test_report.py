@@ -85,6 +85,23 @@ def test_noise_floor_is_stated_when_a_second_seed_exists(sweep):
     assert "Noise floor: two fp32 runs with seeds 0 and 1 differ in perplexity by" in markdown
 
 
+def test_report_from_mlflow_run_ids_matches_the_artifacts(sweep):
+    by_artifacts = read_json(only_dir(sweep / "artifacts" / "report") / "report.json")
+    ids = [runs(sweep, f"tiny-{p}")[0].info.run_id for p in ("fp32", "bf16")]
+    pipeline(sweep, "stage=report", *replace(SWEEP, f"report.runs=[{','.join(ids)}]"))
+    reports = sorted((sweep / "artifacts" / "report").iterdir(), key=lambda p: (p / "report.json").stat().st_mtime)
+    by_runs = read_json(reports[-1] / "report.json")
+    assert "MLflow runs:" in by_runs["notes"][0]
+    for precision in ("fp32", "bf16"):
+        for name in ("trained", "awq", "trained.q4_k_m", "awq_smoothed.16bit"):
+            ours, theirs = by_runs["rows"][precision]["artifacts"][name], by_artifacts["rows"][precision]["artifacts"][name]
+            for key in ("perplexity", "kl", "kl_vs_fp32", "top1"):
+                assert ours[key] == pytest.approx(theirs[key], rel=1e-6), (precision, name, key)
+            assert ours["perplexity_ci"] == pytest.approx(theirs["perplexity_ci"], rel=1e-6)
+        assert by_runs["rows"][precision]["artifacts"]["trained.q4_k_m"]["ttft_ms_p50"] == pytest.approx(
+            by_artifacts["rows"][precision]["artifacts"]["trained.q4_k_m"]["ttft_ms_p50"])
+
+
 def test_bad_gate_is_refused_before_work(tmp_path):
     result = pipeline(tmp_path, "report.gates=[{artifact: trained, metric: speed, max: 1}]", check=False)
     assert result.returncode != 0 and "metric (one of perplexity, kl" in result.stderr
