@@ -59,6 +59,19 @@ def chain(tmp_path_factory):
     return cwd
 
 
+@pytest.fixture
+def gpt2_checkpoint(tmp_path):
+    """A checkpoint of an architecture outside what quantize and export support."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from stages.prepare import train_tokenizer
+
+    path = tmp_path / "gpt2"
+    GPT2LMHeadModel(GPT2Config(n_embd=64, n_layer=1, n_head=2, vocab_size=300)).save_pretrained(path)
+    train_tokenizer(["some text"] * 10, 300).save_pretrained(path)
+    return path
+
+
 def mlflow_client(cwd: Path):
     from mlflow.tracking import MlflowClient
 

@@ -125,15 +125,8 @@ def test_damaged_gguf_is_rejected_clearly(chain, tmp_path):
             llamacpp.load(bad, n_ctx=128)
 
 
-def test_unsupported_architecture_refused_before_writing(tmp_path):
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    from stages.prepare import train_tokenizer
-
-    path = tmp_path / "gpt2"
-    GPT2LMHeadModel(GPT2Config(n_embd=64, n_layer=1, n_head=2, vocab_size=300)).save_pretrained(path)
-    train_tokenizer(["some text"] * 10, 300).save_pretrained(path)
-    result = pipeline(tmp_path, "stage=export", "model=hf", f"model.name_or_path={path}", check=False)
+def test_unsupported_architecture_refused_before_writing(tmp_path, gpt2_checkpoint):
+    result = pipeline(tmp_path, "stage=export", "model=hf", f"model.name_or_path={gpt2_checkpoint}", check=False)
     assert result.returncode != 0
     assert "GPT2LMHeadModel is not supported; GGUF export supports LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM" in result.stderr
     assert not (tmp_path / "artifacts").exists()

@@ -102,15 +102,8 @@ def test_indivisible_group_size_fails_before_any_work(tmp_path):
     assert not (tmp_path / "artifacts").exists() and not (tmp_path / "mlflow.db").exists()
 
 
-def test_architecture_without_awq_mapping_is_refused(tmp_path):
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    from stages.prepare import train_tokenizer
-
-    path = tmp_path / "gpt2"
-    GPT2LMHeadModel(GPT2Config(n_embd=64, n_layer=1, n_head=2, vocab_size=300)).save_pretrained(path)
-    train_tokenizer(["some text"] * 10, 300).save_pretrained(path)
-    result = pipeline(tmp_path, "stage=quantize", "model=hf", f"model.name_or_path={path}", check=False)
+def test_architecture_without_awq_mapping_is_refused(tmp_path, gpt2_checkpoint):
+    result = pipeline(tmp_path, "stage=quantize", "model=hf", f"model.name_or_path={gpt2_checkpoint}", check=False)
     assert result.returncode != 0
     assert "no AWQ mapping for GPT2LMHeadModel" in result.stderr and "LlamaForCausalLM" in result.stderr
     assert "quantize.methods=[rtn]" in result.stderr
