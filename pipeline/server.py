@@ -40,8 +40,11 @@ def log_tail(path: Path, lines: int = 30) -> str:
 class Server:
     """`with Server(command, port, log) as server:` runs `command` until the block ends."""
 
-    def __init__(self, command: list[str], port: int, log: Path, ready_timeout_s: float):
+    def __init__(self, command: list[str], port: int, log: Path, ready_timeout_s: float, ready_path: str = "/v1/models",
+                 env: dict | None = None):
+        # OpenAI-compatible servers answer /v1/models once the model is loaded (llama.cpp's has no /health).
         self.command, self.port, self.log, self.ready_timeout_s = command, port, Path(log), ready_timeout_s
+        self.ready_path, self.env = ready_path, env
         self.url = f"http://127.0.0.1:{port}"
         self.peak_rss_mb = 0.0
         self.peak_gpu_mb = None  # stays None without an NVIDIA GPU
@@ -51,7 +54,8 @@ class Server:
     def __enter__(self):
         with open(self.log, "w") as log:
             # A session of its own, so that stopping it reaches every child it spawns.
-            self.process = subprocess.Popen(self.command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+            self.process = subprocess.Popen(self.command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                                            env=self.env)
         threading.Thread(target=self._poll_memory, daemon=True).start()
         try:
             self._wait_ready()
@@ -70,12 +74,12 @@ class Server:
         while time.monotonic() < deadline:
             self.raise_if_dead("exited before it was ready")
             try:
-                if httpx.get(f"{self.url}/v1/models", timeout=2).status_code == 200:
+                if httpx.get(f"{self.url}{self.ready_path}", timeout=2).status_code == 200:
                     return
             except httpx.HTTPError:
                 pass
             time.sleep(0.2)
-        raise ServerError(f"{self.command[0]} did not answer {self.url}/v1/models within {self.ready_timeout_s} s.\n"
+        raise ServerError(f"{self.command[0]} did not answer {self.url}{self.ready_path} within {self.ready_timeout_s} s.\n"
                           f"{log_tail(self.log)}")
 
     def raise_if_dead(self, what: str = "died") -> None:

@@ -64,10 +64,23 @@ def installed_packages() -> str:
     return "\n".join(names) + "\n"
 
 
+def require_server(uri: str) -> None:
+    """A tracking server must answer before any work starts, not after training is done."""
+    import httpx
+
+    try:
+        httpx.get(f"{uri.rstrip('/')}/health", timeout=10).raise_for_status()
+    except httpx.HTTPError as error:
+        raise ConnectionError(f"The MLflow tracking server at tracking.uri={uri} is not reachable ({error}). "
+                              "Start it, fix the address, or track locally with tracking=local.") from None
+
+
 class Tracker:
     def __init__(self, cfg: DictConfig):
         from mlflow.tracking import MlflowClient
 
+        if str(cfg.tracking.uri).startswith(("http://", "https://")):
+            require_server(cfg.tracking.uri)
         self.client = MlflowClient(tracking_uri=cfg.tracking.uri)
         self.experiment_id = self._experiment(cfg.tracking.experiment, cfg.tracking.artifact_location)
         self._runs: list[str] = []  # open runs, outermost (the pipeline run) first

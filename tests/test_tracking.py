@@ -1,9 +1,15 @@
-"""Tracking against a real MLflow sqlite store."""
+"""Tracking against a real MLflow sqlite store and a real MLflow server."""
 
+import os
+import sys
+from pathlib import Path
+
+import pytest
 from omegaconf import OmegaConf
 
+from pipeline.server import Server, free_port
 from pipeline.tracking import Tracker, flatten
-from tests.conftest import mlflow_client
+from tests.conftest import mlflow_client, pipeline
 
 
 def test_long_params_are_truncated_not_fatal_and_metrics_batched(tmp_path, monkeypatch):
@@ -28,3 +34,37 @@ def test_long_params_are_truncated_not_fatal_and_metrics_batched(tmp_path, monke
 def test_flatten_is_dotted_and_lists_are_json():
     flat = flatten(OmegaConf.create({"a": {"b": 1, "c": [1, 2]}, "d": None}))
     assert flat == {"a.b": "1", "a.c": "[1, 2]", "d": "None"}
+
+
+@pytest.fixture(scope="module")
+def mlflow_server(tmp_path_factory):
+    """A real MLflow tracking server on loopback: sqlite backend, artifacts served through it."""
+    root = tmp_path_factory.mktemp("mlflow-server")
+    port = free_port()
+    command = [str(Path(sys.executable).with_name("mlflow")), "server", "--host", "127.0.0.1", "--port", str(port),
+               "--backend-store-uri", f"sqlite:///{root}/backend.db", "--artifacts-destination", str(root / "store")]
+    # Without this the server forks job workers that outlive it.
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    with Server(command, port, root / "server.log", 180, ready_path="/health", env=env) as server:
+        yield server.url, root / "store"
+
+
+def test_pipeline_logs_through_a_real_tracking_server(tmp_path, mlflow_server):
+    from mlflow.tracking import MlflowClient
+
+    url, store = mlflow_server
+    pipeline(tmp_path, "stage=prepare", "tracking=server", f"tracking.uri={url}", "tracking.experiment=team")
+    client = MlflowClient(url)
+    experiment = client.get_experiment_by_name("team")
+    (prepare,) = client.search_runs([experiment.experiment_id], "attributes.run_name = 'prepare'")
+    assert prepare.data.tags["data_hash"] and prepare.info.status == "FINISHED"
+    assert prepare.info.artifact_uri.startswith("mlflow-artifacts:")  # uploaded through the server
+    assert {a.path for a in client.list_artifacts(prepare.info.run_id)} >= {"manifest.json", "tokenizer"}
+    assert list(store.rglob("manifest.json")) and not (tmp_path / "mlruns").exists()
+
+
+def test_unreachable_server_fails_before_any_work(tmp_path):
+    result = pipeline(tmp_path, "tracking=server", f"tracking.uri=http://127.0.0.1:{free_port()}", check=False)
+    assert result.returncode != 0
+    assert "is not reachable" in result.stderr and "tracking=local" in result.stderr
+    assert not (tmp_path / "artifacts").exists()
