@@ -77,12 +77,18 @@ def require_server(uri: str) -> None:
 
 class Tracker:
     def __init__(self, cfg: DictConfig):
+        from filelock import FileLock
         from mlflow.tracking import MlflowClient
 
-        if str(cfg.tracking.uri).startswith(("http://", "https://")):
-            require_server(cfg.tracking.uri)
-        self.client = MlflowClient(tracking_uri=cfg.tracking.uri)
-        self.experiment_id = self._experiment(cfg.tracking.experiment, cfg.tracking.artifact_location)
+        uri = str(cfg.tracking.uri)
+        if uri.startswith(("http://", "https://")):
+            require_server(uri)
+        # Parallel sweep jobs on a fresh sqlite store would race to create its tables and the
+        # experiment; the first creates them while the others wait.
+        lock = FileLock(uri.removeprefix("sqlite:///") + ".lock") if uri.startswith("sqlite:///") else contextlib.nullcontext()
+        with lock:
+            self.client = MlflowClient(tracking_uri=uri)
+            self.experiment_id = self._experiment(cfg.tracking.experiment, cfg.tracking.artifact_location)
         self._runs: list[str] = []  # open runs, outermost (the pipeline run) first
         self._metrics = []
 

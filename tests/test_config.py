@@ -99,3 +99,19 @@ def test_stage_dirs_differ_whenever_an_input_differs():
     # prepare does not depend on training settings
     assert stage_dir(base, "prepare") == stage_dir(cfg, "prepare")
     assert list(itertools.islice(seen, 1))[0].parent.name == "train"
+
+
+def test_slurm_launcher_config_composes():
+    with initialize_config_dir(str(CONF), version_base="1.3"):
+        cfg = compose("config", overrides=["hydra/launcher=slurm", "hydra.launcher.partition=gpu"], return_hydra_config=True)
+    launcher = cfg.hydra.launcher
+    assert launcher._target_ == "hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher"
+    assert launcher.partition == "gpu" and launcher.gpus_per_node == 1 and launcher.timeout_min == 240
+
+
+def test_sweep_through_submitit_runs_each_job(tmp_path):
+    """The same launcher plugin, on its local executor: a real sweep through submitit."""
+    result = pipeline(tmp_path, "hydra/launcher=submitit_local", "stage=prepare", "data.split_seed=0,1",
+                      "hydra.launcher.timeout_min=10", multirun=True)
+    assert result.returncode == 0
+    assert len(list((tmp_path / "artifacts" / "prepare").iterdir())) == 2
