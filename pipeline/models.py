@@ -39,6 +39,16 @@ def model_config(cfg: DictConfig, **overrides):
     return AutoConfig.for_model(arch.pop("model_type"), **arch, **overrides)
 
 
+def shape_only_model(cfg: DictConfig):
+    """The model the train stage starts from, on the meta device: its classes and shapes without
+    weights, so stages can check their settings against it before any work."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(model_config(cfg))
+
+
 def load_causal_lm(path: Path):
     """An fp32 model from a Hugging Face directory; compressed-tensors checkpoints are unpacked."""
     import torch

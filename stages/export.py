@@ -22,7 +22,7 @@ from omegaconf import DictConfig
 
 from pipeline.artifacts import atomic_dir, read_json, require_stage_output, sha256_file, stage_dir, write_json
 from pipeline.data import load_blocks
-from pipeline.models import load_causal_lm, model_config
+from pipeline.models import load_causal_lm, shape_only_model
 from pipeline import llamacpp
 
 SOURCES = ("trained", "awq_smoothed")
@@ -65,9 +65,6 @@ def main_tensor_type(name: str):
 
 
 def check(cfg: DictConfig) -> None:
-    import torch
-    from transformers import AutoModelForCausalLM
-
     x = cfg.export
     bad = [s for s in x.sources if s not in SOURCES]
     if bad or not x.sources:
@@ -76,8 +73,7 @@ def check(cfg: DictConfig) -> None:
         raise ValueError(f"export.base_type={x.base_type!r} is not one of auto, {', '.join(BASE_TYPES)}.")
     for name in x.types:
         file_type(name)
-    with torch.device("meta"):
-        arch = type(AutoModelForCausalLM.from_config(model_config(cfg))).__name__
+    arch = type(shape_only_model(cfg)).__name__
     if arch not in ARCHITECTURES:
         raise ValueError(f"export: {arch} is not supported; GGUF export supports {', '.join(ARCHITECTURES)}.")
 

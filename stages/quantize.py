@@ -23,7 +23,7 @@ from omegaconf import DictConfig
 from pipeline.artifacts import atomic_dir, disk_bytes, require_stage_output, stage_dir, write_json
 from pipeline.data import load_blocks
 from pipeline.metrics import mean_kl
-from pipeline.models import load_causal_lm, model_config
+from pipeline.models import load_causal_lm, shape_only_model
 
 METHODS = ("awq", "rtn")
 # llm-compressor logs every lifecycle step at INFO; keep its console to warnings unless asked.
@@ -37,7 +37,6 @@ def _ignored(name: str, patterns) -> bool:
 
 def check(cfg: DictConfig) -> None:
     import torch
-    from transformers import AutoModelForCausalLM
 
     q = cfg.quantize
     unknown = [m for m in q.methods if m not in METHODS]
@@ -49,8 +48,7 @@ def check(cfg: DictConfig) -> None:
         raise ValueError(f"quantize.group_size={q.group_size!r} must be a positive integer.")
 
     # The model's shapes, without its weights, decide whether the scheme fits every layer.
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(model_config(cfg))
+    model = shape_only_model(cfg)
     linears = {n: m.in_features for n, m in model.named_modules()
                if isinstance(m, torch.nn.Linear) and not _ignored(n, q.ignore)}
     bad = {n: w for n, w in linears.items() if w % q.group_size}
