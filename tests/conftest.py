@@ -90,3 +90,10 @@ def only_dir(parent: Path) -> Path:
     dirs = [p for p in parent.iterdir() if p.is_dir() and not p.name.startswith(".")]
     assert len(dirs) == 1, dirs
     return dirs[0]
+
+
+def chain_output(chain: Path, stage: str) -> Path:
+    """The directory the chain fixture itself wrote for `stage`: the oldest, since some tests run
+    the stage again with other settings in the same place."""
+    return min((p for p in (chain / "artifacts" / stage).iterdir() if not p.name.startswith(".")),
+               key=lambda p: p.stat().st_mtime)

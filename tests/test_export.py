@@ -10,7 +10,7 @@ import torch
 from pipeline import llamacpp
 from pipeline.artifacts import read_json
 from pipeline.models import load_causal_lm
-from tests.conftest import FAST, only_dir, pipeline, runs
+from tests.conftest import chain_output, FAST, only_dir, pipeline, runs
 
 EXPORT_ONLY = ["stage=[prepare,train,export]", "train.precision=fp32", *FAST, "export.sources=[trained]"]
 
@@ -81,11 +81,11 @@ def test_transformers_reads_the_gguf_back(chain):
 
 
 def test_gguf_files_are_evaluated_and_q8_beats_q4(chain):
-    summary = read_json(only_dir(chain / "artifacts" / "evaluate") / "summary.json")
+    summary = read_json(chain_output(chain, "evaluate") / "summary.json")
     for source in ("trained", "awq_smoothed"):
         assert summary[f"{source}.q8_0"]["kl"] < summary[f"{source}.q4_k_m"]["kl"]
         assert summary[f"{source}.f16"]["kl"] < summary[f"{source}.q8_0"]["kl"]
-    (evaluate,) = runs(chain, "evaluate")
+    evaluate = runs(chain, "evaluate")[0]  # the chain's own; later tests add more
     assert "eval/awq_smoothed.q4_k_m/kl_high" in evaluate.data.metrics
     (export,) = runs(chain, "export")
     assert export.data.metrics["export/trained.q4_k_m/fallback_tensors"] == 0

@@ -10,7 +10,7 @@ import torch
 from pipeline.artifacts import read_json
 from pipeline.metrics import bootstrap_ci, mean_kl
 from pipeline.models import load_causal_lm
-from tests.conftest import SMALL_CHAIN, mlflow_client, only_dir, pipeline, runs
+from tests.conftest import chain_output, SMALL_CHAIN, mlflow_client, only_dir, pipeline, runs
 
 def heldout(cwd, n=4):
     return torch.from_numpy(np.load(only_dir(cwd / "artifacts" / "prepare") / "heldout.npy")[: n * 128].astype(np.int64)).view(n, 128)
@@ -50,7 +50,7 @@ def test_awq_smoothed_float_checkpoint_computes_the_trained_function(chain):
 
 
 def test_evaluation_logged_for_every_artifact_with_intervals(chain):
-    evaluation = only_dir(chain / "artifacts" / "evaluate")
+    evaluation = chain_output(chain, "evaluate")
     summary = read_json(evaluation / "summary.json")
     assert {"trained", "awq", "rtn"} <= set(summary)
     assert summary["trained"]["kl"] == pytest.approx(0, abs=1e-7) and summary["trained"]["top1"] == 1.0
@@ -64,7 +64,7 @@ def test_evaluation_logged_for_every_artifact_with_intervals(chain):
         assert {"rare", "late", "digits_punct"} <= set(slices) and all(slices[k]["tokens"] > 0 for k in ("rare", "late", "digits_punct"))
     assert "| awq | rare |" in (evaluation / "summary.md").read_text()
 
-    (run,) = runs(chain, "evaluate")
+    run = runs(chain, "evaluate")[0]  # the chain's own; later tests add more
     metrics = run.data.metrics
     for name in ("trained", "awq", "rtn"):
         for key in ("perplexity", "perplexity_low", "perplexity_high", "kl", "kl_low", "kl_high", "top1",
