@@ -5,28 +5,34 @@ PY := $(VENV)/bin/python
 TORCH ?= torch==2.13.0
 # llama-cpp-python compiles llama.cpp on install; its multimodal part is not needed here.
 
-.PHONY: run test compare params benchmark clean
+# Optional dependency groups (pyproject.toml); dev brings the test tools.
+EXTRAS ?= dev
+
+.PHONY: install run test compare params benchmark clean
+
+# The one install recipe: CI, `make run` and the container images (docker/Dockerfile) all use it.
+install: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
-	CMAKE_ARGS="-DLLAVA_BUILD=OFF" $(VENV)/bin/pip install --quiet "$(TORCH)" -e '.[dev]'
+	CMAKE_ARGS="-DLLAVA_BUILD=OFF" $(VENV)/bin/pip install --quiet "$(TORCH)" -e '.[$(EXTRAS)]'
 	touch $@
 
-run: $(VENV)/.installed
+run: install
 	$(PY) -m pipeline stage=all
 
-test: $(VENV)/.installed
+test: install
 	$(PY) -m pytest
 
 # The fp32 / bf16 / fp16 comparison and its report, as DVC stages (reruns only what changed).
-compare: $(VENV)/.installed
+compare: install
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(VENV)/bin/dvc repro
 
 # params.yaml is the composed Hydra config that dvc.yaml's stages read; rewrite it after editing conf/.
-params: $(VENV)/.installed
+params: install
 	$(PY) -m pipeline --cfg job --resolve > params.yaml
 
-benchmark: $(VENV)/.installed
+benchmark: install
 	$(PY) benchmarks/train_overhead.py
 	$(PY) benchmarks/gguf_export.py
 

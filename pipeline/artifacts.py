@@ -15,7 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 # a change upstream moves every downstream directory too.
 STAGE_INPUTS = {
     "prepare": ["data", "model.name_or_path", "model.arch.vocab_size"],
-    "train": ["stage:prepare", "model", "train", "seed"],
+    "train": ["stage:prepare", "model", "train", "seed", "accelerate.num_processes"],
     "quantize": ["stage:train", "quantize"],
     "export": ["stage:quantize", "export"],
     "evaluate": ["stage:export", "evaluate"],

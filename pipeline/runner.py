@@ -7,16 +7,23 @@ import logging
 
 from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 
-from pipeline import hardware
-from pipeline.tracking import Tracker, flatten, installed_packages, run_tags
+from pipeline import distributed, hardware
+from pipeline.tracking import NoTracker, Tracker, flatten, installed_packages, run_tags
 
 # Chain order: every stage reads what the ones before it wrote.
 STAGES = ("prepare", "train", "quantize", "export", "evaluate", "serve", "report")
 
 log = logging.getLogger(__name__)
-# Accelerate logs every checkpoint file and httpx every request at INFO; the pipeline's own lines are enough.
-logging.getLogger("accelerate").setLevel(logging.WARNING)
-logging.getLogger("httpx").setLevel(logging.WARNING)
+
+
+def quiet_libraries() -> None:
+    """The pipeline's own log lines are enough: Accelerate logs every checkpoint file and httpx
+    every request at INFO, and transformers draws a progress bar per file it loads or saves."""
+    from transformers.utils import logging as transformers_logging
+
+    logging.getLogger("accelerate").setLevel(logging.WARNING)
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    transformers_logging.disable_progress_bar()
 
 
 def selected_stages(stage) -> list[str]:
@@ -44,9 +51,7 @@ def _hydra_context() -> dict[str, str]:
 
 def run(cfg: DictConfig) -> None:
     stages = selected_stages(cfg.stage)
-    from transformers.utils import logging as transformers_logging
-
-    transformers_logging.disable_progress_bar()  # per-file load bars drown the pipeline's own log
+    quiet_libraries()
     modules = {name: importlib.import_module(f"stages.{name}") for name in stages}
 
     hw = hardware.detect()
@@ -58,11 +63,13 @@ def run(cfg: DictConfig) -> None:
     log.info("precision: %s (requested %s: %s)", precision, requested, reason)
 
     # Every stage validates its settings before any of them starts expensive work.
+    distributed.resolve(cfg, stages)
     for module in modules.values():
         module.check(cfg)
 
     tags = run_tags(hw.tags())
-    tracker = Tracker(cfg)
+    # The other machines of a multi-machine training only lend their processes to rank 0's run.
+    tracker = Tracker(cfg) if distributed.main_node(cfg) else NoTracker()
     run_name = f"{cfg.model.name}-{precision}"
     with tracker.run(run_name, {**tags, **_hydra_context(), "precision.requested": requested,
                                 "precision.reason": reason, "stages": ",".join(stages)}):
@@ -73,4 +80,7 @@ def run(cfg: DictConfig) -> None:
             log.info("stage %s", name)
             with tracker.run(name, {**tags, "stage": name}):
                 tracker.log_params(flatten(cfg))
-                modules[name].run(cfg, tracker)
+                if name == "train" and distributed.launched(cfg):
+                    distributed.launch(cfg, name, tracker.run_id)
+                else:
+                    modules[name].run(cfg, tracker)

@@ -40,7 +40,10 @@ def flatten(cfg: DictConfig) -> dict[str, str]:
 
 def git_state() -> dict[str, str]:
     def git(*args):
-        result = subprocess.run(["git", "-C", str(PROJECT_ROOT), *args], capture_output=True, text=True)
+        try:
+            result = subprocess.run(["git", "-C", str(PROJECT_ROOT), *args], capture_output=True, text=True)
+        except OSError:  # no git at all, as in the container images
+            return None
         return result.stdout.strip() if result.returncode == 0 else None
 
     commit = git("rev-parse", "HEAD")
@@ -75,21 +78,35 @@ def require_server(uri: str) -> None:
                               "Start it, fix the address, or track locally with tracking=local.") from None
 
 
+class TrackingError(RuntimeError):
+    """The tracking store stopped answering; the message says where the metrics are kept."""
+
+
 class Tracker:
-    def __init__(self, cfg: DictConfig):
+    """Logs to one MLflow store. With `attach`, logs into that already-open run (a launched
+    training process writing into the pipeline process's run).
+
+    Every metric is also appended to a local journal, <paths.artifacts>/metrics-journal/<run id>.jsonl,
+    before it is sent; the journal is removed when its run ends with everything delivered. If the
+    store stops answering, nothing more is sent and the error names the journal."""
+
+    def __init__(self, cfg: DictConfig, attach: str | None = None):
         from filelock import FileLock
         from mlflow.tracking import MlflowClient
 
-        uri = str(cfg.tracking.uri)
-        if uri.startswith(("http://", "https://")):
+        self.uri = uri = str(cfg.tracking.uri)
+        if uri.startswith(("http://", "https://")) and attach is None:
             require_server(uri)
         # Parallel sweep jobs on a fresh sqlite store would race to create its tables and the
         # experiment; the first creates them while the others wait.
         lock = FileLock(uri.removeprefix("sqlite:///") + ".lock") if uri.startswith("sqlite:///") else contextlib.nullcontext()
         with lock:
             self.client = MlflowClient(tracking_uri=uri)
-            self.experiment_id = self._experiment(cfg.tracking.experiment, cfg.tracking.artifact_location)
-        self._runs: list[str] = []  # open runs, outermost (the pipeline run) first
+            if attach is None:
+                self.experiment_id = self._experiment(cfg.tracking.experiment, cfg.tracking.artifact_location)
+        self.journal_dir = Path(OmegaConf.select(cfg, "paths.artifacts", default="artifacts")).resolve() / "metrics-journal"
+        self.lost: Exception | None = None  # the error that cut this process off from the store
+        self._runs: list[str] = [attach] if attach else []  # open runs, outermost (the pipeline run) first
         self._metrics = []
 
     @property
@@ -99,6 +116,23 @@ class Tracker:
     @property
     def pipeline_run_id(self) -> str:
         return self._runs[0]
+
+    def journal(self, run_id: str) -> Path:
+        return self.journal_dir / f"{run_id}.jsonl"
+
+    def _call(self, method: str, *args, **kwargs):
+        """One request to the store. After a failure no more are made: the run cannot be completed
+        there, and retrying would only stall the error. (MLflow itself retries brief outages.)"""
+        if self.lost is not None:
+            return None
+        try:
+            return getattr(self.client, method)(*args, **kwargs)
+        except Exception as error:
+            self.lost = error
+            where = f"; its metrics computed so far are kept in {self.journal(self.run_id)}" if self._runs else ""
+            raise TrackingError(f"Logging to the MLflow store at tracking.uri={self.uri} failed ({error}). "
+                                f"Run {self._runs[-1] if self._runs else '(none)'} is incomplete there{where}; "
+                                "stage outputs are under paths.artifacts as usual.") from error
 
     def _experiment(self, name: str, artifact_location: str | None) -> str:
         experiment = self.client.get_experiment_by_name(name)
@@ -115,19 +149,28 @@ class Tracker:
         all_tags = {MLFLOW_RUN_NAME: name, **tags}
         if self._runs:
             all_tags[MLFLOW_PARENT_RUN_ID] = self.run_id
-        run_id = self.client.create_run(self.experiment_id, tags=all_tags, run_name=name).info.run_id
+        run_id = self._call("create_run", self.experiment_id, tags=all_tags, run_name=name).info.run_id
         self._runs.append(run_id)
-        status = "FAILED"
         try:
             yield run_id
-            status = "FINISHED"
         except BaseException as error:
-            self.client.set_tag(run_id, "error", f"{type(error).__name__}: {error}"[:5000])
+            # The error being raised is the one to report, not a second one from the store.
+            with contextlib.suppress(TrackingError):
+                self._call("set_tag", run_id, "error", f"{type(error).__name__}: {error}"[:5000])
+                self._end(run_id, "FAILED")
             raise
+        else:
+            self._end(run_id, "FINISHED")
         finally:
-            self.flush()
-            self.client.set_terminated(run_id, status)
             self._runs.pop()
+
+    def _end(self, run_id: str, status: str) -> None:
+        self.flush()
+        self._call("set_terminated", run_id, status)
+        if self.lost is None:
+            self.journal(run_id).unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                self.journal_dir.rmdir()  # only once empty: another run may still be writing
 
     def log_params(self, params: dict[str, str]) -> None:
         from mlflow.entities import Param
@@ -141,34 +184,52 @@ class Tracker:
                 value = value[: MAX_PARAM_VAL_LENGTH - 15] + "...[truncated]"
             items.append(Param(key, value))
         for i in range(0, len(items), PARAM_BATCH):
-            self.client.log_batch(self.run_id, params=items[i : i + PARAM_BATCH])
+            self._call("log_batch", self.run_id, params=items[i : i + PARAM_BATCH])
 
     def set_tags(self, tags: dict[str, str], run_id: str | None = None) -> None:
         from mlflow.entities import RunTag
 
-        self.client.log_batch(run_id or self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+        self._call("log_batch", run_id or self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
 
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        self._metrics += [Metric(k, float(v), now, step or 0) for k, v in metrics.items()]
+        batch = [Metric(k, float(v), now, step or 0) for k, v in metrics.items()]
+        self.journal_dir.mkdir(parents=True, exist_ok=True)
+        with open(self.journal(self.run_id), "a") as journal:
+            journal.writelines(json.dumps({"key": m.key, "value": m.value, "step": m.step, "timestamp": m.timestamp}) + "\n"
+                               for m in batch)
+        self._metrics += batch
         if len(self._metrics) >= METRIC_BATCH:
             self.flush()
 
     def flush(self) -> None:
         while self._metrics:
             batch, self._metrics = self._metrics[:METRIC_BATCH], self._metrics[METRIC_BATCH:]
-            self.client.log_batch(self.run_id, metrics=batch)
+            self._call("log_batch", self.run_id, metrics=batch)
 
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
-        self.client.log_artifact(self.run_id, str(path), artifact_path)
+        self._call("log_artifact", self.run_id, str(path), artifact_path)
 
     def log_artifacts(self, path: Path, artifact_path: str | None = None) -> None:
-        self.client.log_artifacts(self.run_id, str(path), artifact_path)
+        self._call("log_artifacts", self.run_id, str(path), artifact_path)
 
     def log_text(self, text: str, artifact_file: str) -> None:
-        self.client.log_text(self.run_id, text, artifact_file)
+        self._call("log_text", self.run_id, text, artifact_file)
+
+
+class NoTracker:
+    """The tracker of a process that must not log (every rank but 0): each call does nothing."""
+
+    run_id = pipeline_run_id = None
+
+    @contextlib.contextmanager
+    def run(self, name: str, tags: dict[str, str]):
+        yield None
+
+    def __getattr__(self, name: str):
+        return lambda *args, **kwargs: None
 
 
 def run_tags(hardware_tags: dict[str, str]) -> dict[str, str]:

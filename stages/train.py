@@ -3,6 +3,10 @@
 Weights and optimizer states stay fp32 in every mode; the precision only changes the compute
 (autocast). The output directory holds the final model in Hugging Face format (config,
 safetensors, tokenizer) and summary.json: the input of every later stage.
+
+With `accelerate=ddp|fsdp|deepspeed_*` the same function runs in every launched process
+(pipeline.distributed): each takes its share of the global batch, and only the main process
+logs and writes.
 """
 
 from __future__ import annotations
@@ -10,6 +14,7 @@ from __future__ import annotations
 import functools
 import logging
 import math
+import os
 import shutil
 import time
 from pathlib import Path
@@ -66,7 +71,11 @@ def make_accelerator(precision: str, grad_accum_steps: int, init_loss_scale: flo
     from accelerate import Accelerator
     from accelerate.utils import GradScalerKwargs
 
+    # Without CUDA, Accelerate joins launched processes into one (gloo) group only when told to
+    # run on the CPU; otherwise each process would train a model of its own.
+    launched_on_cpu = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
     accelerator = Accelerator(
+        cpu=launched_on_cpu,
         mixed_precision="no" if precision == "fp32" else precision,
         gradient_accumulation_steps=grad_accum_steps,
         kwargs_handlers=[GradScalerKwargs(init_scale=init_loss_scale)],
@@ -105,13 +114,16 @@ def _epoch_order(n: int, seed: int, epoch: int):
     return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
 
 
-def batch_at(blocks, index: int, batch_size: int, seed: int):
-    """The `index`-th batch of a shuffle that is redrawn every epoch. A pure function of its
-    arguments, so a resumed run continues with exactly the batches it would have seen."""
+def batch_at(blocks, index: int, batch_size: int, seed: int, rank: int = 0, world: int = 1):
+    """Process `rank`'s share of the `index`-th global batch (batch_size x world rows) of a
+    shuffle that is redrawn every epoch. A pure function of its arguments, so a resumed run
+    continues with exactly the batches it would have seen, and N processes together see the
+    batches of one process with an N times larger micro-batch."""
     import torch
 
     n = len(blocks)
-    positions = range(index * batch_size, (index + 1) * batch_size)
+    first = (index * world + rank) * batch_size
+    positions = range(first, first + batch_size)
     return blocks[torch.stack([_epoch_order(n, seed, p // n)[p % n] for p in positions])]
 
 
@@ -122,23 +134,62 @@ def lr_lambda(step: int, warmup: int, total: int, min_ratio: float) -> float:
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def heldout_loss(model, blocks, batch_size: int, device) -> float:
+def heldout_loss(model, blocks, batch_size: int, accelerator) -> float:
+    """Mean loss over `blocks`, each process evaluating an equal share (the same number of
+    forward passes everywhere, as sharded models need)."""
     import torch
 
     model.eval()
-    total, count = 0.0, 0
+    share = blocks[accelerator.process_index :: accelerator.num_processes]
+    total = torch.zeros(2, dtype=torch.float64, device=accelerator.device)  # loss sum, rows
     with torch.no_grad():
-        for i in range(0, len(blocks), batch_size):
-            batch = blocks[i : i + batch_size].to(device)
-            total += model(input_ids=batch, labels=batch).loss.item() * len(batch)
-            count += len(batch)
+        for i in range(0, len(share), batch_size):
+            batch = share[i : i + batch_size].to(accelerator.device)
+            total += torch.tensor([model(input_ids=batch, labels=batch).loss.item() * len(batch), len(batch)],
+                                  dtype=torch.float64, device=accelerator.device)
     model.train()
-    return total / count
+    total = accelerator.reduce(total, "sum")
+    return (total[0] / total[1]).item()
 
 
 def latest_checkpoint(root: Path) -> Path | None:
     done = sorted(p for p in root.glob("step-*") if (p / "trainer_state.json").exists())
     return done[-1] if done else None
+
+
+def save_checkpoint(accelerator, path: Path, state: dict) -> None:
+    """Every process adds its part (its RNG state; its shard under FSDP or DeepSpeed) to one
+    directory, which the main process completes and renames into place."""
+    scratch = path.with_name(f".{path.name}.partial")
+    if accelerator.is_main_process:
+        shutil.rmtree(scratch, ignore_errors=True)
+        scratch.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(scratch))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        write_json(scratch / "trainer_state.json", state)
+        scratch.rename(path)
+        for old in sorted(path.parent.glob("step-*"))[:-1]:
+            shutil.rmtree(old)
+    accelerator.wait_for_everyone()
+
+
+def check_replicas_agree(accelerator, model) -> list[str]:
+    """Under data parallelism every process holds the whole model, and the copies must be equal
+    bit for bit after training; a difference means the processes did not train one model."""
+    import hashlib
+
+    import torch
+    from accelerate.utils import gather_object
+
+    digest = hashlib.sha256()
+    for tensor in accelerator.unwrap_model(model).state_dict().values():
+        digest.update(tensor.detach().contiguous().view(-1).view(torch.uint8).cpu().numpy().tobytes())
+    digests = gather_object([digest.hexdigest()])
+    if len(set(digests)) != 1:
+        raise RuntimeError(f"The processes' model copies differ after training (sha256 per rank: {digests}).")
+    return digests
 
 
 def run(cfg: DictConfig, tracker) -> None:
@@ -171,10 +222,15 @@ def run(cfg: DictConfig, tracker) -> None:
     try:
         model, optimizer = accelerator.prepare(model, optimizer)
         accelerator.register_for_checkpointing(scheduler)
+        distributed = accelerator.distributed_type.value
+        # FSDP replaces the parameters with shards, so collect them again from the prepared model.
+        trainable = [p for p in model.parameters() if p.requires_grad]
         masters = {str(p.dtype) for p in trainable}
-        if masters != {"torch.float32"}:
+        # DeepSpeed keeps the fp32 masters inside its optimizer and casts the module's own copy.
+        if masters != {"torch.float32"} and distributed != "DEEPSPEED":
             raise RuntimeError(f"Master weights must be fp32, found {masters}.")
         probe = ComputeDtypeProbe(model)
+        rank, world = accelerator.process_index, accelerator.num_processes
 
         out = stage_dir(cfg, "train")
         checkpoints = Path(cfg.paths.artifacts).resolve() / "checkpoints" / out.name
@@ -188,11 +244,15 @@ def run(cfg: DictConfig, tracker) -> None:
             log.info("resuming from %s (step %d)", last, start)
         elif t.resume:
             log.warning("train.resume=true but no checkpoint under %s: starting from step 0", checkpoints)
-        elif checkpoints.exists():
+        elif checkpoints.exists() and accelerator.is_main_process:
             shutil.rmtree(checkpoints)  # a fresh run must not be resumed from a stale one later
+        accelerator.wait_for_everyone()
 
         tokens_per_step = t.micro_batch_size * t.grad_accum_steps * cfg.data.seq_len * accelerator.num_processes
-        eval_blocks = heldout_blocks if t.eval_batches is None else heldout_blocks[: t.eval_batches * t.micro_batch_size]
+        # eval_batches counts global batches; a whole held-out split loses up to world - 1 rows
+        # so that every process gets an equal share.
+        eval_rows = len(heldout_blocks) if t.eval_batches is None else t.eval_batches * t.micro_batch_size * world
+        eval_blocks = heldout_blocks[: eval_rows - eval_rows % world]
         window = {"loss": [], "time": [], "grad_norm": []}
         consecutive_skips, compute_dtype, started = 0, None, time.perf_counter()
         progress = tqdm(range(start, t.max_steps), initial=start, total=t.max_steps,
@@ -201,8 +261,8 @@ def run(cfg: DictConfig, tracker) -> None:
             step_start = time.perf_counter()
             step_loss = 0.0
             for micro in range(t.grad_accum_steps):
-                batch = batch_at(train_blocks, step * t.grad_accum_steps + micro, t.micro_batch_size, cfg.seed)
-                batch = batch.to(accelerator.device)
+                batch = batch_at(train_blocks, step * t.grad_accum_steps + micro, t.micro_batch_size, cfg.seed,
+                                 rank, world).to(accelerator.device)
                 with accelerator.accumulate(model):
                     loss = model(input_ids=batch, labels=batch).loss
                     if not torch.isfinite(loss) and accelerator.scaler is None:
@@ -214,7 +274,8 @@ def run(cfg: DictConfig, tracker) -> None:
                         grad_norm = accelerator.clip_grad_norm_(trainable, t.max_grad_norm)
                     optimizer.step()
                     optimizer.zero_grad()
-                step_loss += loss.item() / t.grad_accum_steps
+                # The loss of the global batch: every process's share weighs the same.
+                step_loss += accelerator.reduce(loss.detach(), "mean").item() / t.grad_accum_steps
             scheduler.step()
 
             if compute_dtype is None:
@@ -234,7 +295,8 @@ def run(cfg: DictConfig, tracker) -> None:
             else:
                 consecutive_skips = 0
                 window["loss"].append(step_loss)
-                window["grad_norm"].append(float(grad_norm))
+                if grad_norm is not None:  # DeepSpeed clips inside its engine
+                    window["grad_norm"].append(float(grad_norm))
             window["time"].append(time.perf_counter() - step_start)
 
             done = step + 1
@@ -249,6 +311,7 @@ def run(cfg: DictConfig, tracker) -> None:
                 }
                 if window["loss"]:
                     metrics["train/loss"] = sum(window["loss"]) / len(window["loss"])
+                if window["grad_norm"]:
                     metrics["train/grad_norm"] = sum(window["grad_norm"]) / len(window["grad_norm"])
                 if accelerator.scaler is not None:
                     metrics["train/loss_scale"] = accelerator.scaler.get_scale()
@@ -259,18 +322,19 @@ def run(cfg: DictConfig, tracker) -> None:
                 progress.set_postfix(loss=f"{metrics.get('train/loss', float('nan')):.3f}")
                 window = {k: [] for k in window}
             if done % t.eval_every == 0 or done == t.max_steps:
-                loss = heldout_loss(model, eval_blocks, t.micro_batch_size, accelerator.device)
+                loss = heldout_loss(model, eval_blocks, t.micro_batch_size, accelerator)
                 tracker.log_metrics({"eval/loss": loss, "eval/perplexity": math.exp(loss)}, step=done)
                 history["eval_loss"].append([done, loss])
             if done % t.checkpoint_every == 0 and done < t.max_steps:
-                with atomic_dir(checkpoints / f"step-{done:06d}") as tmp:
-                    accelerator.save_state(str(tmp))
-                    write_json(tmp / "trainer_state.json", {"step": done, "skipped_steps": skipped, "history": history})
-                for old in sorted(checkpoints.glob("step-*"))[:-1]:
-                    shutil.rmtree(old)
+                save_checkpoint(accelerator, checkpoints / f"step-{done:06d}",
+                                {"step": done, "skipped_steps": skipped, "history": history})
                 tracker.flush()
 
-        final_loss = heldout_loss(model, eval_blocks, t.micro_batch_size, accelerator.device)
+        final_loss = heldout_loss(model, eval_blocks, t.micro_batch_size, accelerator)
+        # FSDP and DeepSpeed shard the weights: every process takes part in gathering them.
+        sharded = distributed in ("FSDP", "DEEPSPEED")
+        state_dict = accelerator.get_state_dict(model) if sharded else None
+        replicas = check_replicas_agree(accelerator, model) if world > 1 and not sharded else []
         summary = {
             "precision": t.precision,
             "compute_dtype": compute_dtype,
@@ -285,18 +349,22 @@ def run(cfg: DictConfig, tracker) -> None:
             "step_time_s": sum(v for _, v in history["step_time_s"]) / max(1, len(history["step_time_s"])),
             "history": history,
             "device": accelerator.device.type,
-            "num_processes": accelerator.num_processes,
+            "num_processes": world,
+            "distributed_type": distributed,
+            "replica_sha256": replicas,
         }
         tracker.log_metrics({"final/heldout_loss": final_loss, "final/heldout_perplexity": math.exp(final_loss),
                              "final/skipped_steps": skipped}, step=t.max_steps)
-        unwrapped = accelerator.unwrap_model(model)
-        if cfg.model.lora.enabled:
-            unwrapped = unwrapped.merge_and_unload()
-        with atomic_dir(out) as tmp:
-            unwrapped.save_pretrained(tmp, safe_serialization=True)
-            tokenizer.save_pretrained(tmp)
-            write_json(tmp / "summary.json", summary)
-        shutil.rmtree(checkpoints, ignore_errors=True)
+        if accelerator.is_main_process:
+            unwrapped = accelerator.unwrap_model(model)
+            if cfg.model.lora.enabled:
+                unwrapped = unwrapped.merge_and_unload()
+            with atomic_dir(out) as tmp:
+                unwrapped.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
+                tokenizer.save_pretrained(tmp)
+                write_json(tmp / "summary.json", summary)
+            shutil.rmtree(checkpoints, ignore_errors=True)
+        accelerator.wait_for_everyone()
     finally:
         # Accelerate keeps its state in a process-wide singleton; a Hydra multirun trains the
         # next precision in this same process and must start from a clean one.

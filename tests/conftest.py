@@ -10,6 +10,9 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
+CONF = ROOT / "conf"
+# Every config group and its options, as conf/ has them.
+GROUPS = {g.name: sorted(p.stem for p in g.glob("*.yaml")) for g in CONF.iterdir() if g.is_dir()}
 # Small but real: the tiny model for a handful of steps.
 FAST = [
     "train.max_steps=8",
@@ -26,6 +29,14 @@ SMALL_CHAIN = ["train.precision=fp32", *FAST, "train.max_steps=30", "train.lr=5e
                "quantize.calibration.samples=4", "quantize.calibration.seq_len=64", "quantize.awq.n_grid=4",
                "evaluate.max_sequences=16", "evaluate.bootstrap=200", "evaluate.prompts=4",
                "serve.llamacpp.files=[trained.q8_0,trained.q4_k_m]", "serve.load.levels=[1,2]", "serve.load.requests=6"]
+
+
+def compose_with(*overrides):
+    """The composed config, as `python -m pipeline` with these overrides would see it."""
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(str(CONF), version_base="1.3"):
+        return compose("config", overrides=list(overrides))
 
 
 def replace(overrides: list[str], *new: str) -> list[str]:

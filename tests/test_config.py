@@ -10,16 +10,9 @@ from omegaconf import OmegaConf
 
 from pipeline.artifacts import stage_dir
 from pipeline.runner import STAGES, selected_stages
-from tests.conftest import ROOT, pipeline
+from tests.conftest import CONF, GROUPS, ROOT, compose_with, pipeline
 
-CONF = ROOT / "conf"
-GROUPS = {g.name: sorted(p.stem for p in g.glob("*.yaml")) for g in CONF.iterdir() if g.is_dir()}
 REQUIRED = {"model/hf": ["model.name_or_path=/ckpt"], "data/text": ["data.files=[a.txt]"], "data/hf": ["data.path=/ds"]}
-
-
-def compose_with(*overrides):
-    with initialize_config_dir(str(CONF), version_base="1.3"):
-        return compose("config", overrides=list(overrides))
 
 
 @pytest.mark.parametrize("choice", [f"{g}/{o}" for g, opts in GROUPS.items() for o in opts])

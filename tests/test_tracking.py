@@ -1,7 +1,10 @@
 """Tracking against a real MLflow sqlite store and a real MLflow server."""
 
+import json
 import os
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -9,7 +12,7 @@ from omegaconf import OmegaConf
 
 from pipeline.server import Server, free_port
 from pipeline.tracking import Tracker, flatten
-from tests.conftest import mlflow_client, pipeline
+from tests.conftest import FAST, mlflow_client, pipeline, replace
 
 
 def test_long_params_are_truncated_not_fatal_and_metrics_batched(tmp_path, monkeypatch):
@@ -36,16 +39,21 @@ def test_flatten_is_dotted_and_lists_are_json():
     assert flat == {"a.b": "1", "a.c": "[1, 2]", "d": "None"}
 
 
-@pytest.fixture(scope="module")
-def mlflow_server(tmp_path_factory):
+def mlflow_server_at(root: Path) -> Server:
     """A real MLflow tracking server on loopback: sqlite backend, artifacts served through it."""
-    root = tmp_path_factory.mktemp("mlflow-server")
+    root.mkdir(exist_ok=True)
     port = free_port()
     command = [str(Path(sys.executable).with_name("mlflow")), "server", "--host", "127.0.0.1", "--port", str(port),
                "--backend-store-uri", f"sqlite:///{root}/backend.db", "--artifacts-destination", str(root / "store")]
     # Without this the server forks job workers that outlive it.
     env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
-    with Server(command, port, root / "server.log", 180, ready_path="/health", env=env) as server:
+    return Server(command, port, root / "server.log", 180, ready_path="/health", env=env)
+
+
+@pytest.fixture(scope="module")
+def mlflow_server(tmp_path_factory):
+    root = tmp_path_factory.mktemp("mlflow-server")
+    with mlflow_server_at(root) as server:
         yield server.url, root / "store"
 
 
@@ -68,3 +76,40 @@ def test_unreachable_server_fails_before_any_work(tmp_path):
     assert result.returncode != 0
     assert "is not reachable" in result.stderr and "tracking=local" in result.stderr
     assert not (tmp_path / "artifacts").exists()
+
+
+def test_metrics_survive_a_server_that_drops_mid_run(tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    log = tmp_path / "pipeline.log"
+    # Fail fast instead of MLflow's default minutes of retries, which ride out brief outages.
+    env = {**os.environ, "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
+    with mlflow_server_at(tmp_path / "server") as server:
+        command = [sys.executable, "-m", "pipeline", "stage=[prepare,train]", "train.precision=fp32",
+                   *replace(FAST, "train.max_steps=100000", "train.log_every=1", "train.checkpoint_every=5"),
+                   "tracking=server", f"tracking.uri={server.url}"]
+        with open(log, "w") as out:
+            process = subprocess.Popen(command, cwd=tmp_path, stdout=out, stderr=subprocess.STDOUT, env=env)
+        client = MlflowClient(server.url)
+        received, deadline = [], time.monotonic() + 300
+        while not received and process.poll() is None and time.monotonic() < deadline:
+            time.sleep(1)
+            found = client.search_runs(["0", *[e.experiment_id for e in client.search_experiments()]],
+                                       "attributes.run_name = 'train'")
+            received = found and client.get_metric_history(found[0].info.run_id, "train/loss")
+        assert received, log.read_text()[-3000:]
+        run_id = found[0].info.run_id
+    # The server is gone; training goes on until its next delivery fails.
+    try:
+        process.wait(timeout=300)
+    finally:
+        process.kill()
+    output = log.read_text()
+    journal = tmp_path / "artifacts" / "metrics-journal" / f"{run_id}.jsonl"
+    assert process.returncode != 0
+    assert f"its metrics computed so far are kept in {journal}" in output
+    kept = [json.loads(line) for line in journal.read_text().splitlines()]
+    kept_steps = {m["step"] for m in kept if m["key"] == "train/loss"}
+    # Everything the server got, and the steps computed after it went away.
+    assert {m.step for m in received} < kept_steps
+    assert kept_steps == set(range(1, max(kept_steps) + 1))
