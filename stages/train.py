@@ -248,7 +248,7 @@ def run(cfg: DictConfig, tracker) -> None:
             shutil.rmtree(checkpoints)  # a fresh run must not be resumed from a stale one later
         accelerator.wait_for_everyone()
 
-        tokens_per_step = t.micro_batch_size * t.grad_accum_steps * cfg.data.seq_len * accelerator.num_processes
+        tokens_per_step = t.micro_batch_size * t.grad_accum_steps * cfg.data.seq_len * world
         # eval_batches counts global batches; a whole held-out split loses up to world - 1 rows
         # so that every process gets an equal share.
         eval_rows = len(heldout_blocks) if t.eval_batches is None else t.eval_batches * t.micro_batch_size * world

@@ -74,7 +74,10 @@ def test_scripts_pass_shellcheck():
 
 def test_images_install_with_the_recipe_ci_runs():
     def commands(target):
-        dry = subprocess.run(["make", "-n", "-B", target, "VENV=/env"], cwd=ROOT, capture_output=True, text=True, check=True)
+        # Clean of an outer make's settings: `make test` itself runs this test.
+        env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MAKELEVEL", "MFLAGS")}
+        dry = subprocess.run(["make", "--no-print-directory", "-n", "-B", target, "VENV=/env"], cwd=ROOT, env=env,
+                             capture_output=True, text=True, check=True)
         return dry.stdout.splitlines()
 
     install, test = commands("install"), commands("test")
