@@ -61,12 +61,17 @@ def stage_dir(cfg: DictConfig, stage: str) -> Path:
     return Path(cfg.paths.artifacts).resolve() / stage / f"{label}-{stage_key(cfg, stage)}"
 
 
+def scratch_dir(final: Path) -> Path:
+    """Where atomic_dir builds `final` before renaming it into place."""
+    return Path(final).with_name(f".{Path(final).name}.partial")
+
+
 @contextlib.contextmanager
 def atomic_dir(final: Path):
     """Yield a scratch directory that replaces `final` only if the block finishes without error."""
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    scratch = final.with_name(f".{final.name}.partial")
+    scratch = scratch_dir(final)
     shutil.rmtree(scratch, ignore_errors=True)
     scratch.mkdir()
     try:

@@ -24,8 +24,8 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-# Sharded training: only on GPUs (FSDP fails on a CPU, FSDP2 falls back to DDP there).
-NEEDS_GPU = {"FSDP", "DEEPSPEED"}
+# Sharded training, only on GPUs (FSDP fails on a CPU, FSDP2 falls back to DDP there).
+SHARDED = {"FSDP", "DEEPSPEED"}
 DISTRIBUTED_TYPES = ("NO", "MULTI_GPU", "FSDP", "DEEPSPEED")
 MIXED_PRECISION = {"fp32": "no", "bf16": "bf16", "fp16": "fp16", "fp8": "fp8"}
 
@@ -61,12 +61,12 @@ def resolve(cfg: DictConfig, stages: list[str]) -> None:
     # Later stages only need num_processes (it is part of the train output's address), so a model
     # trained on GPUs can be evaluated with the same settings on a CPU machine.
     training = "train" in stages
-    if training and kind in NEEDS_GPU and gpus == 0:
+    if training and kind in SHARDED and gpus == 0:
         raise ValueError(f"accelerate.distributed_type={kind} needs CUDA GPUs and this machine has none. "
                          "On CPUs use accelerate=ddp, which runs the processes on gloo.")
     if training and kind == "DEEPSPEED" and importlib.util.find_spec("deepspeed") is None:
         raise ValueError("accelerate.distributed_type=DEEPSPEED needs DeepSpeed: pip install 'precision-pipeline[deepspeed]'.")
-    if training and kind in NEEDS_GPU and cfg.model.lora.enabled:
+    if training and kind in SHARDED and cfg.model.lora.enabled:
         raise ValueError(f"model.lora.enabled=true is supported with accelerate=ddp, not {kind}: the LoRA merge "
                          "needs the whole model in one process.")
     if a.num_processes is None:

@@ -11,6 +11,7 @@ logs and writes.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import math
@@ -21,8 +22,9 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from pipeline.artifacts import atomic_dir, read_json, require_stage_output, stage_dir, write_json
+from pipeline.artifacts import atomic_dir, read_json, require_stage_output, scratch_dir, stage_dir, write_json
 from pipeline.data import load_blocks
+from pipeline.distributed import SHARDED
 from pipeline.hardware import expected_compute_dtype, peak_memory_mb
 from pipeline.models import model_config, pretrained_source
 
@@ -158,18 +160,16 @@ def latest_checkpoint(root: Path) -> Path | None:
 
 
 def save_checkpoint(accelerator, path: Path, state: dict) -> None:
-    """Every process adds its part (its RNG state; its shard under FSDP or DeepSpeed) to one
-    directory, which the main process completes and renames into place."""
-    scratch = path.with_name(f".{path.name}.partial")
-    if accelerator.is_main_process:
-        shutil.rmtree(scratch, ignore_errors=True)
-        scratch.mkdir(parents=True)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(scratch))
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        write_json(scratch / "trainer_state.json", state)
-        scratch.rename(path)
+    """Every process adds its part (its RNG state; its shard under FSDP or DeepSpeed) to the
+    main process's atomic_dir, which it completes and renames into place."""
+    main = accelerator.is_main_process
+    with atomic_dir(path) if main else contextlib.nullcontext(scratch_dir(path)) as scratch:
+        accelerator.wait_for_everyone()  # the main process has made the directory
+        accelerator.save_state(str(scratch))
+        accelerator.wait_for_everyone()  # and every part is in it
+        if main:
+            write_json(scratch / "trainer_state.json", state)
+    if main:
         for old in sorted(path.parent.glob("step-*"))[:-1]:
             shutil.rmtree(old)
     accelerator.wait_for_everyone()
@@ -332,7 +332,7 @@ def run(cfg: DictConfig, tracker) -> None:
 
         final_loss = heldout_loss(model, eval_blocks, t.micro_batch_size, accelerator)
         # FSDP and DeepSpeed shard the weights: every process takes part in gathering them.
-        sharded = distributed in ("FSDP", "DEEPSPEED")
+        sharded = distributed in SHARDED
         state_dict = accelerator.get_state_dict(model) if sharded else None
         replicas = check_replicas_agree(accelerator, model) if world > 1 and not sharded else []
         summary = {
