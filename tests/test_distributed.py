@@ -109,6 +109,12 @@ def test_bad_launch_settings_name_what_to_change():
     cfg = compose_with(*TWO, "accelerate.machine_rank=1", "accelerate.num_machines=2", "accelerate.main_process_ip=10.0.0.1")
     with pytest.raises(ValueError, match="run only stage=train there"):
         distributed.resolve(cfg, ["prepare", "train"])
+    cfg = compose_with(*TWO, "accelerate.num_machines=2")
+    with pytest.raises(ValueError, match="accelerate.num_machines=2 needs accelerate.main_process_ip"):
+        distributed.resolve(cfg, ["train"])
+    cfg = compose_with(*TWO, "accelerate.distributed_type=MEGATRON_LM")
+    with pytest.raises(ValueError, match="'MEGATRON_LM' is not one of NO, MULTI_GPU, FSDP, DEEPSPEED"):
+        distributed.resolve(cfg, ["train"])
     if not torch.cuda.is_available():
         cfg = compose_with("accelerate=ddp")
         with pytest.raises(ValueError, match="accelerate.num_processes=null means one process per GPU"):

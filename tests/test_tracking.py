@@ -11,7 +11,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from pipeline.server import Server, free_port
-from pipeline.tracking import Tracker, flatten
+from pipeline.tracking import Tracker, flatten, git_state
 from tests.conftest import FAST, mlflow_client, pipeline, replace
 
 
@@ -32,6 +32,12 @@ def test_long_params_are_truncated_not_fatal_and_metrics_batched(tmp_path, monke
     assert child.data.params["long"].endswith("[truncated]") and len(child.data.params["long"]) <= 6000
     history = client.get_metric_history(child_id, "m")
     assert len(history) == 1500 and sorted(m.step for m in history)[-1] == 1499
+
+
+def test_git_state_without_git_is_unknown_not_fatal(monkeypatch):
+    assert len(git_state()["git.commit"]) == 40
+    monkeypatch.setenv("PATH", "")  # as in the container images, which have no git
+    assert git_state() == {"git.commit": "unknown", "git.dirty": "unknown"}
 
 
 def test_flatten_is_dotted_and_lists_are_json():
