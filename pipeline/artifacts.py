@@ -50,15 +50,39 @@ def stage_key(cfg: DictConfig, stage: str) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
+def variant(cfg: DictConfig, changes: dict) -> DictConfig:
+    """The same settings with some keys changed (dotted names): where a sibling run, such as
+    another training precision or seed, keeps its outputs."""
+    other = cfg.copy()
+    for key, value in changes.items():
+        OmegaConf.update(other, key, value, merge=False)
+    return other
+
+
+def reference_seed(cfg: DictConfig) -> int:
+    """Seed of the fp32-trained model this run's artifacts are also measured against."""
+    seed = OmegaConf.select(cfg, "evaluate.reference_seed")
+    return cfg.seed if seed is None else seed
+
+
+def label(cfg: DictConfig, stage: str) -> str:
+    """Readable part of an output's name: the data, or the model, precision and seed it came from
+    (in the fixed layout it is the whole address, so every varying setting must be in it)."""
+    if stage == "prepare":
+        return cfg.data.name
+    # One report for the whole sweep, whichever precision's run writes it.
+    name = f"{cfg.model.name}-{'sweep' if stage == 'report' else cfg.train.precision}-seed{cfg.seed}"
+    if stage == "evaluate" and reference_seed(cfg) != cfg.seed:
+        name += f"-vs-seed{reference_seed(cfg)}"
+    return name
+
+
 def stage_dir(cfg: DictConfig, stage: str) -> Path:
-    if stage == "report":  # one report for the whole sweep, whichever precision's run writes it
-        cfg = cfg.copy()
-        cfg.train.precision = "sweep"
-    # Readable part of the name: what the data is, or which model at which precision it came from.
-    label = cfg.data.name if stage == "prepare" else f"{cfg.model.name}-{cfg.train.precision}"
+    if stage == "report":
+        cfg = variant(cfg, {"train.precision": "sweep"})
     if cfg.paths.fixed:
-        return Path(cfg.paths.fixed).resolve() / stage / label
-    return Path(cfg.paths.artifacts).resolve() / stage / f"{label}-{stage_key(cfg, stage)}"
+        return Path(cfg.paths.fixed).resolve() / stage / label(cfg, stage)
+    return Path(cfg.paths.artifacts).resolve() / stage / f"{label(cfg, stage)}-{stage_key(cfg, stage)}"
 
 
 def scratch_dir(final: Path) -> Path:

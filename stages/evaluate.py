@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 from omegaconf import DictConfig
 
-from pipeline.artifacts import atomic_dir, disk_bytes, require_stage_output, stage_dir, write_json
+from pipeline.artifacts import atomic_dir, disk_bytes, reference_seed, require_stage_output, stage_dir, variant, write_json
 from pipeline.data import load_blocks
 from pipeline.metrics import greedy, prefix_agreement, summarize, token_metrics
 from pipeline.models import load_causal_lm
@@ -41,6 +41,20 @@ def check(cfg: DictConfig) -> None:
     for name, path in e.extra.items():
         if not (Path(path) / "config.json").is_file():
             raise FileNotFoundError(f"evaluate.extra.{name}={path!r} is not a Hugging Face checkpoint directory.")
+    # An explicitly chosen reference (the noise-floor run's) must exist; the implicit one, the
+    # fp32 run of the same seed, is used where it exists.
+    if e.reference_seed is not None and e.reference_seed != cfg.seed:
+        reference = stage_dir(fp32_reference(cfg), "train")
+        if not reference.is_dir():
+            raise FileNotFoundError(
+                f"evaluate.reference_seed={e.reference_seed}: no fp32-trained model for seed {e.reference_seed} at "
+                f"{reference}. Run `python -m pipeline stage=train train.precision=fp32 seed={e.reference_seed}` "
+                "with the same settings first, or drop evaluate.reference_seed.")
+
+
+def fp32_reference(cfg: DictConfig) -> DictConfig:
+    """Settings of the fp32-trained model every artifact is also measured against."""
+    return variant(cfg, {"train.precision": "fp32", "seed": reference_seed(cfg), "evaluate.reference_seed": None})
 
 
 def hf_logits(path: Path, seq_len: int):
@@ -95,7 +109,8 @@ def slice_masks(ids, train_ids: np.ndarray, tokenizer) -> dict:
 
 def measure(logits_fn, ids, ref_logprobs, masks, ref_continuation, e: DictConfig, fp32_logprobs=None) -> dict:
     """Metrics of one artifact; with `fp32_logprobs`, also its KL and top-1 against the
-    fp32-trained model of the same settings, which puts every training precision on one scale."""
+    fp32-trained reference model, which puts every training precision on one scale. The
+    per-sequence NLL sums let the report test differences between artifacts pairwise."""
     import torch
 
     per_token, vs_fp32 = {k: [] for k in ("nll", "kl", "top1")}, {k: [] for k in ("nll", "kl", "top1")}
@@ -109,6 +124,7 @@ def measure(logits_fn, ids, ref_logprobs, masks, ref_continuation, e: DictConfig
                 vs_fp32[key].append(value)
     per_token = {k: torch.cat(v) for k, v in per_token.items()}
     result = {name: summarize(per_token, mask, e.bootstrap, e.confidence) for name, mask in masks.items()}
+    result["sequence_nll"] = (per_token["nll"].double() * masks["all"]).sum(1).tolist()
     if fp32_logprobs is not None:
         vs_fp32 = summarize({k: torch.cat(v) for k, v in vs_fp32.items()}, masks["all"], e.bootstrap, e.confidence)
         result["all"].update({f"{k}_vs_fp32": vs_fp32[k] for k in ("kl", "kl_ci", "top1", "top1_ci")})
@@ -136,15 +152,14 @@ def run(cfg: DictConfig, tracker) -> None:
     ids = load_blocks(prepared, "heldout", cfg.data.seq_len)[: e.max_sequences]
     masks = slice_masks(ids, np.load(prepared / "train.npy"), tokenizer)
 
-    # The references, once each, in fp32: this run's trained model and, for a run trained in
-    # another precision, the fp32-trained model of otherwise identical settings where it exists.
+    # The references, once each, in fp32: this run's trained model and, unless this run is it,
+    # the fp32-trained model of otherwise identical settings (at evaluate.reference_seed) where it exists.
     reference, ref_logprobs = reference_logprobs(trained, ids, e.batch_size, cfg.data.seq_len)
     ref_continuation = greedy(reference, ids[: e.prompts, : e.prompt_tokens], e.continuation_tokens)
     fp32_logprobs = None
-    fp32_cfg = cfg.copy()
-    fp32_cfg.train.precision = "fp32"
-    if cfg.train.precision != "fp32" and stage_dir(fp32_cfg, "train").is_dir():
-        _, fp32_logprobs = reference_logprobs(stage_dir(fp32_cfg, "train"), ids, e.batch_size, cfg.data.seq_len)
+    fp32_trained = stage_dir(fp32_reference(cfg), "train")
+    if fp32_trained != trained and fp32_trained.is_dir():
+        _, fp32_logprobs = reference_logprobs(fp32_trained, ids, e.batch_size, cfg.data.seq_len)
 
     results = {}
     for name, kind, path in found:
@@ -154,12 +169,16 @@ def run(cfg: DictConfig, tracker) -> None:
         result["source"] = {"kind": kind, "path": str(path)}
         results[name] = result
 
+    sequence_nll = {n: r.pop("sequence_nll") for n, r in results.items()}
     out = stage_dir(cfg, "evaluate")
     with atomic_dir(out) as tmp:
         (tmp / "metrics").mkdir()
         for name, result in results.items():
             write_json(tmp / "metrics" / f"{name}.json", result)
         write_json(tmp / "summary.json", {n: r["all"] for n, r in results.items()})
+        # The same held-out sequences for every artifact, in order: the report pairs them.
+        write_json(tmp / "per_sequence.json", {"tokens": masks["all"].sum(1).tolist(),
+                                               "nll": sequence_nll})
         (tmp / "summary.md").write_text(table(results, e.confidence))
 
     metrics = {}

@@ -353,6 +353,7 @@ def run(cfg: DictConfig, tracker) -> None:
             "distributed_type": distributed,
             "replica_sha256": replicas,
         }
+        summary["tokens_per_s"] = tokens_per_step / summary["step_time_s"] if summary["step_time_s"] else None
         tracker.log_metrics({"final/heldout_loss": final_loss, "final/heldout_perplexity": math.exp(final_loss),
                              "final/skipped_steps": skipped}, step=t.max_steps)
         if accelerator.is_main_process:

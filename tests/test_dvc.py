@@ -1,5 +1,6 @@
 """dvc.yaml: real `dvc repro` in a throwaway git repository holding the project."""
 
+import json
 import os
 import re
 import shutil
@@ -46,8 +47,14 @@ def repo(tmp_path_factory):
 def test_repro_runs_everything_then_nothing_then_only_what_changed(repo):
     first = ran(run(repo, "dvc", "repro"))
     per_precision = {"train", "quantize", "export", "evaluate", "serve"}
-    assert first == {"prepare", "report"} | {f"{s}@{p}" for s in per_precision for p in ("fp32", "bf16")}
-    assert (repo / "dvc" / "report" / "tiny-sweep" / "report.html").exists()
+    noise = {"train-noise", "quantize-noise", "export-noise", "evaluate-noise"}
+    assert first == {"prepare", "report"} | noise | {f"{s}@{p}" for s in per_precision for p in ("fp32", "bf16")}
+    report = repo / "dvc" / "report" / "tiny-sweep-seed0"
+    assert (report / "report.html").exists()
+    # The noise floor is a second fp32 run (seed 1), measured against the seed-0 model.
+    data = json.loads((report / "report.json").read_text())
+    assert data["noise_seed"] == 1 and data["comparisons"]["noise"]["trained"]["ratio"] != 1
+    assert (repo / "dvc" / "evaluate" / "tiny-fp32-seed1-vs-seed0" / "summary.json").exists()
 
     second = run(repo, "dvc", "repro")
     assert ran(second) == set()
@@ -56,7 +63,7 @@ def test_repro_runs_everything_then_nothing_then_only_what_changed(repo):
     params["quantize"]["awq"]["n_grid"] = 4
     (repo / "params.yaml").write_text(yaml.safe_dump(params))
     third = ran(run(repo, "dvc", "repro"))
-    assert third == {"report"} | {f"{s}@{p}" for s in per_precision - {"train"} for p in ("fp32", "bf16")}
+    assert third == {"report"} | noise - {"train-noise"} | {f"{s}@{p}" for s in per_precision - {"train"} for p in ("fp32", "bf16")}
 
 
 def test_metrics_and_plots_render(repo):

@@ -1,26 +1,76 @@
-"""report: a real two-precision sweep, its tables, plots, HTML and quality gates."""
+"""report: built from real runs of the offline default (one precision, then two, then with the fp32
+noise floor), asserted on its headline, its tables and the data behind its plots; and its decision
+rules on fabricated numbers."""
 
 import base64
+import math
+import shutil
 from html.parser import HTMLParser
+from types import SimpleNamespace
 
+import numpy as np
 import pytest
+from omegaconf import OmegaConf
 
-from pipeline.artifacts import read_json
-from stages.report import pareto_front
-from tests.conftest import SMALL_CHAIN, only_dir, pipeline, replace, runs
+from pipeline.artifacts import read_json, stage_dir
+from stages.report import NOISE, compare, decide, fmt, lookup, paired_ratio, pareto_front, plot_data, verdict
+from tests.conftest import SMALL_CHAIN, compose_with, mlflow_client, only_dir, pipeline, replace, runs
 
-SWEEP = replace(SMALL_CHAIN, "serve.llamacpp.files=[trained.q4_k_m]", "serve.load.levels=[1]", "report.precisions=[fp32,bf16]")
+# Enough held-out sequences for the report's default minimum (20), two GGUF files served.
+CHAIN = replace(SMALL_CHAIN, "evaluate.max_sequences=24", "serve.llamacpp.files=[trained.q8_0,trained.q4_k_m]",
+                "serve.load.levels=[1]")
+NOISE_RUN = ["stage=[train,quantize,export,evaluate]", "train.precision=fp32", "seed=1", "evaluate.reference_seed=0"]
 PNG = b"\x89PNG\r\n\x1a\n"
 
 
 @pytest.fixture(scope="module")
-def sweep(tmp_path_factory):
-    cwd = tmp_path_factory.mktemp("sweep")
-    pipeline(cwd, "stage=all", *replace(SWEEP, "train.precision=fp32,bf16"), multirun=True)
-    return cwd
+def reports(tmp_path_factory):
+    """The report after each of three steps a user takes, copied aside: one fp32 chain; a bf16
+    chain beside it; the fp32 noise-floor run at seed 1."""
+    cwd, kept = tmp_path_factory.mktemp("reports"), tmp_path_factory.mktemp("kept")
+
+    def keep(name):
+        shutil.copytree(only_dir(cwd / "artifacts" / "report"), kept / name)
+        return kept / name
+
+    pipeline(cwd, "stage=all", *CHAIN)
+    single = keep("single")
+    pipeline(cwd, "stage=all", *replace(CHAIN, "train.precision=bf16"))
+    pair = keep("pair")
+    pipeline(cwd, *replace(CHAIN, *NOISE_RUN))
+    pipeline(cwd, "stage=report", *CHAIN)
+    return SimpleNamespace(cwd=cwd, single=single, pair=pair, noise=keep("noise"))
 
 
-class Images(HTMLParser):
+def assert_every_value_has_its_source(data):
+    """Each number in a table cell or a plot is the measurement its source path names."""
+    for table in data["tables"]:
+        labels = 2 if table["header"][1] == "format" else 1
+        for row in table["rows"]:
+            for i, c in enumerate(row):
+                if c["source"] is not None:
+                    value = lookup(data, c["source"])
+                    assert value is not None and fmt(value) in c["text"], (table["title"], c)
+                else:  # a label, or a value that was not measured: empty, never a placeholder
+                    assert i < labels or c["text"] == "", (table["title"], c)
+    for plot in data["plots"].values():
+        for s in plot.get("series", []):
+            assert s["points"] and lookup(data, s["source"]) == s["points"]
+        for point in plot.get("points", []):
+            assert lookup(data, point["source_y"]) == point["y"]
+            if "source_x" in point:
+                assert lookup(data, point["source_x"]) == point["x"]
+
+
+def plotted_precisions(data):
+    return {q["precision"] for plot in data["plots"].values() for q in plot.get("points", []) + plot.get("series", [])}
+
+
+def table_precisions(data):
+    return {row[0]["text"] for t in data["tables"] for row in t["rows"]}
+
+
+class Page(HTMLParser):
     def __init__(self):
         super().__init__()
         self.images, self.tables = [], 0
@@ -31,80 +81,225 @@ class Images(HTMLParser):
             self.images.append(dict(attrs)["src"])
 
 
-def test_report_fills_every_cell_and_embeds_its_plots(sweep):
-    report = only_dir(sweep / "artifacts" / "report")
-    data = read_json(report / "report.json")
-    assert set(data["rows"]) == {"fp32", "bf16"} and all(data["rows"].values())
-    columns = data["columns"]
-    assert {"trained", "awq", "rtn", "trained.16bit", "trained.q8_0", "trained.q4_k_m", "awq_smoothed.q4_k_m"} <= set(columns)
-    for precision, row in data["rows"].items():
-        for name in columns:
-            cell = row["artifacts"][name]
-            for key in ("perplexity", "perplexity_ci", "kl", "kl_ci", "kl_vs_fp32", "top1", "size_mb",
-                        "perplexity_ratio_to_fp32"):
-                assert cell.get(key) is not None, (precision, name, key)
-        assert row["artifacts"]["trained.q4_k_m"]["output_tokens_per_s"] > 0
-        assert row["train"]["step_time_s"] > 0 and row["train"]["history"]["train_loss"]
-    # bf16 is measured against its own trained model and against the fp32-trained one
-    bf16 = data["rows"]["bf16"]["artifacts"]["trained"]
-    assert bf16["kl"] == pytest.approx(0, abs=1e-7) and bf16["kl_vs_fp32"] > 1e-4
-
-    markdown = (report / "report.md").read_text()
-    assert "| bf16 |" in markdown and "n/a" not in markdown.split("## Serving")[0]
-    assert "Noise floor unknown" in markdown
-    parser = Images()
-    parser.feed((report / "report.html").read_text())
-    assert parser.tables >= 5 and len(parser.images) == 3
-    for src in parser.images:
-        assert src.startswith("data:image/png;base64,")
+def assert_plots_embedded(report, data):
+    page = Page()
+    page.feed((report / "report.html").read_text())
+    assert len(page.images) == len(data["plots"]) and page.tables == len(data["tables"])
+    for src in page.images:
         assert base64.b64decode(src.split(",", 1)[1]).startswith(PNG)
-    for name in ("loss_curves", "quality_vs_throughput", "kl_by_format"):
+    for name in data["plots"]:
         assert (report / f"{name}.png").read_bytes().startswith(PNG)
-    reports = runs(sweep, "report")
-    assert len(reports) == 2  # each job of the sweep refreshed the one report
 
 
-def test_tight_gate_fails_with_the_list_and_loose_gate_passes(sweep):
-    data = read_json(only_dir(sweep / "artifacts" / "report") / "report.json")
-    measured = data["rows"]["bf16"]["artifacts"]["trained.q4_k_m"]["kl"]
-    tight = f"report.gates=[{{artifact: trained.q4_k_m, metric: kl, max: {measured / 2}, precision: bf16}}]"
-    result = pipeline(sweep, "stage=report", *replace(SWEEP, tight), check=False)
-    assert result.returncode != 0
-    assert "1 quality gate(s) failed" in result.stderr
-    assert f"FAIL: bf16 trained.q4_k_m kl = {measured:.2e}" in result.stderr
-    loose = f"report.gates=[{{artifact: trained.q4_k_m, metric: kl, max: {measured * 2}}}, {{artifact: trained, metric: perplexity_ratio_to_fp32, max: 2}}]"
-    pipeline(sweep, "stage=report", *replace(SWEEP, loose))
-    gates = read_json(only_dir(sweep / "artifacts" / "report") / "gates.json")
-    assert [g["status"] for g in gates] == ["pass"] * 4
+def test_one_precision_report_shows_only_that_precision(reports):
+    data = read_json(reports.single / "report.json")
+    assert set(data["rows"]) == {"fp32"} and data["noise"] is None
+    assert plotted_precisions(data) == {"fp32"} and table_precisions(data) == {"fp32"}
+    assert set(data["plots"]) == {"loss_curves", "quality_vs_throughput", "perplexity_by_format"}
+    assert all(plot.get("points") or plot.get("series") for plot in data["plots"].values())
+    assert_every_value_has_its_source(data)
+    assert_plots_embedded(reports.single, data)
+    # Quality against the run's own trained model, speed per served format, a Pareto front.
+    own = data["comparisons"]["own"]["fp32"]
+    assert {"trained.q8_0", "trained.q4_k_m", "awq"} <= set(own)
+    served = {q["format"] for q in data["plots"]["quality_vs_throughput"]["points"]}
+    assert served == {"trained.q8_0", "trained.q4_k_m"} and data["plots"]["quality_vs_throughput"]["fronts"]["fp32"]
+
+    markdown = (reports.single / "report.md").read_text()
+    lines = markdown.splitlines()
+    assert lines[2].startswith("- **fp32**: training step") and " tokens/s, peak memory " in lines[2]
+    line = next(x for x in lines if x.startswith("  - trained.q4_k_m: perplexity ×"))
+    assert "tokens/s served" in line and "TTFT p50" in line
+    assert "Fastest deployed format of the fp32-trained model per quality budget" in markdown
+    assert sum("adds the cross-precision comparison" in line for line in lines) == 1
+    assert "not run" not in markdown and "n/a" not in markdown
 
 
-def test_noise_floor_is_stated_when_a_second_seed_exists(sweep):
-    pipeline(sweep, "stage=[train,quantize,export,evaluate]", *replace(SWEEP, "seed=1"))
-    pipeline(sweep, "stage=report", *SWEEP)
-    markdown = (only_dir(sweep / "artifacts" / "report") / "report.md").read_text()
-    assert "Noise floor: two fp32 runs with seeds 0 and 1 differ in perplexity by" in markdown
+def test_two_precision_report_compares_pairwise_and_says_what_is_missing(reports):
+    data = read_json(reports.pair / "report.json")
+    assert set(data["rows"]) == {"fp32", "bf16"} and data["noise"] is None
+    assert plotted_precisions(data) == {"fp32", "bf16"} and table_precisions(data) == {"fp32", "bf16"}
+    assert "kl_vs_fp32" not in data["plots"]  # divergence from fp32 only beside the noise floor
+    assert not any("KL divergence from the fp32" in t["title"] for t in data["tables"])
+    assert_every_value_has_its_source(data)
+    assert_plots_embedded(reports.pair, data)
+
+    # The paired ratio is the ratio of the two perplexities the evaluate stage measured.
+    rows, by_format = data["rows"], data["comparisons"]["vs_fp32"]["bf16"]
+    assert set(by_format) == set(data["columns"])
+    for name, c in by_format.items():
+        expected = rows["bf16"]["artifacts"][name]["perplexity"] / rows["fp32"]["artifacts"][name]["perplexity"]
+        assert c["ratio"] == pytest.approx(expected, rel=1e-9)
+        assert c["ratio_ci"][0] <= c["ratio"] <= c["ratio_ci"][1] and c["noise"] == 0
+        assert c["verdict"] == verdict(c, 0)
+
+    markdown = (reports.pair / "report.md").read_text()
+    assert markdown.count("fp16: not run with these settings.") == 1 and "n/a" not in markdown
+    decision = data["decision"]
+    if decision["status"] == "provisional":  # the rule picks; the missing noise floor is named
+        assert f"**Provisional recommendation: train in {decision['precision']}**" in markdown
+        assert "evaluate.reference_seed=0" in markdown
+    else:
+        assert decision["status"] == "none" and "**No recommendation**" in markdown and decision["reasons"]
 
 
-def test_report_from_mlflow_run_ids_matches_the_artifacts(sweep):
-    by_artifacts = read_json(only_dir(sweep / "artifacts" / "report") / "report.json")
-    ids = [runs(sweep, f"tiny-{p}")[0].info.run_id for p in ("fp32", "bf16")]
-    pipeline(sweep, "stage=report", *replace(SWEEP, f"report.runs=[{','.join(ids)}]"))
-    reports = sorted((sweep / "artifacts" / "report").iterdir(), key=lambda p: (p / "report.json").stat().st_mtime)
-    by_runs = read_json(reports[-1] / "report.json")
+def test_noise_floor_comes_from_a_real_second_fp32_run(reports):
+    data = read_json(reports.noise / "report.json")
+    noise, fp32 = data["noise"], data["rows"]["fp32"]
+    assert data["noise_seed"] == 1 and noise["train"]["history"] != fp32["train"]["history"]
+    floor = data["comparisons"]["noise"]
+    assert set(floor) == set(data["columns"]) and floor["trained"]["ratio"] != 1
+    assert noise["artifacts"]["trained"]["kl_vs_fp32"] > 0
+    assert_every_value_has_its_source(data)
+    assert_plots_embedded(reports.noise, data)
+
+    # Divergence from fp32 is drawn beside the noise floor; fp32 against itself is a true zero.
+    points = data["plots"]["kl_vs_fp32"]["points"]
+    assert {q["precision"] for q in points} == {"fp32", "bf16", NOISE}
+    assert next(q["y"] for q in points if q["precision"] == "fp32" and q["format"] == "trained") == 0
+    for c in data["comparisons"]["vs_fp32"]["bf16"].values():
+        assert c["noise"] > 0  # every format is judged against its own floor
+    decision = data["decision"]
+    if decision["status"] == "recommended":
+        assert f"**Recommendation: train in {decision['precision']}**" in "\n".join(data["headline"])
+        assert decision["precision"] in decision["passing"]
+    markdown = (reports.noise / "report.md").read_text()
+    assert "- **Noise floor**, fp32 at seed 1 against fp32 at the main seed" in markdown
+
+
+def test_report_run_carries_the_answer_and_the_plots(reports):
+    client = mlflow_client(reports.cwd)
+    report_run = runs(reports.cwd, "report")[-1]
+    data = read_json(reports.noise / "report.json")
+    assert report_run.data.tags["mlflow.note.content"] == "\n".join(data["headline"])
+    logged = {a.path for a in client.list_artifacts(report_run.info.run_id, "report")}
+    assert {f"report/{name}.png" for name in data["plots"]} <= logged and "report/report.html" in logged
+
+
+def test_report_from_mlflow_run_ids_matches_the_artifacts(reports):
+    by_artifacts = read_json(reports.noise / "report.json")
+    trained = [r for r in runs(reports.cwd) if "train" in r.data.tags.get("stages", "").split(",")]
+    by_seed = {(r.data.params["train.precision"], r.data.params["seed"]): r.info.run_id for r in trained}
+    ids = [by_seed["fp32", "0"], by_seed["bf16", "0"], by_seed["fp32", "1"]]
+    pipeline(reports.cwd, "stage=report", *replace(CHAIN, f"report.runs=[{','.join(ids)}]"))
+    latest = max((reports.cwd / "artifacts" / "report").iterdir(), key=lambda p: (p / "report.json").stat().st_mtime)
+    by_runs = read_json(latest / "report.json")
     assert "MLflow runs:" in by_runs["notes"][0]
     for precision in ("fp32", "bf16"):
         for name in ("trained", "awq", "trained.q4_k_m", "awq_smoothed.16bit"):
             ours, theirs = by_runs["rows"][precision]["artifacts"][name], by_artifacts["rows"][precision]["artifacts"][name]
             for key in ("perplexity", "kl", "kl_vs_fp32", "top1"):
                 assert ours[key] == pytest.approx(theirs[key], rel=1e-6), (precision, name, key)
-            assert ours["perplexity_ci"] == pytest.approx(theirs["perplexity_ci"], rel=1e-6)
         assert by_runs["rows"][precision]["artifacts"]["trained.q4_k_m"]["ttft_ms_p50"] == pytest.approx(
             by_artifacts["rows"][precision]["artifacts"]["trained.q4_k_m"]["ttft_ms_p50"])
+    assert by_runs["comparisons"]["noise"]["trained"]["ratio"] == pytest.approx(
+        by_artifacts["comparisons"]["noise"]["trained"]["ratio"], rel=1e-9)
+    assert by_runs["decision"]["status"] == by_artifacts["decision"]["status"]
+
+
+def test_tight_gate_fails_with_the_list_and_loose_gate_passes(reports):
+    measured = read_json(reports.noise / "report.json")["rows"]["bf16"]["artifacts"]["trained.q4_k_m"]["kl"]
+    tight = f"report.gates=[{{artifact: trained.q4_k_m, metric: kl, max: {measured / 2}, precision: bf16}}]"
+    result = pipeline(reports.cwd, "stage=report", *replace(CHAIN, tight), check=False)
+    assert result.returncode != 0
+    assert "1 quality gate(s) failed" in result.stderr
+    assert f"FAIL: bf16 trained.q4_k_m kl = {measured:.2e}" in result.stderr
+    loose = (f"report.gates=[{{artifact: trained.q4_k_m, metric: kl, max: {measured * 2}}}, "
+             "{artifact: trained, metric: perplexity_ratio_to_fp32, max: 2}]")
+    pipeline(reports.cwd, "stage=report", *replace(CHAIN, loose))
+    gates = read_json(stage_dir(compose_with(*CHAIN, f"paths.artifacts={reports.cwd}/artifacts"), "report") / "gates.json")
+    # fp16 is in report.precisions but was not run: its gates are skipped, never failed.
+    assert [g["status"] for g in gates] == ["pass", "pass", "skipped"] * 2
 
 
 def test_bad_gate_is_refused_before_work(tmp_path):
     result = pipeline(tmp_path, "report.gates=[{artifact: trained, metric: speed, max: 1}]", check=False)
     assert result.returncode != 0 and "metric (one of perplexity, kl" in result.stderr
+
+
+def test_noise_seed_equal_to_the_seed_is_refused(tmp_path):
+    result = pipeline(tmp_path, "seed=1", "report.noise_seed=1", check=False)
+    assert result.returncode != 0 and "report.noise_seed=1 equals seed=1" in result.stderr
+
+
+def test_two_seeds_give_two_outputs_in_the_fixed_layout():
+    cfgs = [compose_with("paths.fixed=dvc", f"seed={s}") for s in (0, 1)]
+    for stage in ("train", "quantize", "export", "evaluate", "serve", "report"):
+        assert stage_dir(cfgs[0], stage) != stage_dir(cfgs[1], stage), stage
+    noise = compose_with("paths.fixed=dvc", "seed=1", "evaluate.reference_seed=0")
+    assert stage_dir(noise, "evaluate") != stage_dir(cfgs[1], "evaluate")
+    assert stage_dir(noise, "train") == stage_dir(cfgs[1], "train")
+
+
+# The rules on fabricated numbers: every branch, in milliseconds.
+
+def fake_row(nll_per_token: dict, step_time: float, sequences: int = 30, tokens: int = 100, spread: float = 0.05):
+    rng = np.random.default_rng(int(step_time * 1000))
+    artifacts, sequence_nll = {}, {}
+    for name, level in nll_per_token.items():
+        per_sequence = tokens * (level + spread * rng.standard_normal(sequences))
+        sequence_nll[name] = per_sequence.tolist()
+        artifacts[name] = {"perplexity": math.exp(per_sequence.sum() / (tokens * sequences)), "kl": level - 3,
+                           "kl_ci": [0, 1], "top1": 0.9, "size_mb": 1.0}
+    return {"train": {"step_time_s": step_time, "history": {"train_loss": [[1, 5.0]]}}, "artifacts": artifacts,
+            "sequence_nll": sequence_nll, "sequence_tokens": [tokens] * sequences}
+
+
+REPORT = OmegaConf.create({"precisions": ["fp32", "bf16", "fp16"], "noise_seed": 1, "min_sequences": 20,
+                           "max_interval_width": 0.1, "kl_budgets": [0.01], "serve_level": "c1"})
+SEED = OmegaConf.create({"seed": 0})
+
+
+def test_paired_ratio_matches_the_perplexity_ratio_and_its_interval_narrows_with_pairing():
+    a, b = fake_row({"trained": 3.0}, 0.2), fake_row({"trained": 3.0}, 0.3)
+    b["sequence_nll"]["trained"] = [x + 1.0 for x in a["sequence_nll"]["trained"]]  # one nat more per sequence
+    found = paired_ratio(b, "trained", a, "trained", 500, 0.95)
+    assert found["ratio"] == pytest.approx(math.exp(30 / 3000))
+    assert found["ratio_ci"] == pytest.approx([found["ratio"]] * 2)  # a constant shift has no spread
+    a["sequence_tokens"] = a["sequence_tokens"][:-1] + [99]
+    assert paired_ratio(b, "trained", a, "trained", 500, 0.95) is None  # different sequences never pair
+
+
+def test_verdict_counts_the_noise_floor():
+    assert verdict({"ratio_ci": [1.02, 1.04]}, 0) == "worse"
+    assert verdict({"ratio_ci": [1.02, 1.04]}, 0.05) == "no significant difference"
+    assert verdict({"ratio_ci": [0.90, 0.95]}, 0.01) == "better"
+
+
+def test_decision_picks_the_cheapest_passing_precision():
+    rows = {"fp32": fake_row({"trained": 3.0, "q4": 3.1}, 0.4), "bf16": fake_row({"trained": 3.0, "q4": 3.1}, 0.2),
+            "fp16": fake_row({"trained": 3.3, "q4": 3.4}, 0.1)}
+    noise = fake_row({"trained": 3.01, "q4": 3.11}, 0.41)
+    comparisons = compare(rows, noise, ["trained", "q4"], 300, 0.95)
+    assert comparisons["vs_fp32"]["fp16"]["trained"]["verdict"] == "worse"
+    decision = decide(rows, comparisons, REPORT, SEED)
+    assert decision == {"status": "recommended", "precision": "bf16", "passing": ["fp32", "bf16"], "reasons": []}
+    without_floor = decide(rows, compare(rows, None, ["trained", "q4"], 300, 0.95), REPORT, SEED)
+    assert without_floor["status"] == "provisional" and "seed=1 evaluate.reference_seed=0" in without_floor["reasons"][0]
+
+
+def test_decision_refuses_with_the_numbers_when_the_data_cannot_support_one():
+    few = {p: fake_row({"trained": 3.0}, t, sequences=5) for p, t in (("fp32", 0.4), ("bf16", 0.2))}
+    decision = decide(few, compare(few, None, ["trained"], 300, 0.95), REPORT, SEED)
+    assert decision["status"] == "none" and "only 5 held-out sequences" in decision["reasons"][0]
+    noisy = {p: fake_row({"trained": 3.0}, t, spread=3.0) for p, t in (("fp32", 0.4), ("bf16", 0.2))}
+    decision = decide(noisy, compare(noisy, None, ["trained"], 300, 0.95), REPORT, SEED)
+    assert decision["status"] == "none" and "wider than report.max_interval_width=0.1 for bf16 at trained" in decision["reasons"][0]
+    alone = {"bf16": fake_row({"trained": 3.0}, 0.2)}
+    decision = decide(alone, compare(alone, None, ["trained"], 300, 0.95), REPORT, SEED)
+    assert decision["status"] == "none" and "-m train.precision=fp32,bf16,fp16 stage=all" in decision["reasons"][0]
+
+
+def test_plot_data_holds_only_measured_values():
+    rows = {"bf16": fake_row({"trained": 3.0, "q4": 3.1}, 0.2)}
+    rows["bf16"]["artifacts"]["q4"]["output_tokens_per_s"] = 900.0
+    data = {"rows": rows, "noise": None, "serve_level": "c1", "comparisons": compare(rows, None, ["trained", "q4"], 100, 0.95)}
+    plots = plot_data(data, ["trained", "q4"], "kl")
+    assert set(plots) == {"loss_curves", "quality_vs_throughput", "perplexity_by_format"}
+    assert [(q["format"], q["x"]) for q in plots["quality_vs_throughput"]["points"]] == [("q4", 900.0)]
+    rows["bf16"]["train"]["history"] = {}
+    del rows["bf16"]["artifacts"]["q4"]["output_tokens_per_s"]
+    assert set(plot_data(data, ["trained", "q4"], "kl")) == {"perplexity_by_format"}  # nothing drawn empty
 
 
 def test_pareto_front():
