@@ -8,7 +8,7 @@ TORCH ?= torch==2.13.0
 # Optional dependency groups (pyproject.toml); dev brings the test tools.
 EXTRAS ?= dev
 
-.PHONY: install run test compare params benchmark clean
+.PHONY: install run test test-fast compare params dvc benchmark clean
 
 # The one install recipe: CI, `make run` and the container images (docker/Dockerfile) all use it.
 install: $(VENV)/.installed
@@ -21,8 +21,13 @@ $(VENV)/.installed: pyproject.toml
 run: install
 	$(PY) -m pipeline stage=all
 
+# Everything, as CI runs it: real chains, servers, DVC (about 15 minutes on 2 cores).
 test: install
 	$(PY) -m pytest
+
+# The fast tier: in-process tests of the logic, no chains (under 3 minutes).
+test-fast: install
+	$(PY) -m pytest -m "not slow"
 
 # The fp32 / bf16 / fp16 comparison and its report, as DVC stages (reruns only what changed).
 compare: install
@@ -31,6 +36,10 @@ compare: install
 # params.yaml is the composed Hydra config that dvc.yaml's stages read; rewrite it after editing conf/.
 params: install
 	$(PY) -m pipeline --cfg job --resolve > params.yaml
+
+# dvc.yaml is generated from the stage declarations in stages/*.py; rewrite it after changing one.
+dvc: install
+	$(PY) -m pipeline.graph > dvc.yaml
 
 benchmark: install
 	$(PY) benchmarks/train_overhead.py

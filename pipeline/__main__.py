@@ -4,19 +4,33 @@ Only Hydra is imported at module level so that `--help` stays fast; torch, trans
 mlflow load inside the stages.
 """
 
+import os
+import sys
 from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig
 
+from pipeline.config import register
+
 CONF = Path(__file__).resolve().parent.parent / "conf"
+register()  # the typed schemas the config groups build on, before Hydra composes them
 
 
 @hydra.main(version_base="1.3", config_path=str(CONF), config_name="config")
 def main(cfg: DictConfig) -> None:
+    from pipeline.contract import USER_ERRORS
     from pipeline.runner import run
 
-    run(cfg)
+    try:
+        run(cfg)
+    except USER_ERRORS as error:
+        # A bad setting, a path, a refused precision, a failed gate: the message says what to
+        # change, and a traceback would only bury it.
+        if os.environ.get("HYDRA_FULL_ERROR") == "1":
+            raise
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

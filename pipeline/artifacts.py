@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import ast
 import contextlib
+import functools
 import hashlib
 import json
 import os
@@ -11,19 +13,10 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-# The settings each stage's output depends on. "stage:X" stands for all of stage X's inputs, so
-# a change upstream moves every downstream directory too.
-STAGE_INPUTS = {
-    "prepare": ["data", "model.name_or_path", "model.arch.vocab_size"],
-    "train": ["stage:prepare", "model", "train", "seed", "accelerate.num_processes"],
-    "quantize": ["stage:train", "quantize"],
-    "export": ["stage:quantize", "export"],
-    "evaluate": ["stage:export", "evaluate"],
-    "serve": ["stage:export", "serve"],
-    "report": ["stage:serve", "stage:evaluate", "report"],
-}
-# Settings that change how a stage runs, not what it produces.
-NOT_INPUTS = {"train.resume", "train.log_every", "train.checkpoint_every", "report.gates"}
+from pipeline.contract import declared
+
+ROOT = Path(__file__).resolve().parent.parent
+PROJECT_PACKAGES = ("pipeline", "stages")
 
 
 def _select(cfg: DictConfig, dotted: str):
@@ -31,22 +24,53 @@ def _select(cfg: DictConfig, dotted: str):
     return OmegaConf.to_container(value, resolve=True) if isinstance(value, DictConfig) else value
 
 
-def _stage_inputs(cfg: DictConfig, stage: str) -> dict:
-    inputs = {}
-    for key in STAGE_INPUTS[stage]:
-        if key.startswith("stage:"):
-            inputs.update(_stage_inputs(cfg, key.removeprefix("stage:")))
-        else:
-            inputs[key] = _select(cfg, key)
-    for key in NOT_INPUTS:
+@functools.lru_cache(maxsize=None)
+def code_files(stage: str) -> tuple[Path, ...]:
+    """The stage module and every project module it imports, transitively (lazy imports too)."""
+    seen, todo = {}, [f"stages.{stage}"]
+    while todo:
+        module = todo.pop()
+        path = ROOT / (module.replace(".", "/") + ".py")
+        if module in seen or not path.is_file():
+            continue
+        seen[module] = path
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] in PROJECT_PACKAGES:
+                todo += [node.module, *(f"{node.module}.{alias.name}" for alias in node.names)]
+            elif isinstance(node, ast.Import):
+                todo += [a.name for a in node.names if a.name.split(".")[0] in PROJECT_PACKAGES]
+    return tuple(seen[m] for m in sorted(seen))
+
+
+@functools.lru_cache(maxsize=None)
+def code_fingerprint(stage: str) -> str:
+    """A change to the code a stage runs gives its output a new address."""
+    digest = hashlib.sha256()
+    for path in code_files(stage):
+        digest.update(str(path.relative_to(ROOT)).encode() + path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def stage_inputs(cfg: DictConfig, stage: str) -> dict:
+    """Everything a stage's output depends on, as its declaration (pipeline.contract) states:
+    its settings, its code, the address of any reference output it reads, and the same of
+    every stage it reads."""
+    spec = declared(stage)
+    inputs = {key: _select(cfg, key) for key in spec.settings}
+    for key in spec.ignores:  # each a direct child of a declared section, e.g. train.resume
         section, _, leaf = key.rpartition(".")
-        if isinstance(inputs.get(section), dict):
-            inputs[section].pop(leaf, None)
+        inputs[section].pop(leaf, None)
+    inputs[f"code:{stage}"] = code_fingerprint(stage)
+    for name in spec.references:
+        reference = fp32_reference(cfg)
+        inputs[f"reference:{name}"] = stage_key(reference, name) if stage_dir(reference, name).is_dir() else None
+    for upstream in spec.reads:
+        inputs.update(stage_inputs(cfg, upstream))
     return inputs
 
 
 def stage_key(cfg: DictConfig, stage: str) -> str:
-    blob = json.dumps(_stage_inputs(cfg, stage), sort_keys=True, default=str)
+    blob = json.dumps(stage_inputs(cfg, stage), sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
@@ -65,20 +89,26 @@ def reference_seed(cfg: DictConfig) -> int:
     return cfg.seed if seed is None else seed
 
 
+def fp32_reference(cfg: DictConfig) -> DictConfig:
+    """Settings of the fp32-trained model every artifact is also measured against."""
+    return variant(cfg, {"train.precision": "fp32", "seed": reference_seed(cfg), "evaluate.reference_seed": None})
+
+
 def label(cfg: DictConfig, stage: str) -> str:
     """Readable part of an output's name: the data, or the model, precision and seed it came from
-    (in the fixed layout it is the whole address, so every varying setting must be in it)."""
-    if stage == "prepare":
+    (in the fixed layout it is the whole address, so every setting that varies between the runs
+    of one sweep must be in it)."""
+    spec = declared(stage)
+    if spec.scope == "data":
         return cfg.data.name
-    # One report for the whole sweep, whichever precision's run writes it.
-    name = f"{cfg.model.name}-{'sweep' if stage == 'report' else cfg.train.precision}-seed{cfg.seed}"
-    if stage == "evaluate" and reference_seed(cfg) != cfg.seed:
+    name = f"{cfg.model.name}-{cfg.train.precision}-seed{cfg.seed}"
+    if "evaluate" in spec.settings and reference_seed(cfg) != cfg.seed:
         name += f"-vs-seed{reference_seed(cfg)}"
     return name
 
 
 def stage_dir(cfg: DictConfig, stage: str) -> Path:
-    if stage == "report":
+    if declared(stage).scope == "sweep":  # one output for every precision, whichever run writes it
         cfg = variant(cfg, {"train.precision": "sweep"})
     if cfg.paths.fixed:
         return Path(cfg.paths.fixed).resolve() / stage / label(cfg, stage)

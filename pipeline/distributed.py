@@ -6,23 +6,22 @@ launches the processes, and they run the stage with it. Only the main process (g
 logs and writes the stage's output; a process that fails leaves its traceback for the pipeline
 process, which fails the stage with it.
 
-Run as `python -m pipeline.distributed CONFIG STAGE RUN_ID ERRORS` by `accelerate launch` only.
+The launched processes run pipeline.worker.
 """
 
 from __future__ import annotations
 
-import contextlib
-import importlib
 import importlib.util
 import logging
 import os
 import subprocess
 import sys
 import tempfile
-import traceback
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf, open_dict
+
+from pipeline.contract import PipelineError
 
 # Sharded training, only on GPUs (FSDP fails on a CPU, FSDP2 falls back to DDP there).
 SHARDED = {"FSDP", "DEEPSPEED"}
@@ -106,11 +105,11 @@ def launch(cfg: DictConfig, stage: str, run_id: str | None) -> None:
         errors = scratch / "errors"
         errors.mkdir()
         command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(scratch / "accelerate.yaml"),
-                   "-m", "pipeline.distributed", str(scratch / "config.yaml"), stage, run_id or "", str(errors)]
+                   "-m", "pipeline.worker", str(scratch / "config.yaml"), stage, run_id or "", str(errors)]
         log.info("launching %s in %d processes (%s)", stage, cfg.accelerate.num_processes, cfg.accelerate.distributed_type)
         returncode = subprocess.run(command).returncode
         if returncode != 0:
-            raise RuntimeError(failure(stage, errors, returncode, cfg.accelerate.num_processes))
+            raise PipelineError(failure(stage, errors, returncode, cfg.accelerate.num_processes))
 
 
 def failure(stage: str, errors: Path, returncode: int, processes: int) -> str:
@@ -123,32 +122,3 @@ def failure(stage: str, errors: Path, returncode: int, processes: int) -> str:
     rank = first.stem.removeprefix("rank-")
     text = first.read_text().rstrip()
     return f"stage {stage} failed on rank {rank} of {processes}: {text.splitlines()[-1]}\n{text}"
-
-
-def worker(config: str, stage: str, run_id: str, errors: str) -> None:
-    from pipeline.runner import quiet_libraries
-    from pipeline.tracking import NoTracker, Tracker
-
-    rank = int(os.environ.get("RANK", "0"))
-    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
-                        format=f"[%(asctime)s][rank {rank}][%(name)s][%(levelname)s] - %(message)s")
-    quiet_libraries()
-    try:
-        cfg = OmegaConf.load(config)
-        tracker = Tracker(cfg, attach=run_id) if rank == 0 and run_id else NoTracker()
-        try:
-            importlib.import_module(f"stages.{stage}").run(cfg, tracker)
-        except BaseException:
-            with contextlib.suppress(Exception):  # the stage's error is the one to report
-                tracker.flush()
-            raise
-        tracker.flush()
-    except BaseException:
-        path = Path(errors) / f"rank-{rank}.txt"
-        path.with_suffix(".partial").write_text(traceback.format_exc())
-        path.with_suffix(".partial").rename(path)
-        raise
-
-
-if __name__ == "__main__":
-    worker(*sys.argv[1:])

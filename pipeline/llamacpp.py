@@ -5,6 +5,18 @@ from __future__ import annotations
 from pathlib import Path
 
 
+def gguf_files(export_dir: Path) -> list[tuple[str, Path]]:
+    """(name, path) of every validated GGUF file an export output holds, e.g. ("trained.q4_k_m", ...):
+    the files its manifest lists, which the export stage writes only after validating them."""
+    import json
+
+    manifest = Path(export_dir) / "manifest.json"
+    if not manifest.exists():
+        return []
+    return [(f"{source}.{name}", Path(export_dir) / source / f"model-{name}.gguf")
+            for source, files in json.loads(manifest.read_text()).items() for name in files]
+
+
 class GGUFError(ValueError):
     """A file that is not a complete, loadable GGUF model."""
 

@@ -1,40 +1,49 @@
-"""Runs the selected stages in chain order, each in its own MLflow child run."""
+"""Runs the selected stages in chain order, each in its own MLflow child run.
+
+A stage whose output already exists at its address (settings, code and inputs all the same) is
+not run again: its stored result is logged to its child run, tagged `reused`. `rerun=[stage]`
+(or `rerun=all`) runs a stage again, and every selected stage after it that reads its output.
+"""
 
 from __future__ import annotations
 
-import importlib
 import logging
+import tempfile
+from pathlib import Path
 
 from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 
 from pipeline import distributed, hardware
-from pipeline.tracking import NoTracker, Tracker, flatten, installed_packages, run_tags
-
-# Chain order: every stage reads what the ones before it wrote.
-STAGES = ("prepare", "train", "quantize", "export", "evaluate", "serve", "report")
+from pipeline.artifacts import stage_dir
+from pipeline.config import validate
+from pipeline.graph import STAGES, downstream, selected_stages
+from pipeline.tracking import NoTracker, Tracker, flatten, installed_packages, quiet_libraries, run_tags
 
 log = logging.getLogger(__name__)
 
 
-def quiet_libraries() -> None:
-    """The pipeline's own log lines are enough: Accelerate logs every checkpoint file and httpx
-    every request at INFO, and transformers draws a progress bar per file it loads or saves."""
-    from transformers.utils import logging as transformers_logging
-
-    logging.getLogger("accelerate").setLevel(logging.WARNING)
-    logging.getLogger("httpx").setLevel(logging.WARNING)
-    transformers_logging.disable_progress_bar()
-
-
-def selected_stages(stage) -> list[str]:
-    names = list(stage) if isinstance(stage, (list, ListConfig)) else [str(stage)]
+def forced(rerun, stages: list[str]) -> set[str]:
+    """The stages `rerun` asks to run again, and the selected stages that read their outputs."""
+    names = list(rerun) if isinstance(rerun, (list, ListConfig)) else [str(rerun)] if rerun else []
     unknown = [n for n in names if n not in STAGES and n != "all"]
-    if unknown or not names:
-        raise ValueError(f"Unknown stage {', '.join(map(repr, unknown)) or '(none)'}. "
-                         f"Valid: all, {', '.join(STAGES)} (or a list of them, e.g. stage=[prepare,train]).")
-    if "all" in names:
-        return list(STAGES)
-    return [s for s in STAGES if s in names]
+    if unknown:
+        raise ValueError(f"rerun={names}: unknown stage {', '.join(map(repr, unknown))}. "
+                         f"Valid: all, {', '.join(STAGES)} (or a list of them).")
+    return set(stages) if "all" in names else set(downstream(names)) & set(stages)
+
+
+def require_writable(cfg: DictConfig) -> None:
+    """Where outputs go must take files, checked before any work, not found out by a stage."""
+    for key in ("paths.artifacts", "paths.fixed"):
+        where = OmegaConf.select(cfg, key)
+        if where is None:
+            continue
+        try:
+            Path(where).mkdir(parents=True, exist_ok=True)
+            tempfile.TemporaryFile(dir=where).close()
+        except OSError as error:
+            raise NotADirectoryError(f"{key}={where!r} is not a writable directory ({error.strerror or error}). "
+                                     f"Point {key} at a directory this user can write.") from error
 
 
 def _hydra_context() -> dict[str, str]:
@@ -49,38 +58,49 @@ def _hydra_context() -> dict[str, str]:
     return tags
 
 
-def run(cfg: DictConfig) -> None:
+def preflight(cfg: DictConfig) -> dict:
+    """Everything checked before any work: the stages and reruns asked for, the precision the
+    hardware runs (written into cfg: later outputs are addressed by it, not by "auto"), the launch
+    settings, where outputs go, and every selected stage's own check. Returns what the run needs."""
+    validate(cfg)
     stages = selected_stages(cfg.stage)
-    quiet_libraries()
-    modules = {name: importlib.import_module(f"stages.{name}") for name in stages}
-
+    again = forced(cfg.rerun, stages)
     hw = hardware.detect()
     requested = cfg.train.precision
     precision, reason = hardware.resolve_precision(requested, hw)
     with open_dict(cfg):
-        # Later stages' output paths depend on the precision actually used, not on "auto".
         cfg.train.precision = precision
     log.info("precision: %s (requested %s: %s)", precision, requested, reason)
-
-    # Every stage validates its settings before any of them starts expensive work.
     distributed.resolve(cfg, stages)
-    for module in modules.values():
-        module.check(cfg)
+    require_writable(cfg)
+    for name in stages:
+        STAGES[name].check(cfg)
+    return {"stages": stages, "again": again, "hardware": hw, "requested": requested, "reason": reason}
 
-    tags = run_tags(hw.tags())
+
+def run(cfg: DictConfig) -> None:
+    quiet_libraries()
+    plan = preflight(cfg)
+    tags = run_tags(plan["hardware"].tags())
     # The other machines of a multi-machine training only lend their processes to rank 0's run.
     tracker = Tracker(cfg) if distributed.main_node(cfg) else NoTracker()
-    run_name = f"{cfg.model.name}-{precision}"
-    with tracker.run(run_name, {**tags, **_hydra_context(), "precision.requested": requested,
-                                "precision.reason": reason, "stages": ",".join(stages)}):
+    run_name = f"{cfg.model.name}-{cfg.train.precision}"
+    with tracker.run(run_name, {**tags, **_hydra_context(), "precision.requested": plan["requested"],
+                                "precision.reason": plan["reason"], "stages": ",".join(plan["stages"])}):
         tracker.log_params(flatten(cfg))
         tracker.log_text(OmegaConf.to_yaml(cfg, resolve=True), "resolved_config.yaml")
         tracker.log_text(installed_packages(), "environment.txt")
-        for name in stages:
-            log.info("stage %s", name)
-            with tracker.run(name, {**tags, "stage": name}):
+        for name in plan["stages"]:
+            module, out = STAGES[name], stage_dir(cfg, name)
+            reuse = module.STAGE.reusable and name not in plan["again"] and out.is_dir()
+            with tracker.run(name, {**tags, "stage": name, "reused": str(reuse).lower(), "output": str(out)}):
                 tracker.log_params(flatten(cfg))
-                if name == "train" and distributed.launched(cfg):
+                if reuse:
+                    log.info("stage %s: reusing %s (rerun=[%s] runs it again)", name, out, name)
+                    module.record(cfg, tracker)
+                elif module.STAGE.launchable and distributed.launched(cfg):
+                    log.info("stage %s", name)
                     distributed.launch(cfg, name, tracker.run_id)
                 else:
-                    modules[name].run(cfg, tracker)
+                    log.info("stage %s", name)
+                    module.run(cfg, tracker)

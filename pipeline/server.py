@@ -12,8 +12,10 @@ import threading
 import time
 from pathlib import Path
 
+from pipeline.contract import PipelineError
 
-class ServerError(RuntimeError):
+
+class ServerError(PipelineError):
     """The server did not come up, or died; the message ends with the tail of its log."""
 
 

@@ -17,6 +17,8 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
+from pipeline.contract import PipelineError
+
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 VERSIONED_PACKAGES = ("torch", "transformers", "accelerate", "tokenizers", "mlflow", "hydra-core")
 METRIC_BATCH = 1000  # MLflow's per-call limit on metrics
@@ -78,7 +80,7 @@ def require_server(uri: str) -> None:
                               "Start it, fix the address, or track locally with tracking=local.") from None
 
 
-class TrackingError(RuntimeError):
+class TrackingError(PipelineError):
     """The tracking store stopped answering; the message says where the metrics are kept."""
 
 
@@ -220,7 +222,8 @@ class Tracker:
 
 
 class NoTracker:
-    """The tracker of a process that must not log (every rank but 0): each call does nothing."""
+    """The tracker of a process that must not log (every rank but 0): the Tracker's methods, each
+    doing nothing. Spelt out, so that a misspelt call fails on every rank, not only on rank 0."""
 
     run_id = pipeline_run_id = None
 
@@ -228,8 +231,38 @@ class NoTracker:
     def run(self, name: str, tags: dict[str, str]):
         yield None
 
-    def __getattr__(self, name: str):
-        return lambda *args, **kwargs: None
+    def log_params(self, params: dict[str, str]) -> None:
+        pass
+
+    def set_tags(self, tags: dict[str, str], run_id: str | None = None) -> None:
+        pass
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        pass
+
+    def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
+        pass
+
+    def log_artifacts(self, path: Path, artifact_path: str | None = None) -> None:
+        pass
+
+    def log_text(self, text: str, artifact_file: str) -> None:
+        pass
+
+    def flush(self) -> None:
+        pass
+
+
+def quiet_libraries() -> None:
+    """The pipeline's own log lines are enough: Accelerate logs every checkpoint file and httpx
+    every request at INFO, and transformers draws a progress bar per file it loads or saves."""
+    import logging
+
+    from transformers.utils import logging as transformers_logging
+
+    logging.getLogger("accelerate").setLevel(logging.WARNING)
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    transformers_logging.disable_progress_bar()
 
 
 def run_tags(hardware_tags: dict[str, str]) -> dict[str, str]:

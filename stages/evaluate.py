@@ -18,11 +18,14 @@ from pathlib import Path
 import numpy as np
 from omegaconf import DictConfig
 
-from pipeline.artifacts import atomic_dir, disk_bytes, reference_seed, require_stage_output, stage_dir, variant, write_json
+from pipeline.artifacts import atomic_dir, disk_bytes, fp32_reference, read_json, require_stage_output, stage_dir, write_json
+from pipeline import llamacpp
 from pipeline.data import load_blocks
 from pipeline.metrics import greedy, prefix_agreement, summarize, token_metrics
 from pipeline.models import load_causal_lm
-from stages.export import gguf_files
+from pipeline.contract import Stage
+
+STAGE = Stage("evaluate", settings=("evaluate",), reads=("prepare", "train", "quantize", "export"), references=("train",))
 
 SLICES = ("all", "rare", "late", "digits_punct")
 HEADLINE = ("perplexity", "kl", "top1")
@@ -30,11 +33,6 @@ HEADLINE = ("perplexity", "kl", "top1")
 
 def check(cfg: DictConfig) -> None:
     e = cfg.evaluate
-    for key in ("batch_size", "bootstrap", "prompts", "prompt_tokens", "continuation_tokens"):
-        if not isinstance(e[key], int) or e[key] < 1:
-            raise ValueError(f"evaluate.{key}={e[key]!r} must be a positive integer.")
-    if not 0 < e.confidence < 1:
-        raise ValueError(f"evaluate.confidence={e.confidence} must be between 0 and 1.")
     if e.prompt_tokens + e.continuation_tokens > cfg.data.seq_len:
         raise ValueError(f"evaluate.prompt_tokens + continuation_tokens ({e.prompt_tokens + e.continuation_tokens}) "
                          f"must fit in data.seq_len={cfg.data.seq_len}.")
@@ -52,11 +50,6 @@ def check(cfg: DictConfig) -> None:
                 "with the same settings first, or drop evaluate.reference_seed.")
 
 
-def fp32_reference(cfg: DictConfig) -> DictConfig:
-    """Settings of the fp32-trained model every artifact is also measured against."""
-    return variant(cfg, {"train.precision": "fp32", "seed": reference_seed(cfg), "evaluate.reference_seed": None})
-
-
 def hf_logits(path: Path, seq_len: int):
     import torch
 
@@ -70,8 +63,6 @@ def hf_logits(path: Path, seq_len: int):
 
 
 def gguf_logits(path: Path, seq_len: int):
-    from pipeline import llamacpp
-
     return llamacpp.logits_fn(llamacpp.load(path, n_ctx=seq_len))
 
 
@@ -84,7 +75,7 @@ def artifacts(cfg: DictConfig) -> list[tuple[str, str, Path]]:
     found = [("trained", "hf", require_stage_output(cfg, "train"))]
     quantized = stage_dir(cfg, "quantize")
     found += [(m, "hf", quantized / m) for m in ("awq", "rtn") if (quantized / m).is_dir()]
-    found += [(name, "gguf", path) for name, path in gguf_files(cfg)]
+    found += [(name, "gguf", path) for name, path in llamacpp.gguf_files(stage_dir(cfg, "export"))]
     found += [(name, "hf", Path(path)) for name, path in cfg.evaluate.extra.items()]
     return found
 
@@ -180,9 +171,14 @@ def run(cfg: DictConfig, tracker) -> None:
         write_json(tmp / "per_sequence.json", {"tokens": masks["all"].sum(1).tolist(),
                                                "nll": sequence_nll})
         (tmp / "summary.md").write_text(table(results, e.confidence))
+    record(cfg, tracker)
 
+
+def record(cfg: DictConfig, tracker) -> None:
+    out = stage_dir(cfg, "evaluate")
     metrics = {}
-    for name, result in results.items():
+    for path in sorted((out / "metrics").glob("*.json")):
+        name, result = path.stem, read_json(path)
         for slice_name in SLICES:
             prefix = f"eval/{name}" if slice_name == "all" else f"eval/{name}/{slice_name}"
             for key, value in result[slice_name].items():

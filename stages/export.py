@@ -24,8 +24,10 @@ from pipeline.artifacts import atomic_dir, read_json, require_stage_output, sha2
 from pipeline.data import load_blocks
 from pipeline.models import load_causal_lm, shape_only_model
 from pipeline import llamacpp
+from pipeline.contract import Stage
 
-SOURCES = ("trained", "awq_smoothed")
+STAGE = Stage("export", settings=("export",), reads=("prepare", "train", "quantize"))
+
 BASE_TYPES = ("f16", "bf16", "f32")
 # transformers class -> (GGUF architecture, whether q/k rows are permuted to llama.cpp's rope layout).
 # HF stores q/k for the "rotate half" rope; llama.cpp's llama arch rotates interleaved pairs and
@@ -66,11 +68,6 @@ def main_tensor_type(name: str):
 
 def check(cfg: DictConfig) -> None:
     x = cfg.export
-    bad = [s for s in x.sources if s not in SOURCES]
-    if bad or not x.sources:
-        raise ValueError(f"export.sources={list(x.sources)} must be a non-empty list of {', '.join(SOURCES)}.")
-    if x.base_type not in (*BASE_TYPES, "auto"):
-        raise ValueError(f"export.base_type={x.base_type!r} is not one of auto, {', '.join(BASE_TYPES)}.")
     for name in x.types:
         file_type(name)
     arch = type(shape_only_model(cfg)).__name__
@@ -329,24 +326,19 @@ def run(cfg: DictConfig, tracker) -> None:
                 info.update(bytes=file.stat().st_size, sha256=sha256_file(file))
             manifest[source] = files
         write_json(tmp / "manifest.json", manifest)
+    record(cfg, tracker)
 
+
+def record(cfg: DictConfig, tracker) -> None:
+    out = stage_dir(cfg, "export")
     metrics = {}
-    for source, files in manifest.items():
+    for source, files in read_json(out / "manifest.json").items():
         for name, info in files.items():
             metrics[f"export/{source}.{name}/size_mb"] = info["bytes"] / 2**20
             metrics[f"export/{source}.{name}/seconds"] = info["seconds"]
             metrics[f"export/{source}.{name}/fallback_tensors"] = len(info.get("fallbacks", []))
             file = out / source / f"model-{name}.gguf"
-            if info["bytes"] <= x.log_files_max_mb * 2**20:
+            if info["bytes"] <= cfg.export.log_files_max_mb * 2**20:
                 tracker.log_artifact(file, f"gguf/{source}")
     tracker.log_metrics(metrics)
     tracker.log_artifact(out / "manifest.json")
-
-
-def gguf_files(cfg: DictConfig) -> list[tuple[str, Path]]:
-    """(name, path) of every validated GGUF file of this run, e.g. ("trained.q4_k_m", ...)."""
-    out = stage_dir(cfg, "export")
-    if not (out / "manifest.json").exists():
-        return []
-    return [(f"{source}.{name}", out / source / f"model-{name}.gguf")
-            for source, files in read_json(out / "manifest.json").items() for name in files]

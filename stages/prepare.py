@@ -16,8 +16,11 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from pipeline.artifacts import atomic_dir, sha256_dir, sha256_file, stage_dir, write_json
+from pipeline.artifacts import atomic_dir, read_json, sha256_dir, sha256_file, stage_dir, write_json
 from pipeline.models import pretrained_source
+from pipeline.contract import Stage
+
+STAGE = Stage("prepare", settings=("data", "model.name_or_path", "model.arch.vocab_size"), scope="data")
 
 SOURCES = ("pydoc", "text", "hf")
 TEXT_SUFFIXES = (".txt", ".jsonl")
@@ -178,15 +181,20 @@ def run(cfg: DictConfig, tracker) -> None:
             "tokenizer_source": source or "trained (byte-level BPE)",
         }
         write_json(tmp / "manifest.json", manifest)
+    record(cfg, tracker)
 
+
+def record(cfg: DictConfig, tracker) -> None:
+    out = stage_dir(cfg, "prepare")
+    manifest = read_json(out / "manifest.json")
     tracker.set_tags({"data_hash": manifest["data_hash"]})
     tracker.set_tags({"data_hash": manifest["data_hash"]}, run_id=tracker.pipeline_run_id)
     tracker.log_metrics({
-        "prepare/train_documents": len(train_docs),
-        "prepare/heldout_documents": len(heldout_docs),
-        "prepare/train_tokens": len(train_ids),
-        "prepare/heldout_tokens": len(heldout_ids),
-        "prepare/vocab_size": len(tokenizer),
+        "prepare/train_documents": manifest["documents"]["train"],
+        "prepare/heldout_documents": manifest["documents"]["heldout"],
+        "prepare/train_tokens": manifest["tokens"]["train"],
+        "prepare/heldout_tokens": manifest["tokens"]["heldout"],
+        "prepare/vocab_size": manifest["vocab_size"],
     })
     tracker.log_artifact(out / "manifest.json")
     tracker.log_artifacts(out / "tokenizer", "tokenizer")

@@ -20,12 +20,14 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from pipeline.artifacts import atomic_dir, disk_bytes, require_stage_output, stage_dir, write_json
+from pipeline.artifacts import atomic_dir, disk_bytes, read_json, require_stage_output, stage_dir, write_json
 from pipeline.data import load_blocks
 from pipeline.metrics import mean_kl
 from pipeline.models import load_causal_lm, shape_only_model
+from pipeline.contract import Stage
 
-METHODS = ("awq", "rtn")
+STAGE = Stage("quantize", settings=("quantize",), reads=("prepare", "train"))
+
 # llm-compressor logs every lifecycle step at INFO; keep its console to warnings unless asked.
 os.environ.setdefault("LLM_COMPRESSOR_LOG_LEVEL", "WARNING")
 QUANT_PARAM_SUFFIXES = ("weight_scale", "weight_zero_point", "weight_g_idx", "weight_shape", "weight_packed")
@@ -39,14 +41,6 @@ def check(cfg: DictConfig) -> None:
     import torch
 
     q = cfg.quantize
-    unknown = [m for m in q.methods if m not in METHODS]
-    if unknown or not q.methods:
-        raise ValueError(f"quantize.methods={list(q.methods)} must be a non-empty list of {', '.join(METHODS)}.")
-    if "awq" in q.methods and q.awq.n_grid < 3:  # llm-compressor 0.14 divides by n_grid - 2
-        raise ValueError(f"quantize.awq.n_grid={q.awq.n_grid} must be 3 or more.")
-    if not isinstance(q.group_size, int) or q.group_size < 1:
-        raise ValueError(f"quantize.group_size={q.group_size!r} must be a positive integer.")
-
     # The model's shapes, without its weights, decide whether the scheme fits every layer.
     model = shape_only_model(cfg)
     linears = {n: m.in_features for n, m in model.named_modules()
@@ -136,10 +130,16 @@ def run(cfg: DictConfig, tracker) -> None:
             tokenizer.save_pretrained(tmp / method)
             summary["methods"][method] = {"seconds": seconds, "bytes": disk_bytes(tmp / method)}
         write_json(tmp / "summary.json", summary)
+    record(cfg, tracker)
 
+
+def record(cfg: DictConfig, tracker) -> None:
+    q, out = cfg.quantize, stage_dir(cfg, "quantize")
+    summary = read_json(out / "summary.json")
     tracker.log_params({"quantize.scheme": f"W4A16_{'SYM' if q.symmetric else 'ASYM'}_G{q.group_size}",
-                        "quantize.calibration_sha256": calibration_hash})
-    metrics = {"quantize/calibration_samples": len(calibration), "quantize/source_mb": summary["source_bytes"] / 2**20}
+                        "quantize.calibration_sha256": summary["calibration"]["sha256"]})
+    metrics = {"quantize/calibration_samples": summary["calibration"]["samples"],
+               "quantize/source_mb": summary["source_bytes"] / 2**20}
     for method, info in summary["methods"].items():
         metrics[f"quantize/{method}/seconds"] = info["seconds"]
         metrics[f"quantize/{method}/size_mb"] = info["bytes"] / 2**20

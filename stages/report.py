@@ -34,12 +34,15 @@ from omegaconf import DictConfig
 from pipeline.artifacts import atomic_dir, read_json, stage_dir, variant, write_json
 from pipeline.hardware import PRECISIONS
 from pipeline.metrics import bootstrap_ci
+from pipeline.contract import PipelineError, Stage
+
+# It reads every precision's outputs, beyond its own address, so it always runs (in seconds).
+STAGE = Stage("report", settings=("report",), reads=("train", "evaluate", "serve"), scope="sweep", reusable=False)
 
 log = logging.getLogger(__name__)
 
 GATE_METRICS = ("perplexity", "kl", "kl_vs_fp32", "top1", "perplexity_ratio_to_fp32", "size_mb",
                 "ttft_ms_p50", "ttft_ms_p99", "itl_ms_p50", "output_tokens_per_s")
-QUALITY_METRICS = ("kl", "perplexity")
 # Training cost: summary key, how it reads, and its name in a ratio to fp32's.
 COSTS = (("step_time_s", "training step {} s", "step time"), ("tokens_per_s", "{} tokens/s", "tokens/s"),
          ("peak_memory_mb", "peak memory {} MB", "peak memory"))
@@ -57,25 +60,17 @@ RULE = ("Rule: a training precision passes at a deployed format when its held-ou
         "the lowest measured training step time that passes at every format.")
 
 
-class GateError(RuntimeError):
+class GateError(PipelineError):
     """A measured value broke a configured quality gate."""
 
 
 def check(cfg: DictConfig) -> None:
     r = cfg.report
-    bad = [p for p in r.precisions if p not in PRECISIONS or p == "auto"]
-    if bad or not r.precisions:
-        raise ValueError(f"report.precisions={list(r.precisions)} must list training precisions (fp32, bf16, fp16, fp8).")
-    if r.quality_metric not in QUALITY_METRICS:
-        raise ValueError(f"report.quality_metric={r.quality_metric!r} is not one of {', '.join(QUALITY_METRICS)}.")
     if r.noise_seed == cfg.seed:
         raise ValueError(f"report.noise_seed={r.noise_seed} equals seed={cfg.seed}: the noise floor needs a second "
                          f"fp32 run with another seed, e.g. report.noise_seed={cfg.seed + 1}.")
-    if not isinstance(r.min_sequences, int) or r.min_sequences < 2:
-        raise ValueError(f"report.min_sequences={r.min_sequences!r} must be an integer of at least 2.")
-    if not r.max_interval_width > 0 or not all(b > 0 for b in r.kl_budgets):
-        raise ValueError(f"report.max_interval_width={r.max_interval_width} and report.kl_budgets="
-                         f"{list(r.kl_budgets)} must be positive.")
+    if not all(b > 0 for b in r.kl_budgets):
+        raise ValueError(f"report.kl_budgets={list(r.kl_budgets)} must be positive.")
     for gate in r.gates:
         if gate.get("metric") not in GATE_METRICS or ("max" not in gate and "min" not in gate) or "artifact" not in gate:
             raise ValueError(f"report.gates: {dict(gate)} needs artifact, metric (one of {', '.join(GATE_METRICS)}) "
@@ -552,7 +547,9 @@ def html_page(data: dict, images: list[Path]) -> str:
 def run(cfg: DictConfig, tracker) -> None:
     r, e = cfg.report, cfg.evaluate
     if r.runs:
-        rows, noise, seeds = collect_runs(tracker.client, list(r.runs), r.serve_level)
+        from mlflow.tracking import MlflowClient
+
+        rows, noise, seeds = collect_runs(MlflowClient(str(cfg.tracking.uri)), list(r.runs), r.serve_level)
         noise_seed = seeds[1] if noise else r.noise_seed
     else:
         rows = {p: row for p in ordered(r.precisions) if (row := collect(cfg, {"train.precision": p}))}
@@ -594,15 +591,20 @@ def run(cfg: DictConfig, tracker) -> None:
         # Flat numbers per precision and artifact, for `dvc metrics show` and diffs between runs.
         write_json(tmp / "metrics.json", {p: {n: {k: v for k, v in c.items() if isinstance(v, (int, float))}
                                               for n, c in row["artifacts"].items()} for p, row in rows.items()})
+    record(cfg, tracker)
 
-    answer = "\n".join(data["headline"])
+
+def record(cfg: DictConfig, tracker) -> None:
+    out = stage_dir(cfg, "report")
+    data = read_json(out / "report.json")
+    answer, decision = "\n".join(data["headline"]), data["decision"]
     tags = {"mlflow.note.content": answer, "report.decision": decision["status"],
             **({"report.precision": decision["precision"]} if "precision" in decision else {})}
     tracker.set_tags(tags)  # the report run's description in the MLflow UI, and the pipeline run's
     tracker.set_tags(tags, tracker.pipeline_run_id)
     tracker.log_artifacts(out, "report")
     tracker.log_metrics({f"report/{p}/{n}/perplexity_ratio_vs_fp32": c["ratio"]
-                         for p, by in comparisons["vs_fp32"].items() for n, c in by.items()} |
+                         for p, by in data["comparisons"]["vs_fp32"].items() for n, c in by.items()} |
                         {f"report/{g['precision']}/{g['artifact']}/{g['metric']}": g["value"]
                          for g in data["gates"] if g["value"] is not None})
     failed = [g for g in data["gates"] if g["status"] == "FAIL"]

@@ -23,12 +23,14 @@ from pathlib import Path
 import numpy as np
 from omegaconf import DictConfig
 
-from pipeline.artifacts import atomic_dir, disk_bytes, require_stage_output, stage_dir, write_json
+from pipeline.artifacts import atomic_dir, disk_bytes, read_json, require_stage_output, stage_dir, write_json
+from pipeline import llamacpp
 from pipeline.data import load_blocks
 from pipeline.server import Server, ServerError, free_port, log_tail, port_is_free
-from stages.export import gguf_files
+from pipeline.contract import PipelineError, Stage
 
-ENGINES = ("auto", "llamacpp", "vllm", "external")
+STAGE = Stage("serve", settings=("serve",), reads=("prepare", "train", "quantize", "export"))
+
 PROFILES = {"concurrent": "streams", "constant": "rate", "poisson": "rate", "synchronous": None, "throughput": None}
 LATENCIES = {"ttft_ms": "time_to_first_token_ms", "itl_ms": "inter_token_latency_ms",
              "tpot_ms": "time_per_output_token_ms", "latency_s": "request_latency"}
@@ -46,8 +48,6 @@ def engine(cfg: DictConfig) -> str:
     import torch
 
     s = cfg.serve
-    if s.engine not in ENGINES:
-        raise ValueError(f"serve.engine={s.engine!r} is not one of {', '.join(ENGINES)}.")
     if s.engine != "auto":
         return s.engine
     return "vllm" if torch.cuda.is_available() and shutil.which(s.vllm.command[0]) else "llamacpp"
@@ -66,8 +66,6 @@ def check(cfg: DictConfig) -> None:
                                     "Install vLLM in its own environment and point this at its vllm executable.")
     if chosen == "external" and not (s.external.url and s.external.model):
         raise ValueError("serve.engine=external needs serve.external.url and serve.external.model.")
-    if s.load.profile not in PROFILES:
-        raise ValueError(f"serve.load.profile={s.load.profile!r} is not one of {', '.join(PROFILES)}.")
     if s.port is not None and not port_is_free(s.port):
         raise ValueError(f"serve.port={s.port} is already in use on 127.0.0.1; pick another or leave it null.")
     guidellm_command()
@@ -81,7 +79,7 @@ def targets(cfg: DictConfig, chosen: str) -> list[tuple[str, Path | None]]:
     if chosen == "vllm":
         paths = {"trained": require_stage_output(cfg, "train"), "awq": stage_dir(cfg, "quantize") / "awq"}
         return [(name, paths[name]) for name in s.vllm.artifacts if paths[name].is_dir()]
-    files = dict(gguf_files(cfg))
+    files = dict(llamacpp.gguf_files(stage_dir(cfg, "export")))
     if not files:
         raise FileNotFoundError("serve: the export stage has made no GGUF file for these settings; run stage=export first.")
     wanted = files if s.llamacpp.files is None else list(s.llamacpp.files)
@@ -246,7 +244,15 @@ def run(cfg: DictConfig, tracker) -> None:
                 results[name] = {"status": "failed", "error": str(error),
                                  "log_tail": log_tail(tmp / name / "server.log")}
         write_json(tmp / "summary.json", {"engine": chosen, "results": results})
+    record(cfg, tracker)
 
+
+def record(cfg: DictConfig, tracker) -> None:
+    """Logs the measurements; an artifact that failed to serve fails the stage, also when the
+    output is reused (rerun=[serve] measures again)."""
+    out = stage_dir(cfg, "serve")
+    summary = read_json(out / "summary.json")
+    results = summary["results"]
     metrics = {}
     for name, result in results.items():
         metrics[f"serve/{name}/failed"] = float(result["status"] != "ok")
@@ -258,9 +264,10 @@ def run(cfg: DictConfig, tracker) -> None:
         for key in ("peak_rss_mb", "peak_gpu_mb", "size_mb"):
             if key in result:
                 metrics[f"serve/{name}/{key}"] = result[key]
-    tracker.set_tags({"serve.engine": chosen})
+    tracker.set_tags({"serve.engine": summary["engine"]})
     tracker.log_metrics(metrics)
     tracker.log_artifacts(out, "serve")
     failed = {n: r["error"] for n, r in results.items() if r["status"] != "ok"}
     if failed:
-        raise RuntimeError("serve failed for " + "; ".join(f"{n}: {e}" for n, e in failed.items()))
+        raise PipelineError("serve failed for " + "; ".join(f"{n}: {e}" for n, e in failed.items()) +
+                            " (once the cause is fixed, rerun=[serve] measures again)")

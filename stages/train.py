@@ -18,6 +18,7 @@ import math
 import os
 import shutil
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from omegaconf import DictConfig
@@ -27,15 +28,16 @@ from pipeline.data import load_blocks
 from pipeline.distributed import SHARDED
 from pipeline.hardware import expected_compute_dtype, peak_memory_mb
 from pipeline.models import model_config, pretrained_source
+from pipeline.contract import Stage
+
+STAGE = Stage("train", settings=("model", "train", "seed", "accelerate.num_processes"), reads=("prepare",),
+              ignores=("train.resume", "train.log_every", "train.checkpoint_every"), launchable=True)
 
 log = logging.getLogger(__name__)
 
 
 def check(cfg: DictConfig) -> None:
     t = cfg.train
-    for key in ("max_steps", "micro_batch_size", "grad_accum_steps", "log_every", "eval_every", "checkpoint_every"):
-        if not isinstance(t[key], int) or t[key] < 1:
-            raise ValueError(f"train.{key}={t[key]!r} must be a positive integer.")
     if t.warmup_steps >= t.max_steps:
         raise ValueError(f"train.warmup_steps={t.warmup_steps} must be below train.max_steps={t.max_steps}.")
     arch = cfg.model.arch
@@ -192,6 +194,153 @@ def check_replicas_agree(accelerator, model) -> list[str]:
     return digests
 
 
+@dataclass
+class Progress:
+    """Where the loop stands; what a checkpoint keeps besides the model and optimizer."""
+
+    step: int = 0
+    skipped: int = 0
+    resumed_from: int = 0
+    # [step, value] pairs of the curves the report draws.
+    history: dict = field(default_factory=lambda: {"train_loss": [], "eval_loss": [], "step_time_s": []})
+    consecutive_skips: int = 0
+    compute_dtype: str | None = None
+    # Per optimizer step since the last logged window.
+    window: dict = field(default_factory=lambda: {"loss": [], "time": [], "grad_norm": []})
+
+    def state(self) -> dict:
+        return {"step": self.step, "skipped_steps": self.skipped, "history": self.history}
+
+
+@dataclass
+class Step:
+    loss: float  # of the global batch
+    grad_norm: float | None  # None under DeepSpeed, which clips inside its engine
+    seconds: float
+    skipped: bool  # fp16's loss scaler found an overflow and skipped the update
+
+
+def restore(accelerator, checkpoints: Path, resume: bool) -> Progress:
+    """The last checkpoint's progress with train.resume, else a fresh start (and no stale checkpoints)."""
+    last = latest_checkpoint(checkpoints)
+    if resume and last is not None:
+        accelerator.load_state(str(last))
+        state = read_json(last / "trainer_state.json")
+        log.info("resuming from %s (step %d)", last, state["step"])
+        return Progress(step=state["step"], skipped=state["skipped_steps"], history=state["history"],
+                        resumed_from=state["step"])
+    if resume:
+        log.warning("train.resume=true but no checkpoint under %s: starting from step 0", checkpoints)
+    elif checkpoints.exists() and accelerator.is_main_process:
+        shutil.rmtree(checkpoints)  # a fresh run must not be resumed from a stale one later
+    accelerator.wait_for_everyone()
+    return Progress()
+
+
+def optimizer_step(model, optimizer, trainable, accelerator, blocks, step: int, cfg: DictConfig) -> Step:
+    """One optimizer step over train.grad_accum_steps micro-batches of this process's share."""
+    import torch
+
+    t, started = cfg.train, time.perf_counter()
+    loss_sum, grad_norm = 0.0, None
+    for micro in range(t.grad_accum_steps):
+        batch = batch_at(blocks, step * t.grad_accum_steps + micro, t.micro_batch_size, cfg.seed,
+                         accelerator.process_index, accelerator.num_processes).to(accelerator.device)
+        with accelerator.accumulate(model):
+            loss = model(input_ids=batch, labels=batch).loss
+            if not torch.isfinite(loss) and accelerator.scaler is None:
+                raise FloatingPointError(
+                    f"Loss became {loss.item()} at step {step} (train.precision={t.precision}). "
+                    f"Lower train.lr (now {t.lr}) or check the data and checkpoint.")
+            accelerator.backward(loss)
+            if accelerator.sync_gradients:
+                norm = accelerator.clip_grad_norm_(trainable, t.max_grad_norm)
+                grad_norm = None if norm is None else float(norm)
+            optimizer.step()
+            optimizer.zero_grad()
+        # The loss of the global batch: every process's share weighs the same.
+        loss_sum += accelerator.reduce(loss.detach(), "mean").item()
+    return Step(loss_sum / t.grad_accum_steps, grad_norm, time.perf_counter() - started, optimizer.step_was_skipped)
+
+
+def account(progress: Progress, step: Step, probe, accelerator, cfg: DictConfig, tracker) -> None:
+    """Checks the first step's compute dtype, counts fp16's skipped steps, and adds the step to the window."""
+    t = cfg.train
+    if progress.compute_dtype is None:
+        progress.compute_dtype = probe.dtype
+        if progress.compute_dtype != expected_compute_dtype(t.precision):
+            raise RuntimeError(f"train.precision={t.precision} asked for {expected_compute_dtype(t.precision)} "
+                               f"compute but the model computed in {progress.compute_dtype}; refusing to go on.")
+        tracker.set_tags({"train.compute_dtype": progress.compute_dtype})
+    if step.skipped:
+        progress.skipped += 1
+        progress.consecutive_skips += 1
+        if progress.consecutive_skips > t.max_consecutive_skips:
+            raise FloatingPointError(
+                f"{progress.consecutive_skips} fp16 steps in a row overflowed (loss scale now "
+                f"{accelerator.scaler.get_scale()}); fp16 cannot represent this run's values. "
+                f"Use train.precision=bf16 or fp32, or lower train.lr.")
+    else:
+        progress.consecutive_skips = 0
+        progress.window["loss"].append(step.loss)
+        if step.grad_norm is not None:
+            progress.window["grad_norm"].append(step.grad_norm)
+    progress.window["time"].append(step.seconds)
+    progress.step += 1
+
+
+def log_window(progress: Progress, scheduler, accelerator, tokens_per_step: int, tracker) -> dict:
+    """Means of the steps since the last window, logged at the step reached; the window restarts."""
+    window, step_time = progress.window, sum(progress.window["time"]) / len(progress.window["time"])
+    metrics = {"train/step_time_s": step_time, "train/tokens_per_s": tokens_per_step / step_time,
+               "train/lr": scheduler.get_last_lr()[0], "train/peak_memory_mb": peak_memory_mb(accelerator.device.type),
+               "train/skipped_steps": progress.skipped}
+    if window["loss"]:
+        metrics["train/loss"] = sum(window["loss"]) / len(window["loss"])
+        progress.history["train_loss"].append([progress.step, metrics["train/loss"]])
+    if window["grad_norm"]:
+        metrics["train/grad_norm"] = sum(window["grad_norm"]) / len(window["grad_norm"])
+    if accelerator.scaler is not None:
+        metrics["train/loss_scale"] = accelerator.scaler.get_scale()
+    tracker.log_metrics(metrics, step=progress.step)
+    progress.history["step_time_s"].append([progress.step, step_time])
+    progress.window = {k: [] for k in window}
+    return metrics
+
+
+def finish(cfg: DictConfig, model, accelerator, tokenizer, progress: Progress, eval_blocks, started: float,
+           tokens_per_step: int, checkpoints: Path) -> None:
+    """The final held-out loss and the output: the model (LoRA merged) and summary.json, written
+    by the main process once every process has taken part in gathering the weights."""
+    t, out, world = cfg.train, stage_dir(cfg, "train"), accelerator.num_processes
+    final_loss = heldout_loss(model, eval_blocks, t.micro_batch_size, accelerator)
+    distributed = accelerator.distributed_type.value
+    sharded = distributed in SHARDED  # FSDP and DeepSpeed shard the weights
+    state_dict = accelerator.get_state_dict(model) if sharded else None
+    replicas = check_replicas_agree(accelerator, model) if world > 1 and not sharded else []
+    times = [v for _, v in progress.history["step_time_s"]]
+    step_time = sum(times) / max(1, len(times))
+    summary = {
+        "precision": t.precision, "compute_dtype": progress.compute_dtype, "master_dtype": "float32",
+        "steps": t.max_steps, "resumed_from_step": progress.resumed_from, "skipped_steps": progress.skipped,
+        "heldout_loss": final_loss, "heldout_perplexity": math.exp(final_loss),
+        "train_seconds": time.perf_counter() - started, "peak_memory_mb": peak_memory_mb(accelerator.device.type),
+        "step_time_s": step_time, "tokens_per_s": tokens_per_step / step_time if step_time else None,
+        "history": progress.history, "device": accelerator.device.type, "num_processes": world,
+        "distributed_type": distributed, "replica_sha256": replicas,
+    }
+    if accelerator.is_main_process:
+        unwrapped = accelerator.unwrap_model(model)
+        if cfg.model.lora.enabled:
+            unwrapped = unwrapped.merge_and_unload()
+        with atomic_dir(out) as tmp:
+            unwrapped.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
+            tokenizer.save_pretrained(tmp)
+            write_json(tmp / "summary.json", summary)
+        shutil.rmtree(checkpoints, ignore_errors=True)
+    accelerator.wait_for_everyone()
+
+
 def run(cfg: DictConfig, tracker) -> None:
     import torch
     from accelerate.state import AcceleratorState
@@ -212,166 +361,67 @@ def run(cfg: DictConfig, tracker) -> None:
     model = build_model(cfg, tokenizer)
     if cfg.model.lora.enabled:
         model = add_lora(model, cfg.model.lora)
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=t.lr, betas=tuple(t.betas),
+                                  weight_decay=t.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, functools.partial(lr_lambda, warmup=t.warmup_steps, total=t.max_steps, min_ratio=t.min_lr_ratio)
     )
 
     accelerator = make_accelerator(t.precision, t.grad_accum_steps, t.init_loss_scale)
+    main = accelerator.is_main_process
     try:
         model, optimizer = accelerator.prepare(model, optimizer)
         accelerator.register_for_checkpointing(scheduler)
-        distributed = accelerator.distributed_type.value
         # FSDP replaces the parameters with shards, so collect them again from the prepared model.
         trainable = [p for p in model.parameters() if p.requires_grad]
         masters = {str(p.dtype) for p in trainable}
         # DeepSpeed keeps the fp32 masters inside its optimizer and casts the module's own copy.
-        if masters != {"torch.float32"} and distributed != "DEEPSPEED":
+        if masters != {"torch.float32"} and accelerator.distributed_type.value != "DEEPSPEED":
             raise RuntimeError(f"Master weights must be fp32, found {masters}.")
         probe = ComputeDtypeProbe(model)
-        rank, world = accelerator.process_index, accelerator.num_processes
-
-        out = stage_dir(cfg, "train")
-        checkpoints = Path(cfg.paths.artifacts).resolve() / "checkpoints" / out.name
-        # [step, value] pairs of the curves the report draws; kept in checkpoints for resume.
-        start, skipped, history = 0, 0, {"train_loss": [], "eval_loss": [], "step_time_s": []}
-        last = latest_checkpoint(checkpoints)
-        if t.resume and last is not None:
-            accelerator.load_state(str(last))
-            state = read_json(last / "trainer_state.json")
-            start, skipped, history = state["step"], state["skipped_steps"], state["history"]
-            log.info("resuming from %s (step %d)", last, start)
-        elif t.resume:
-            log.warning("train.resume=true but no checkpoint under %s: starting from step 0", checkpoints)
-        elif checkpoints.exists() and accelerator.is_main_process:
-            shutil.rmtree(checkpoints)  # a fresh run must not be resumed from a stale one later
-        accelerator.wait_for_everyone()
-
+        world = accelerator.num_processes
         tokens_per_step = t.micro_batch_size * t.grad_accum_steps * cfg.data.seq_len * world
         # eval_batches counts global batches; a whole held-out split loses up to world - 1 rows
         # so that every process gets an equal share.
         eval_rows = len(heldout_blocks) if t.eval_batches is None else t.eval_batches * t.micro_batch_size * world
         eval_blocks = heldout_blocks[: eval_rows - eval_rows % world]
-        window = {"loss": [], "time": [], "grad_norm": []}
-        consecutive_skips, compute_dtype, started = 0, None, time.perf_counter()
-        progress = tqdm(range(start, t.max_steps), initial=start, total=t.max_steps,
-                        desc=f"train {t.precision}", disable=not accelerator.is_main_process)
-        for step in progress:
-            step_start = time.perf_counter()
-            step_loss = 0.0
-            for micro in range(t.grad_accum_steps):
-                batch = batch_at(train_blocks, step * t.grad_accum_steps + micro, t.micro_batch_size, cfg.seed,
-                                 rank, world).to(accelerator.device)
-                with accelerator.accumulate(model):
-                    loss = model(input_ids=batch, labels=batch).loss
-                    if not torch.isfinite(loss) and accelerator.scaler is None:
-                        raise FloatingPointError(
-                            f"Loss became {loss.item()} at step {step} (train.precision={t.precision}). "
-                            f"Lower train.lr (now {t.lr}) or check the data and checkpoint.")
-                    accelerator.backward(loss)
-                    if accelerator.sync_gradients:
-                        grad_norm = accelerator.clip_grad_norm_(trainable, t.max_grad_norm)
-                    optimizer.step()
-                    optimizer.zero_grad()
-                # The loss of the global batch: every process's share weighs the same.
-                step_loss += accelerator.reduce(loss.detach(), "mean").item() / t.grad_accum_steps
+        checkpoints = Path(cfg.paths.artifacts).resolve() / "checkpoints" / stage_dir(cfg, "train").name
+
+        progress, started = restore(accelerator, checkpoints, t.resume), time.perf_counter()
+        bar = tqdm(total=t.max_steps, initial=progress.step, desc=f"train {t.precision}", disable=not main)
+        while progress.step < t.max_steps:
+            step = optimizer_step(model, optimizer, trainable, accelerator, train_blocks, progress.step, cfg)
             scheduler.step()
-
-            if compute_dtype is None:
-                compute_dtype = probe.dtype
-                if compute_dtype != expected_compute_dtype(t.precision):
-                    raise RuntimeError(f"train.precision={t.precision} asked for {expected_compute_dtype(t.precision)} "
-                                       f"compute but the model computed in {compute_dtype}; refusing to go on.")
-                tracker.set_tags({"train.compute_dtype": compute_dtype})
-            if optimizer.step_was_skipped:
-                skipped += 1
-                consecutive_skips += 1
-                if consecutive_skips > t.max_consecutive_skips:
-                    raise FloatingPointError(
-                        f"{consecutive_skips} fp16 steps in a row overflowed (loss scale now "
-                        f"{accelerator.scaler.get_scale()}); fp16 cannot represent this run's values. "
-                        f"Use train.precision=bf16 or fp32, or lower train.lr.")
-            else:
-                consecutive_skips = 0
-                window["loss"].append(step_loss)
-                if grad_norm is not None:  # DeepSpeed clips inside its engine
-                    window["grad_norm"].append(float(grad_norm))
-            window["time"].append(time.perf_counter() - step_start)
-
-            done = step + 1
+            account(progress, step, probe, accelerator, cfg, tracker)
+            bar.update()
+            done = progress.step
             if done % t.log_every == 0 or done == t.max_steps:
-                step_time = sum(window["time"]) / len(window["time"])
-                metrics = {
-                    "train/step_time_s": step_time,
-                    "train/tokens_per_s": tokens_per_step / step_time,
-                    "train/lr": scheduler.get_last_lr()[0],
-                    "train/peak_memory_mb": peak_memory_mb(accelerator.device.type),
-                    "train/skipped_steps": skipped,
-                }
-                if window["loss"]:
-                    metrics["train/loss"] = sum(window["loss"]) / len(window["loss"])
-                if window["grad_norm"]:
-                    metrics["train/grad_norm"] = sum(window["grad_norm"]) / len(window["grad_norm"])
-                if accelerator.scaler is not None:
-                    metrics["train/loss_scale"] = accelerator.scaler.get_scale()
-                tracker.log_metrics(metrics, step=done)
-                history["step_time_s"].append([done, step_time])
-                if "train/loss" in metrics:
-                    history["train_loss"].append([done, metrics["train/loss"]])
-                progress.set_postfix(loss=f"{metrics.get('train/loss', float('nan')):.3f}")
-                window = {k: [] for k in window}
+                metrics = log_window(progress, scheduler, accelerator, tokens_per_step, tracker)
+                bar.set_postfix(loss=f"{metrics.get('train/loss', float('nan')):.3f}")
             if done % t.eval_every == 0 or done == t.max_steps:
                 loss = heldout_loss(model, eval_blocks, t.micro_batch_size, accelerator)
                 tracker.log_metrics({"eval/loss": loss, "eval/perplexity": math.exp(loss)}, step=done)
-                history["eval_loss"].append([done, loss])
+                progress.history["eval_loss"].append([done, loss])
             if done % t.checkpoint_every == 0 and done < t.max_steps:
-                save_checkpoint(accelerator, checkpoints / f"step-{done:06d}",
-                                {"step": done, "skipped_steps": skipped, "history": history})
+                save_checkpoint(accelerator, checkpoints / f"step-{done:06d}", progress.state())
                 tracker.flush()
-
-        final_loss = heldout_loss(model, eval_blocks, t.micro_batch_size, accelerator)
-        # FSDP and DeepSpeed shard the weights: every process takes part in gathering them.
-        sharded = distributed in SHARDED
-        state_dict = accelerator.get_state_dict(model) if sharded else None
-        replicas = check_replicas_agree(accelerator, model) if world > 1 and not sharded else []
-        summary = {
-            "precision": t.precision,
-            "compute_dtype": compute_dtype,
-            "master_dtype": "float32",
-            "steps": t.max_steps,
-            "resumed_from_step": start,
-            "skipped_steps": skipped,
-            "heldout_loss": final_loss,
-            "heldout_perplexity": math.exp(final_loss),
-            "train_seconds": time.perf_counter() - started,
-            "peak_memory_mb": peak_memory_mb(accelerator.device.type),
-            "step_time_s": sum(v for _, v in history["step_time_s"]) / max(1, len(history["step_time_s"])),
-            "history": history,
-            "device": accelerator.device.type,
-            "num_processes": world,
-            "distributed_type": distributed,
-            "replica_sha256": replicas,
-        }
-        summary["tokens_per_s"] = tokens_per_step / summary["step_time_s"] if summary["step_time_s"] else None
-        tracker.log_metrics({"final/heldout_loss": final_loss, "final/heldout_perplexity": math.exp(final_loss),
-                             "final/skipped_steps": skipped}, step=t.max_steps)
-        if accelerator.is_main_process:
-            unwrapped = accelerator.unwrap_model(model)
-            if cfg.model.lora.enabled:
-                unwrapped = unwrapped.merge_and_unload()
-            with atomic_dir(out) as tmp:
-                unwrapped.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
-                tokenizer.save_pretrained(tmp)
-                write_json(tmp / "summary.json", summary)
-            shutil.rmtree(checkpoints, ignore_errors=True)
-        accelerator.wait_for_everyone()
+        bar.close()
+        finish(cfg, model, accelerator, tokenizer, progress, eval_blocks, started, tokens_per_step, checkpoints)
     finally:
         # Accelerate keeps its state in a process-wide singleton; a Hydra multirun trains the
         # next precision in this same process and must start from a clean one.
         AcceleratorState._reset_state(reset_partial_state=True)
+    if main:  # other machines of a multi-machine run may not see the output's files
+        record(cfg, tracker)
 
-    tracker.set_tags({"train.output": str(out)})
+
+def record(cfg: DictConfig, tracker) -> None:
+    out = stage_dir(cfg, "train")
+    summary = read_json(out / "summary.json")
+    tracker.set_tags({"train.output": str(out), "train.compute_dtype": summary["compute_dtype"]})
+    tracker.log_metrics({"final/heldout_loss": summary["heldout_loss"],
+                         "final/heldout_perplexity": summary["heldout_perplexity"],
+                         "final/skipped_steps": summary["skipped_steps"]}, step=summary["steps"])
     tracker.log_artifact(out / "summary.json")
     if cfg.tracking.log_model:
         tracker.log_artifacts(out, "model")

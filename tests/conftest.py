@@ -3,32 +3,25 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from pipeline.config import register
+
+register()  # compose_with builds the config as `python -m pipeline` does, on the typed schemas
+
 ROOT = Path(__file__).resolve().parent.parent
 CONF = ROOT / "conf"
 # Every config group and its options, as conf/ has them.
 GROUPS = {g.name: sorted(p.stem for p in g.glob("*.yaml")) for g in CONF.iterdir() if g.is_dir()}
-# Small but real: the tiny model for a handful of steps.
-FAST = [
-    "train.max_steps=8",
-    "train.warmup_steps=1",
-    "train.log_every=2",
-    "train.eval_every=4",
-    "train.checkpoint_every=4",
-    "train.eval_batches=1",
-    "tracking.log_model=false",
-]
-
-# The whole chain, small: fp32 training, quick AWQ, a shorter evaluation, two GGUF files served.
-SMALL_CHAIN = ["train.precision=fp32", *FAST, "train.max_steps=30", "train.lr=5e-3",
-               "quantize.calibration.samples=4", "quantize.calibration.seq_len=64", "quantize.awq.n_grid=4",
-               "evaluate.max_sequences=16", "evaluate.bootstrap=200", "evaluate.prompts=4",
-               "serve.llamacpp.files=[trained.q8_0,trained.q4_k_m]", "serve.load.levels=[1,2]", "serve.load.requests=6"]
+# The whole chain, small but real (conf/profile/smoke.yaml), at fp32 so that it runs at one speed
+# on every CPU; FAST trains for only a handful of steps.
+SMALL_CHAIN = ["profile=smoke", "train.precision=fp32"]
+FAST = ["profile=smoke", "train.max_steps=8"]
 
 
 def compose_with(*overrides):
@@ -45,9 +38,11 @@ def replace(overrides: list[str], *new: str) -> list[str]:
     return [o for o in overrides if o.split("=", 1)[0] not in keys] + list(new)
 
 
-def pipeline(cwd: Path, *overrides: str, check: bool = True, multirun: bool = False) -> subprocess.CompletedProcess:
+def pipeline(cwd: Path, *overrides: str, check: bool = True, multirun: bool = False, root: Path = ROOT
+             ) -> subprocess.CompletedProcess:
+    """`python -m pipeline` with these overrides in `cwd`, running the code under `root`."""
     cmd = [sys.executable, "-m", "pipeline", *(["-m"] if multirun else []), *overrides]
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "PYTHONPATH": str(root)}
     result = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
     if check and result.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed ({result.returncode}):\n{result.stderr[-4000:]}")
@@ -64,10 +59,18 @@ def run_pipeline(tmp_path):
 
 @pytest.fixture(scope="session")
 def chain(tmp_path_factory):
-    """One small but complete run of every stage, shared by the tests that read its outputs."""
+    """One small but complete run of every stage, shared by the tests that read its outputs.
+    Nothing writes into it: a test that runs stages on these outputs takes `own_chain`."""
     cwd = tmp_path_factory.mktemp("chain")
     pipeline(cwd, "stage=all", *SMALL_CHAIN)
     return cwd
+
+
+@pytest.fixture
+def own_chain(chain, tmp_path):
+    """A copy of the chain's outputs (not of its tracking store: a fresh one is made beside them)."""
+    shutil.copytree(chain / "artifacts", tmp_path / "artifacts", symlinks=True)
+    return tmp_path
 
 
 @pytest.fixture
@@ -103,8 +106,3 @@ def only_dir(parent: Path) -> Path:
     return dirs[0]
 
 
-def chain_output(chain: Path, stage: str) -> Path:
-    """The directory the chain fixture itself wrote for `stage`: the oldest, since some tests run
-    the stage again with other settings in the same place."""
-    return min((p for p in (chain / "artifacts" / stage).iterdir() if not p.name.startswith(".")),
-               key=lambda p: p.stat().st_mtime)

@@ -24,6 +24,7 @@ SETTINGS = ["stage=[prepare,train]", "train.precision=fp32", *FAST, "train.eval_
 TOLERANCE = 1e-4
 
 
+@pytest.mark.slow
 def test_two_processes_train_one_model_as_one_process_does_with_the_same_global_batch(tmp_path):
     pipeline(tmp_path, *SETTINGS, *TWO, "train.micro_batch_size=4")
     pipeline(tmp_path, *SETTINGS, "train.micro_batch_size=8")
@@ -57,13 +58,14 @@ def test_two_processes_train_one_model_as_one_process_does_with_the_same_global_
 def _rank_process(parent: psutil.Process, rank: str) -> psutil.Process | None:
     for child in parent.children(recursive=True):
         try:
-            if "pipeline.distributed" in child.cmdline() and child.environ().get("RANK") == rank:
+            if "pipeline.worker" in child.cmdline() and child.environ().get("RANK") == rank:
                 return child
         except psutil.Error:
             pass
     return None
 
 
+@pytest.mark.slow
 def test_a_failing_rank_fails_the_stage_with_its_error(tmp_path):
     log = tmp_path / "pipeline.log"
     command = [sys.executable, "-m", "pipeline", *replace(SETTINGS, "train.max_steps=100000"), *TWO]
@@ -121,6 +123,7 @@ def test_bad_launch_settings_name_what_to_change():
             distributed.resolve(cfg, ["train"])
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal is for machines without GPUs")
 def test_sharded_training_without_gpus_is_refused_before_any_work(tmp_path):
     result = pipeline(tmp_path, "accelerate=fsdp", "accelerate.num_processes=2", check=False)

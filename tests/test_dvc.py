@@ -44,6 +44,7 @@ def repo(tmp_path_factory):
     return repo
 
 
+@pytest.mark.slow
 def test_repro_runs_everything_then_nothing_then_only_what_changed(repo):
     first = ran(run(repo, "dvc", "repro"))
     per_precision = {"train", "quantize", "export", "evaluate", "serve"}
@@ -66,6 +67,7 @@ def test_repro_runs_everything_then_nothing_then_only_what_changed(repo):
     assert third == {"report"} | noise - {"train-noise"} | {f"{s}@{p}" for s in per_precision - {"train"} for p in ("fp32", "bf16")}
 
 
+@pytest.mark.slow
 def test_metrics_and_plots_render(repo):
     metrics = run(repo, "dvc", "metrics", "show", "--json")
     assert "trained.q4_k_m" in metrics and "kl_vs_fp32" in metrics

@@ -10,7 +10,7 @@ import torch
 from pipeline import llamacpp
 from pipeline.artifacts import read_json
 from pipeline.models import load_causal_lm
-from tests.conftest import chain_output, FAST, only_dir, pipeline, runs
+from tests.conftest import FAST, only_dir, pipeline, runs
 
 EXPORT_ONLY = ["stage=[prepare,train,export]", "train.precision=fp32", *FAST, "export.sources=[trained]"]
 
@@ -32,6 +32,7 @@ def gguf_dir(cwd):
     return only_dir(cwd / "artifacts" / "export")
 
 
+@pytest.mark.slow
 def test_every_file_validated_with_the_requested_types(chain):
     manifest = read_json(gguf_dir(chain) / "manifest.json")
     assert set(manifest) == {"trained", "awq_smoothed"}
@@ -49,6 +50,7 @@ def test_every_file_validated_with_the_requested_types(chain):
     assert "Q4_K" in {t for t, _ in types.values()}
 
 
+@pytest.mark.slow
 def test_llama_cpp_matches_transformers_logits_and_tokens(chain):
     trained = only_dir(chain / "artifacts" / "train")
     model = f16_matrices(load_causal_lm(trained))
@@ -68,6 +70,7 @@ def test_llama_cpp_matches_transformers_logits_and_tokens(chain):
     assert llamacpp.tokenize(llm, text) == tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
+@pytest.mark.slow
 def test_transformers_reads_the_gguf_back(chain):
     from transformers import AutoModelForCausalLM
 
@@ -80,8 +83,9 @@ def test_transformers_reads_the_gguf_back(chain):
         assert (from_gguf(ids).logits - model(ids).logits).abs().max() < 1e-3
 
 
+@pytest.mark.slow
 def test_gguf_files_are_evaluated_and_q8_beats_q4(chain):
-    summary = read_json(chain_output(chain, "evaluate") / "summary.json")
+    summary = read_json(only_dir(chain / "artifacts" / "evaluate") / "summary.json")
     for source in ("trained", "awq_smoothed"):
         assert summary[f"{source}.q8_0"]["kl"] < summary[f"{source}.q4_k_m"]["kl"]
         assert summary[f"{source}.f16"]["kl"] < summary[f"{source}.q8_0"]["kl"]
@@ -91,6 +95,7 @@ def test_gguf_files_are_evaluated_and_q8_beats_q4(chain):
     assert export.data.metrics["export/trained.q4_k_m/fallback_tensors"] == 0
 
 
+@pytest.mark.slow
 def test_qwen2_exports_and_round_trips(run_pipeline, tmp_path):
     run_pipeline(*EXPORT_ONLY, "model.arch.model_type=qwen2", "export.types=[q8_0]")
     manifest = read_json(gguf_dir(tmp_path) / "manifest.json")
@@ -101,6 +106,7 @@ def test_qwen2_exports_and_round_trips(run_pipeline, tmp_path):
     assert type(from_gguf).__name__ == "Qwen2ForCausalLM"
 
 
+@pytest.mark.slow
 def test_fallback_types_fail_with_a_report_unless_allowed(run_pipeline, tmp_path):
     narrow = ["model.arch.intermediate_size=640", "export.types=[q4_k_m]"]  # 640 rows: not a multiple of 256
     result = run_pipeline(*EXPORT_ONLY, *narrow, check=False)
@@ -114,6 +120,7 @@ def test_fallback_types_fail_with_a_report_unless_allowed(run_pipeline, tmp_path
     assert sorted(f["tensor"] for f in report) == [f"blk.{i}.ffn_down.weight" for i in range(4)]
 
 
+@pytest.mark.slow
 def test_damaged_gguf_is_rejected_clearly(chain, tmp_path):
     source = gguf_dir(chain) / "trained" / "model-q8_0.gguf"
     truncated = tmp_path / "truncated.gguf"
@@ -125,6 +132,7 @@ def test_damaged_gguf_is_rejected_clearly(chain, tmp_path):
             llamacpp.load(bad, n_ctx=128)
 
 
+@pytest.mark.slow
 def test_unsupported_architecture_refused_before_writing(tmp_path, gpt2_checkpoint):
     result = pipeline(tmp_path, "stage=export", "model=hf", f"model.name_or_path={gpt2_checkpoint}", check=False)
     assert result.returncode != 0
@@ -132,6 +140,7 @@ def test_unsupported_architecture_refused_before_writing(tmp_path, gpt2_checkpoi
     assert not (tmp_path / "artifacts").exists()
 
 
+@pytest.mark.slow
 def test_unknown_llama_cpp_type_names_the_valid_ones(tmp_path):
     result = pipeline(tmp_path, "export.types=[q4_k_x]", check=False)
     assert result.returncode != 0 and "'q4_k_x' is not a llama.cpp type" in result.stderr and "q4_k_m" in result.stderr

@@ -11,6 +11,7 @@ from stages.prepare import split
 from tests.conftest import only_dir, runs
 
 
+@pytest.mark.slow
 def test_pydoc_prepare_writes_hashed_split(run_pipeline, tmp_path):
     run_pipeline("stage=prepare")
     out = only_dir(tmp_path / "artifacts" / "prepare")
@@ -40,6 +41,7 @@ def test_split_is_seeded_disjoint_and_complete():
     assert split(docs, 0.1, seed=1)[1] != heldout
 
 
+@pytest.mark.slow
 def test_text_files_and_jsonl(run_pipeline, tmp_path):
     (tmp_path / "a.txt").write_text("\n\n".join(f"Paragraph {i} about apples and pears." * 20 for i in range(20)))
     (tmp_path / "b.jsonl").write_text("".join(json.dumps({"body": f"Line {i} of json text. " * 30}) + "\n" for i in range(20)))
@@ -49,18 +51,21 @@ def test_text_files_and_jsonl(run_pipeline, tmp_path):
     assert manifest["documents"]["train"] + manifest["documents"]["heldout"] == 40
 
 
+@pytest.mark.slow
 def test_text_field_missing_names_the_fields(run_pipeline, tmp_path):
     (tmp_path / "b.jsonl").write_text(json.dumps({"content": "x"}) + "\n" + json.dumps({"content": "y"}) + "\n")
     result = run_pipeline("stage=prepare", "data=text", "data.files=[b.jsonl]", check=False)
     assert result.returncode != 0 and "has no field 'text'" in result.stderr and "content" in result.stderr
 
 
+@pytest.mark.slow
 def test_missing_text_file_fails_before_work(run_pipeline, tmp_path):
     result = run_pipeline("data=text", "data.files=[nope/*.txt]", check=False)
     assert result.returncode != 0 and "'nope/*.txt' matches no file" in result.stderr
     assert not (tmp_path / "artifacts").exists()
 
 
+@pytest.mark.slow
 def test_hf_dataset_directory(run_pipeline, tmp_path):
     import datasets
 

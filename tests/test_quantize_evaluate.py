@@ -10,12 +10,13 @@ import torch
 from pipeline.artifacts import read_json
 from pipeline.metrics import bootstrap_ci, mean_kl
 from pipeline.models import load_causal_lm
-from tests.conftest import chain_output, SMALL_CHAIN, mlflow_client, only_dir, pipeline, runs
+from tests.conftest import SMALL_CHAIN, mlflow_client, only_dir, pipeline, runs
 
 def heldout(cwd, n=4):
     return torch.from_numpy(np.load(only_dir(cwd / "artifacts" / "prepare") / "heldout.npy")[: n * 128].astype(np.int64)).view(n, 128)
 
 
+@pytest.mark.slow
 def test_compressed_checkpoints_reload_and_stay_close(chain):
     quantized = only_dir(chain / "artifacts" / "quantize")
     trained = load_causal_lm(only_dir(chain / "artifacts" / "train"))
@@ -38,6 +39,7 @@ def test_compressed_checkpoints_reload_and_stay_close(chain):
     assert summary["methods"]["awq"]["bytes"] < summary["source_bytes"] / 1.8
 
 
+@pytest.mark.slow
 def test_awq_smoothed_float_checkpoint_computes_the_trained_function(chain):
     quantized = only_dir(chain / "artifacts" / "quantize")
     trained_dir = only_dir(chain / "artifacts" / "train")
@@ -49,8 +51,9 @@ def test_awq_smoothed_float_checkpoint_computes_the_trained_function(chain):
         assert mean_kl(trained(ids).logits, smoothed(ids).logits) < 1e-6
 
 
+@pytest.mark.slow
 def test_evaluation_logged_for_every_artifact_with_intervals(chain):
-    evaluation = chain_output(chain, "evaluate")
+    evaluation = only_dir(chain / "artifacts" / "evaluate")
     summary = read_json(evaluation / "summary.json")
     assert {"trained", "awq", "rtn"} <= set(summary)
     assert summary["trained"]["kl"] == pytest.approx(0, abs=1e-7) and summary["trained"]["top1"] == 1.0
@@ -76,7 +79,8 @@ def test_evaluation_logged_for_every_artifact_with_intervals(chain):
     assert {"recipes"} <= {a.path for a in mlflow_client(chain).list_artifacts(quantize.info.run_id)}
 
 
-def test_scrambled_weights_score_badly(chain, tmp_path):
+@pytest.mark.slow
+def test_scrambled_weights_score_badly(chain, own_chain, tmp_path):
     """The yardstick can fail: a model with shuffled weights must look nothing like the trained one."""
     trained_dir = only_dir(chain / "artifacts" / "train")
     model = load_causal_lm(trained_dir)
@@ -87,13 +91,14 @@ def test_scrambled_weights_score_badly(chain, tmp_path):
             flat.copy_(flat[torch.randperm(flat.numel(), generator=generator)])
     model.save_pretrained(tmp_path / "scrambled")
     shutil.copy(trained_dir / "tokenizer.json", tmp_path / "scrambled")
-    pipeline(chain, "stage=evaluate", *SMALL_CHAIN, f"+evaluate.extra.scrambled={tmp_path}/scrambled")
-    evaluations = sorted((chain / "artifacts" / "evaluate").iterdir(), key=lambda p: p.stat().st_mtime)
+    pipeline(own_chain, "stage=evaluate", *SMALL_CHAIN, f"+evaluate.extra.scrambled={tmp_path}/scrambled")
+    evaluations = sorted((own_chain / "artifacts" / "evaluate").iterdir(), key=lambda p: p.stat().st_mtime)
     summary = read_json(evaluations[-1] / "summary.json")
     assert summary["scrambled"]["kl"] > 1.0 and summary["scrambled"]["top1"] < 0.5
     assert summary["scrambled"]["kl"] > 100 * summary["rtn"]["kl"]
 
 
+@pytest.mark.slow
 def test_indivisible_group_size_fails_before_any_work(tmp_path):
     result = pipeline(tmp_path, "stage=all", "quantize.group_size=100", check=False)
     assert result.returncode != 0
@@ -102,6 +107,7 @@ def test_indivisible_group_size_fails_before_any_work(tmp_path):
     assert not (tmp_path / "artifacts").exists() and not (tmp_path / "mlflow.db").exists()
 
 
+@pytest.mark.slow
 def test_architecture_without_awq_mapping_is_refused(tmp_path, gpt2_checkpoint):
     result = pipeline(tmp_path, "stage=quantize", "model=hf", f"model.name_or_path={gpt2_checkpoint}", check=False)
     assert result.returncode != 0
@@ -120,6 +126,7 @@ def test_bootstrap_interval_contains_estimate_and_shrinks_with_data():
     assert widths[1] < widths[0] / 3
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not torch.cuda.is_available() or shutil.which("vllm") is None, reason="needs a GPU and vLLM")
 def test_vllm_loads_the_awq_checkpoint_and_agrees(chain):
     import subprocess

@@ -31,6 +31,7 @@ def gguf(chain, name="trained.q8_0"):
     return only_dir(chain / "artifacts" / "export") / source / f"model-{kind}.gguf"
 
 
+@pytest.mark.slow
 def test_serving_numbers_for_each_file_are_sane(chain):
     summary = read_json(only_dir(chain / "artifacts" / "serve") / "summary.json")
     assert summary["engine"] == "llamacpp" and set(summary["results"]) == {"trained.q8_0", "trained.q4_k_m"}
@@ -53,12 +54,14 @@ def test_serving_numbers_for_each_file_are_sane(chain):
     assert report["benchmarks"][0]["requests"]["successful"]
 
 
+@pytest.mark.slow
 def test_default_serves_every_exported_file(chain):
     cfg = config(chain, "serve.llamacpp.files=null")
     assert sorted(name for name, _ in targets(cfg, "llamacpp")) == sorted(
         f"{s}.{t}" for s in ("trained", "awq_smoothed") for t in ("f16", "q8_0", "q4_k_m"))
 
 
+@pytest.mark.slow
 def test_server_streams_and_always_stops(chain, tmp_path):
     cfg = config(chain)
     port = free_port()
@@ -84,7 +87,8 @@ def test_a_server_that_cannot_start_reports_its_log(tmp_path):
     assert "missing.gguf" in str(error.value)  # the tail of the server's own log
 
 
-def test_server_dying_mid_benchmark_is_a_failure_not_numbers(chain):
+@pytest.mark.slow
+def test_server_dying_mid_benchmark_is_a_failure_not_numbers(own_chain):
     killed = []
 
     def kill_server_once_ready():
@@ -106,39 +110,43 @@ def test_server_dying_mid_benchmark_is_a_failure_not_numbers(chain):
     killer = threading.Thread(target=kill_server_once_ready)
     killer.start()
     # Other load settings than the chain's, so this failed run gets its own output directory.
-    result = pipeline(chain, "stage=serve", *SMALL_CHAIN, "serve.llamacpp.files=[trained.q8_0]", "serve.load.requests=4",
+    result = pipeline(own_chain, "stage=serve", *SMALL_CHAIN, "serve.llamacpp.files=[trained.q8_0]", "serve.load.requests=4",
                       "serve.load.levels=[1]", "serve.load.output_tokens=31", check=False)
     killer.join()
     assert killed and result.returncode != 0
     assert "serve failed for trained.q8_0" in result.stderr and "died" in result.stderr
-    serve = runs(chain, "serve")[-1]
+    serve = runs(own_chain, "serve")[-1]
     assert serve.info.status == "FAILED"
     assert serve.data.metrics["serve/trained.q8_0/failed"] == 1.0
     assert not any(k.startswith("serve/trained.q8_0/c1") for k in serve.data.metrics)
-    failed = [json.loads(p.read_text()) for p in (chain / "artifacts" / "serve").glob("*/summary.json")]
+    failed = [json.loads(p.read_text()) for p in (own_chain / "artifacts" / "serve").glob("*/summary.json")]
     failed = [s["results"]["trained.q8_0"] for s in failed if s["results"]["trained.q8_0"]["status"] == "failed"]
     assert failed and "levels" not in failed[0] and failed[0]["log_tail"]
 
 
-def test_port_in_use_is_refused_and_free_ports_avoid_it(chain):
+@pytest.mark.slow
+def test_port_in_use_is_refused_and_free_ports_avoid_it(own_chain):
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
         assert all(free_port() != port for _ in range(50))
-        result = pipeline(chain, "stage=serve", *SMALL_CHAIN, f"serve.port={port}", check=False)
+        result = pipeline(own_chain, "stage=serve", *SMALL_CHAIN, f"serve.port={port}", check=False)
     assert result.returncode != 0 and f"serve.port={port} is already in use" in result.stderr
 
 
-def test_missing_file_or_engine_is_an_early_clear_error(chain, tmp_path):
-    result = pipeline(chain, "stage=serve", *SMALL_CHAIN, "serve.llamacpp.files=[trained.q3_k]", check=False)
+@pytest.mark.slow
+def test_missing_file_or_engine_is_an_early_clear_error(own_chain, tmp_path_factory):
+    result = pipeline(own_chain, "stage=serve", *SMALL_CHAIN, "serve.llamacpp.files=[trained.q3_k]", check=False)
     assert result.returncode != 0 and "trained.q3_k not exported; available:" in result.stderr
     if not torch.cuda.is_available():
-        result = pipeline(tmp_path, "stage=serve", "serve.engine=vllm", check=False)
+        empty = tmp_path_factory.mktemp("empty")
+        result = pipeline(empty, "stage=serve", "serve.engine=vllm", check=False)
         assert result.returncode != 0 and "serve.engine=vllm needs a CUDA GPU" in result.stderr
-        assert not (tmp_path / "artifacts").exists()
+        assert not (empty / "artifacts").exists()
 
 
+@pytest.mark.slow
 def test_vllm_command_line(chain):
     cfg = config(chain, "serve.vllm.command=[/opt/vllm/bin/vllm]", "serve.vllm.extra_args=[--enforce-eager]")
     quantized = only_dir(chain / "artifacts" / "quantize")
@@ -151,9 +159,10 @@ def test_vllm_command_line(chain):
     assert "--quantization" not in trained
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not torch.cuda.is_available() or subprocess.run(["which", "vllm"], capture_output=True).returncode,
                     reason="needs a GPU and vLLM")
-def test_vllm_serves_the_chain(chain):
-    pipeline(chain, "stage=serve", *SMALL_CHAIN, "serve.engine=vllm")
-    summary = read_json(max((chain / "artifacts" / "serve").glob("*/summary.json"), key=lambda p: p.stat().st_mtime))
+def test_vllm_serves_the_chain(own_chain):
+    pipeline(own_chain, "stage=serve", *SMALL_CHAIN, "serve.engine=vllm")
+    summary = read_json(max((own_chain / "artifacts" / "serve").glob("*/summary.json"), key=lambda p: p.stat().st_mtime))
     assert summary["engine"] == "vllm" and all(r["status"] == "ok" for r in summary["results"].values())

@@ -63,6 +63,7 @@ def mlflow_server(tmp_path_factory):
         yield server.url, root / "store"
 
 
+@pytest.mark.slow
 def test_pipeline_logs_through_a_real_tracking_server(tmp_path, mlflow_server):
     from mlflow.tracking import MlflowClient
 
@@ -77,6 +78,7 @@ def test_pipeline_logs_through_a_real_tracking_server(tmp_path, mlflow_server):
     assert list(store.rglob("manifest.json")) and not (tmp_path / "mlruns").exists()
 
 
+@pytest.mark.slow
 def test_unreachable_server_fails_before_any_work(tmp_path):
     result = pipeline(tmp_path, "tracking=server", f"tracking.uri=http://127.0.0.1:{free_port()}", check=False)
     assert result.returncode != 0
@@ -84,6 +86,7 @@ def test_unreachable_server_fails_before_any_work(tmp_path):
     assert not (tmp_path / "artifacts").exists()
 
 
+@pytest.mark.slow
 def test_metrics_survive_a_server_that_drops_mid_run(tmp_path):
     from mlflow.tracking import MlflowClient
 

@@ -26,6 +26,7 @@ def saved_tensors(model_dir):
         return {k: f.get_tensor(k) for k in f.keys()}
 
 
+@pytest.mark.slow
 def test_fp32_trains_and_logs_everything(run_pipeline, tmp_path):
     run_pipeline(PREP_AND_TRAIN, "train.precision=fp32", *FAST, "train.max_steps=12", "tracking.log_model=true")
     client = mlflow_client(tmp_path)
@@ -63,6 +64,7 @@ def test_fp32_trains_and_logs_everything(run_pipeline, tmp_path):
     assert not any((tmp_path / "artifacts" / "checkpoints").glob("*/step-*"))  # cleaned after success
 
 
+@pytest.mark.slow
 def test_bf16_computes_in_bf16(run_pipeline, tmp_path):
     run_pipeline(PREP_AND_TRAIN, "train.precision=bf16", *FAST)
     (train,) = runs(tmp_path, "train")
@@ -72,6 +74,7 @@ def test_bf16_computes_in_bf16(run_pipeline, tmp_path):
     assert {str(t.dtype) for t in saved_tensors(out).values()} == {"torch.float32"}  # fp32 masters
 
 
+@pytest.mark.slow
 def test_fp16_really_runs_fp16_with_loss_scaling(run_pipeline, tmp_path):
     # Accelerate alone would silently train this in fp32 on a CPU.
     run_pipeline(PREP_AND_TRAIN, "train.precision=fp16", *FAST, "train.max_steps=3", "train.micro_batch_size=4",
@@ -87,6 +90,7 @@ def test_fp16_really_runs_fp16_with_loss_scaling(run_pipeline, tmp_path):
     assert train.data.metrics["train/skipped_steps"] == summary["skipped_steps"]
 
 
+@pytest.mark.slow
 def test_auto_decides_from_the_cpu_and_says_why(run_pipeline, tmp_path):
     from pipeline.hardware import CPU_BF16_FLAGS, detect
 
@@ -100,6 +104,7 @@ def test_auto_decides_from_the_cpu_and_says_why(run_pipeline, tmp_path):
     assert ("no native bf16" in parent.data.tags["precision.reason"]) == (expected == "fp32")
 
 
+@pytest.mark.slow
 def test_fp8_on_cpu_is_refused_before_any_work(run_pipeline, tmp_path):
     result = run_pipeline("train.precision=fp8", check=False)
     assert result.returncode != 0
@@ -107,6 +112,7 @@ def test_fp8_on_cpu_is_refused_before_any_work(run_pipeline, tmp_path):
     assert not (tmp_path / "artifacts").exists() and not (tmp_path / "mlflow.db").exists()
 
 
+@pytest.mark.slow
 def test_resume_after_kill_matches_uninterrupted_run(tmp_path):
     settings = [PREP_AND_TRAIN, "train.precision=fp32", *FAST, "train.max_steps=24", "train.checkpoint_every=4"]
     straight, broken = tmp_path / "straight", tmp_path / "broken"
@@ -134,6 +140,7 @@ def test_resume_after_kill_matches_uninterrupted_run(tmp_path):
     assert max((wa[k] - wb[k]).abs().max().item() for k in wa) < 1e-5
 
 
+@pytest.mark.slow
 def test_same_seed_same_weights_and_the_logged_config_redoes_the_run(tmp_path):
     first, second = tmp_path / "first", tmp_path / "second"
     first.mkdir(), second.mkdir()
@@ -155,6 +162,7 @@ def test_same_seed_same_weights_and_the_logged_config_redoes_the_run(tmp_path):
     assert len(list((first / "artifacts" / "train").iterdir())) == 2  # another seed, another directory
 
 
+@pytest.mark.slow
 def test_multirun_of_two_precisions_keeps_both(run_pipeline, tmp_path):
     run_pipeline(PREP_AND_TRAIN, "train.precision=fp32,bf16", *FAST, "train.max_steps=4", multirun=True)
     trains = runs(tmp_path, "train")
@@ -183,6 +191,7 @@ def local_checkpoint(tmp_path):
     return path
 
 
+@pytest.mark.slow
 def test_hf_checkpoint_fine_tunes_with_lora_merged(run_pipeline, tmp_path, local_checkpoint):
     run_pipeline(PREP_AND_TRAIN, "model=hf", f"model.name_or_path={local_checkpoint}", "model.lora.enabled=true",
                  "train.precision=fp32", *FAST, "train.lr=1e-2")
@@ -195,6 +204,7 @@ def test_hf_checkpoint_fine_tunes_with_lora_merged(run_pipeline, tmp_path, local
     assert torch.equal(tuned["model.layers.0.mlp.up_proj.weight"], base["model.layers.0.mlp.up_proj.weight"])
 
 
+@pytest.mark.slow
 def test_nan_loss_stops_with_a_clear_message(run_pipeline, tmp_path, local_checkpoint):
     from transformers import LlamaForCausalLM
 

@@ -1,0 +1,214 @@
+"""Typed settings: Hydra structured configs for the config groups whose options share one shape.
+
+Each dataclass is the schema of a group (registered as `<group>/schema`, which the group's YAML
+files list first in their defaults); the YAML files hold the values and say what they mean.
+Hydra checks every value's type as it composes the config, and refuses unknown keys. What a type
+cannot say (a choice among names, a lower bound) is in each field's metadata, and `validate`
+checks it before any stage's own check(), which keeps only what spans several settings or needs
+the filesystem or the hardware.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, DictConfig
+
+from pipeline.hardware import PRECISIONS
+
+TRAINING_PRECISIONS = tuple(p for p in PRECISIONS if p != "auto")
+
+
+def setting(*, choices: tuple | None = None, each: tuple | None = None, low=None, high=None, default=MISSING,
+            factory=None):
+    """A field with no value of its own (the YAML gives it) and the constraints beyond its type:
+    `choices` for a name, `each` for every item of a list, `low` / `high` inclusive bounds."""
+    metadata = {k: v for k, v in (("choices", choices), ("each", each), ("low", low), ("high", high)) if v is not None}
+    if factory is not None:
+        return field(default_factory=factory, metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+@dataclass
+class Train:
+    precision: str = setting(choices=PRECISIONS)
+    max_steps: int = setting(low=1)
+    micro_batch_size: int = setting(low=1)
+    grad_accum_steps: int = setting(low=1)
+    lr: float = setting(low=0)
+    weight_decay: float = setting(low=0)
+    betas: list[float] = setting(factory=lambda: [0.9, 0.95])
+    warmup_steps: int = setting(low=0)
+    min_lr_ratio: float = setting(low=0, high=1)
+    max_grad_norm: float = setting(low=0)
+    init_loss_scale: float = setting(low=1)
+    max_consecutive_skips: int = setting(low=1)
+    log_every: int = setting(low=1)
+    eval_every: int = setting(low=1)
+    eval_batches: Optional[int] = setting(low=1)
+    checkpoint_every: int = setting(low=1)
+    resume: bool = MISSING
+    threads: Optional[int] = setting(low=1)
+
+
+@dataclass
+class Calibration:
+    samples: int = setting(low=1)
+    seq_len: int = setting(low=1)
+
+
+@dataclass
+class AWQ:
+    # llm-compressor 0.14 divides by n_grid - 2.
+    n_grid: int = setting(low=3)
+    duo_scaling: bool = MISSING
+    smoothed_max_kl: float = setting(low=0)
+
+
+@dataclass
+class Quantize:
+    methods: list[str] = setting(each=("awq", "rtn"), factory=list)
+    group_size: int = setting(low=1)
+    symmetric: bool = MISSING
+    ignore: list[str] = setting(factory=list)
+    calibration: Calibration = field(default_factory=Calibration)
+    awq: AWQ = field(default_factory=AWQ)
+
+
+@dataclass
+class ExportCheck:
+    sequences: int = setting(low=1)
+    max_logit_diff: float = setting(low=0)
+    texts: int = setting(low=1)
+
+
+@dataclass
+class Export:
+    sources: list[str] = setting(each=("trained", "awq_smoothed"), factory=list)
+    base_type: str = setting(choices=("auto", "f16", "bf16", "f32"))
+    types: list[str] = setting(factory=list)
+    allow_fallback: bool = MISSING
+    pre_tokenizer: str = MISSING
+    check: ExportCheck = field(default_factory=ExportCheck)
+    log_files_max_mb: float = setting(low=0)
+
+
+@dataclass
+class Evaluate:
+    max_sequences: Optional[int] = setting(low=1)
+    batch_size: int = setting(low=1)
+    bootstrap: int = setting(low=1)
+    confidence: float = setting(low=0.5, high=0.999)
+    prompts: int = setting(low=1)
+    prompt_tokens: int = setting(low=1)
+    continuation_tokens: int = setting(low=1)
+    extra: dict[str, str] = setting(factory=dict)
+    reference_seed: Optional[int] = None
+
+
+@dataclass
+class LlamaCpp:
+    files: Optional[list[str]] = None
+    threads: int = setting(low=1)
+
+
+@dataclass
+class VLLM:
+    command: list[str] = setting(factory=list)
+    artifacts: list[str] = setting(each=("trained", "awq"), factory=list)
+    gpu_memory_utilization: float = setting(low=0.05, high=1)
+    extra_args: list[str] = setting(factory=list)
+
+
+@dataclass
+class External:
+    url: Optional[str] = None
+    model: Optional[str] = None
+    api_key: Optional[str] = None
+
+
+@dataclass
+class Load:
+    profile: str = setting(choices=("concurrent", "constant", "poisson", "synchronous", "throughput"))
+    # Streams (concurrent) or requests/s (constant, poisson): ints or floats.
+    levels: list[Any] = setting(factory=list)
+    requests: int = setting(low=1)
+    prompt_tokens: int = setting(low=1)
+    output_tokens: int = setting(low=1)
+
+
+@dataclass
+class SLO:
+    ttft_ms: float = setting(low=0)
+    itl_ms: float = setting(low=0)
+
+
+@dataclass
+class Crosscheck:
+    abs_ms: float = setting(low=0)
+    rel: float = setting(low=0)
+
+
+@dataclass
+class Serve:
+    engine: str = setting(choices=("auto", "llamacpp", "vllm", "external"))
+    port: Optional[int] = setting(low=1, high=65535)
+    ready_timeout_s: float = setting(low=1)
+    llamacpp: LlamaCpp = field(default_factory=LlamaCpp)
+    vllm: VLLM = field(default_factory=VLLM)
+    external: External = field(default_factory=External)
+    load: Load = field(default_factory=Load)
+    slo: SLO = field(default_factory=SLO)
+    crosscheck: Crosscheck = field(default_factory=Crosscheck)
+
+
+@dataclass
+class Report:
+    precisions: list[str] = setting(each=TRAINING_PRECISIONS, factory=list)
+    runs: list[str] = setting(factory=list)
+    noise_seed: int = MISSING
+    serve_level: str = MISSING
+    quality_metric: str = setting(choices=("kl", "perplexity"))
+    min_sequences: int = setting(low=2)
+    max_interval_width: float = setting(low=0)
+    kl_budgets: list[float] = setting(factory=list)
+    gates: list[Any] = setting(factory=list)
+
+
+SCHEMAS = {"train": Train, "quantize": Quantize, "export": Export, "evaluate": Evaluate, "serve": Serve, "report": Report}
+
+
+def register() -> None:
+    store = ConfigStore.instance()
+    for group, schema in SCHEMAS.items():
+        store.store(group=group, name="schema", node=schema)
+
+
+def problems(value, schema, path: str) -> list[str]:
+    """What in `value` (a group's settings) breaks the constraints of `schema`'s fields."""
+    found = []
+    for f in dataclasses.fields(schema):
+        item, where, rule = value.get(f.name), f"{path}.{f.name}", f.metadata
+        if dataclasses.is_dataclass(f.default_factory):
+            found += problems(item or {}, f.default_factory, where)
+        if item is None or not rule:
+            continue
+        if "choices" in rule and item not in rule["choices"]:
+            found.append(f"{where}={item!r} is not one of {', '.join(rule['choices'])}.")
+        if "each" in rule and (not item or any(i not in rule["each"] for i in item)):
+            found.append(f"{where}={list(item)} must be a non-empty list of {', '.join(rule['each'])}.")
+        if "low" in rule and item < rule["low"]:
+            found.append(f"{where}={item} must be at least {rule['low']}.")
+        if "high" in rule and item > rule["high"]:
+            found.append(f"{where}={item} must be at most {rule['high']}.")
+    return found
+
+
+def validate(cfg: DictConfig) -> None:
+    """Every constraint of every group's schema, all reported at once."""
+    found = [p for group, schema in SCHEMAS.items() if group in cfg for p in problems(cfg[group], schema, group)]
+    if found:
+        raise ValueError(" ".join(found))

@@ -1,0 +1,87 @@
+"""The stage contract: what every module in stages/ declares and provides.
+
+A stage module declares `STAGE = Stage(...)` (its name, the settings its output depends on, the
+stages whose outputs it reads, whether it may run in several processes) and provides
+`check(cfg)`, `run(cfg, tracker)` and `record(cfg, tracker)`. The runner, the output addresses
+(pipeline.artifacts) and the DVC graph (pipeline.graph) read these declarations and nothing else.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+from omegaconf import DictConfig
+
+_DECLARED: dict[str, "Stage"] = {}
+
+
+class PipelineError(RuntimeError):
+    """A failure the message explains in full (a gate broken, a server that died, a rank that
+    failed, a store that stopped answering): the user needs the message, not a traceback."""
+
+
+# What `python -m pipeline` reports as one line: bad settings and inputs (ValueError), unusable
+# paths (OSError), numbers a precision cannot hold (FloatingPointError) and the explained
+# failures. Anything else is a bug, and keeps its traceback.
+USER_ERRORS = (ValueError, OSError, FloatingPointError, PipelineError)
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    # Config keys (a section such as "train", or a dotted leaf) whose values the output depends on.
+    settings: tuple[str, ...]
+    # Stages whose outputs this one reads: their addresses are part of its own.
+    reads: tuple[str, ...] = ()
+    # Keys under `settings` that change how the stage runs but not what it writes.
+    ignores: tuple[str, ...] = ()
+    # What one output covers: "data" (one per data set), "run" (one per model, precision and
+    # seed) or "sweep" (one for every precision of otherwise identical settings).
+    scope: str = "run"
+    # Whether `accelerate=...` may run it in several processes.
+    launchable: bool = False
+    # Whether a finished output at its address is used again instead of running the stage. A
+    # stage that reads outputs beyond its own address (the report reads every precision) is not.
+    reusable: bool = True
+    # Stages whose outputs it also reads at the fp32 reference settings (fp32 at
+    # evaluate.reference_seed), where those exist: whether they do is part of its address.
+    references: tuple[str, ...] = ()
+
+    def __post_init__(self):
+        # Declaring is registering: a stage's address needs the declarations of what it reads.
+        _DECLARED[self.name] = self
+
+
+def declared(name: str) -> Stage:
+    if name not in _DECLARED:
+        raise KeyError(f"Stage {name!r} is not declared; import pipeline.graph, which loads every stage module.")
+    return _DECLARED[name]
+
+
+class Tracking(Protocol):
+    """What a stage may ask of its tracker (pipeline.tracking.Tracker, or NoTracker off rank 0)."""
+
+    run_id: str | None
+    pipeline_run_id: str | None
+
+    def log_params(self, params: dict[str, str]) -> None: ...
+    def set_tags(self, tags: dict[str, str], run_id: str | None = None) -> None: ...
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None: ...
+    def log_artifact(self, path: Path, artifact_path: str | None = None) -> None: ...
+    def log_artifacts(self, path: Path, artifact_path: str | None = None) -> None: ...
+    def flush(self) -> None: ...
+
+
+class StageModule(Protocol):
+    STAGE: Stage
+
+    def check(self, cfg: DictConfig) -> None:
+        """Refuses bad settings, missing files or unsuitable hardware before any stage works."""
+
+    def run(self, cfg: DictConfig, tracker: Tracking) -> None:
+        """Writes the output at its address (atomically), then records it."""
+
+    def record(self, cfg: DictConfig, tracker: Tracking) -> None:
+        """Logs what the finished output at its address holds: after run, and when it is reused."""

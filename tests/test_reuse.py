@@ -1,0 +1,79 @@
+"""Finished stages are reused: a second run with nothing changed runs only the report, and a
+change of settings or of a stage's code runs that stage and the stages after it again."""
+
+import shutil
+
+import pytest
+
+from pipeline.artifacts import read_json
+from tests.conftest import ROOT, SMALL_CHAIN, pipeline, replace, runs
+
+pytestmark = pytest.mark.slow
+CHAIN = replace(SMALL_CHAIN, "serve.llamacpp.files=[trained.q4_k_m]", "serve.load.levels=[1]")
+
+
+def stage_runs(cwd, parent):
+    """{stage: reused?} of the child runs of one pipeline run."""
+    return {r.data.tags["stage"]: r.data.tags["reused"] == "true" for r in runs(cwd)
+            if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id}
+
+
+def last_parent(cwd):
+    return [r for r in runs(cwd) if "mlflow.parentRunId" not in r.data.tags][-1]
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory):
+    """A copy of the project (its code is changed below) with one finished chain."""
+    project = tmp_path_factory.mktemp("project")
+    for name in ("pipeline", "stages", "conf"):
+        shutil.copytree(ROOT / name, project / name, ignore=shutil.ignore_patterns("__pycache__"))
+    pipeline(project, "stage=all", *CHAIN, root=project)
+    return project
+
+
+def test_second_run_reuses_every_finished_stage(project):
+    before = {p: p.stat().st_mtime_ns for p in (project / "artifacts").glob("*/*/summary.json")}
+    result = pipeline(project, "stage=all", *CHAIN, root=project)
+    reused = stage_runs(project, last_parent(project))
+    assert reused == {"prepare": True, "train": True, "quantize": True, "export": True, "evaluate": True,
+                      "serve": True, "report": False}
+    assert "stage serve: reusing" in result.stdout + result.stderr
+    assert {p: p.stat().st_mtime_ns for p in before} == before  # nothing rewritten
+    # The stored results are logged again to the reused runs.
+    evaluate = [r for r in runs(project, "evaluate")][-1]
+    assert evaluate.data.tags["reused"] == "true" and evaluate.data.metrics["eval/trained.q8_0/kl"] > 0
+
+
+def test_a_settings_change_reruns_that_stage_and_those_after_it(project):
+    pipeline(project, "stage=all", *replace(CHAIN, "evaluate.bootstrap=150"), root=project)
+    reused = stage_runs(project, last_parent(project))
+    assert [s for s, again in reused.items() if not again] == ["evaluate", "report"]
+
+
+def test_rerun_forces_a_stage(project):
+    pipeline(project, "stage=all", *CHAIN, "rerun=[serve]", root=project)
+    reused = stage_runs(project, last_parent(project))
+    assert [s for s, again in reused.items() if not again] == ["serve", "report"]
+
+
+def test_a_code_change_reruns_that_stage_and_those_after_it(project):
+    export = project / "stages" / "export.py"
+    export.write_text(export.read_text() + "\n# a change to the export stage's code\n")
+    pipeline(project, "stage=all", *CHAIN, root=project)
+    reused = stage_runs(project, last_parent(project))
+    assert [s for s, again in reused.items() if not again] == ["export", "evaluate", "serve", "report"]
+    exports = sorted((project / "artifacts" / "export").iterdir())
+    assert len([p for p in exports if not p.name.startswith(".")]) == 2  # the first output is kept, not overwritten
+    assert read_json(exports[0] / "manifest.json").keys() == read_json(exports[1] / "manifest.json").keys()
+
+
+def test_a_bad_setting_prints_one_line_without_a_traceback(tmp_path):
+    result = pipeline(tmp_path, "train.max_steps=0", check=False)
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == ["error: train.max_steps=0 must be at least 1."]
+    (tmp_path / "file").write_text("")
+    result = pipeline(tmp_path, f"paths.artifacts={tmp_path}/file/artifacts", check=False)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert result.stderr.strip() == (f"error: paths.artifacts='{tmp_path}/file/artifacts' is not a writable directory "
+                                     "(Not a directory). Point paths.artifacts at a directory this user can write.")
