@@ -25,10 +25,12 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from pipeline.artifacts import stage_dir  # noqa: E402
+from pipeline.config import register  # noqa: E402
 from pipeline.data import load_blocks  # noqa: E402
 from pipeline.runner import run  # noqa: E402
 from stages.train import batch_at, build_model, lr_lambda  # noqa: E402
 
+register()  # the typed schemas the config groups build on
 WARMUP = 5  # steps left out of every timing (allocator and kernel warm-up)
 DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 

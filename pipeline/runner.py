@@ -8,7 +8,7 @@ not run again: its stored result is logged to its child run, tagged `reused`. `r
 from __future__ import annotations
 
 import logging
-import tempfile
+import os
 from pathlib import Path
 
 from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
@@ -33,17 +33,19 @@ def forced(rerun, stages: list[str]) -> set[str]:
 
 
 def require_writable(cfg: DictConfig) -> None:
-    """Where outputs go must take files, checked before any work, not found out by a stage."""
+    """Where outputs go must take files: checked before any work (and without writing anything),
+    not found out by a stage."""
     for key in ("paths.artifacts", "paths.fixed"):
         where = OmegaConf.select(cfg, key)
         if where is None:
             continue
-        try:
-            Path(where).mkdir(parents=True, exist_ok=True)
-            tempfile.TemporaryFile(dir=where).close()
-        except OSError as error:
-            raise NotADirectoryError(f"{key}={where!r} is not a writable directory ({error.strerror or error}). "
-                                     f"Point {key} at a directory this user can write.") from error
+        path = Path(where).resolve()
+        existing = next(p for p in (path, *path.parents) if p.exists())
+        reason = (f"{existing} is not a directory" if not existing.is_dir() else
+                  f"{existing} is not writable by this user" if not os.access(existing, os.W_OK | os.X_OK) else None)
+        if reason:
+            raise NotADirectoryError(f"{key}={where!r} is not a writable directory ({reason}). "
+                                     f"Point {key} at a directory this user can write.")
 
 
 def _hydra_context() -> dict[str, str]:

@@ -32,6 +32,18 @@ def compose_with(*overrides):
         return compose("config", overrides=list(overrides))
 
 
+def refused(tmp_path: Path, *overrides: str) -> str:
+    """The error `python -m pipeline` refuses these settings with, found in-process by the same
+    pre-flight checks (pipeline.runner.preflight); nothing may have been written."""
+    from pipeline.contract import USER_ERRORS
+    from pipeline.runner import preflight
+
+    with pytest.raises(USER_ERRORS) as error:
+        preflight(compose_with(*overrides, f"paths.artifacts={tmp_path}/artifacts"))
+    assert not (tmp_path / "artifacts").exists()
+    return str(error.value)
+
+
 def replace(overrides: list[str], *new: str) -> list[str]:
     """`overrides` with the keys of `new` set to new values (Hydra refuses a key given twice)."""
     keys = {o.split("=", 1)[0] for o in new}

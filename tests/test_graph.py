@@ -129,7 +129,7 @@ def test_bad_settings_are_refused_before_any_work(override, message, tmp_path):
 def test_unwritable_artifacts_path_is_refused_with_the_path_and_reason(tmp_path):
     (tmp_path / "file").write_text("")
     with pytest.raises(NotADirectoryError, match=rf"paths.artifacts='{tmp_path}/file/artifacts' is not a writable "
-                                                 r"directory \(Not a directory\)"):
+                                                 rf"directory \({tmp_path}/file is not a directory\)"):
         preflight(compose_with(f"paths.artifacts={tmp_path}/file/artifacts", "stage=prepare"))
 
 

@@ -9,7 +9,7 @@ from pipeline.artifacts import read_json
 from tests.conftest import ROOT, SMALL_CHAIN, pipeline, replace, runs
 
 pytestmark = pytest.mark.slow
-CHAIN = replace(SMALL_CHAIN, "serve.llamacpp.files=[trained.q4_k_m]", "serve.load.levels=[1]")
+CHAIN = SMALL_CHAIN
 
 
 def stage_runs(cwd, parent):
@@ -23,12 +23,12 @@ def last_parent(cwd):
 
 
 @pytest.fixture(scope="module")
-def project(tmp_path_factory):
-    """A copy of the project (its code is changed below) with one finished chain."""
+def project(chain, tmp_path_factory):
+    """A copy of the project (its code is changed below) holding the shared chain's finished outputs."""
     project = tmp_path_factory.mktemp("project")
     for name in ("pipeline", "stages", "conf"):
         shutil.copytree(ROOT / name, project / name, ignore=shutil.ignore_patterns("__pycache__"))
-    pipeline(project, "stage=all", *CHAIN, root=project)
+    shutil.copytree(chain / "artifacts", project / "artifacts", symlinks=True)
     return project
 
 
@@ -52,9 +52,9 @@ def test_a_settings_change_reruns_that_stage_and_those_after_it(project):
 
 
 def test_rerun_forces_a_stage(project):
-    pipeline(project, "stage=all", *CHAIN, "rerun=[serve]", root=project)
+    pipeline(project, "stage=all", *CHAIN, "rerun=[evaluate]", root=project)
     reused = stage_runs(project, last_parent(project))
-    assert [s for s, again in reused.items() if not again] == ["serve", "report"]
+    assert [s for s, again in reused.items() if not again] == ["evaluate", "report"]
 
 
 def test_a_code_change_reruns_that_stage_and_those_after_it(project):
@@ -76,4 +76,5 @@ def test_a_bad_setting_prints_one_line_without_a_traceback(tmp_path):
     result = pipeline(tmp_path, f"paths.artifacts={tmp_path}/file/artifacts", check=False)
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert result.stderr.strip() == (f"error: paths.artifacts='{tmp_path}/file/artifacts' is not a writable directory "
-                                     "(Not a directory). Point paths.artifacts at a directory this user can write.")
+                                     f"({tmp_path}/file is not a directory). Point paths.artifacts at a directory this "
+                                     "user can write.")
