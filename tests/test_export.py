@@ -9,6 +9,8 @@ import torch
 from pipeline import llamacpp
 from pipeline.artifacts import read_json
 from pipeline.models import load_causal_lm
+from stages.export import PRE_TOKENIZERS
+from stages.export import pre_tokenizer as pre_tokenizer_name
 from tests.conftest import FAST, only_dir, refused, runs
 
 EXPORT_ONLY = ["stage=[prepare,train,export]", "train.precision=fp32", *FAST, "export.sources=[trained]"]
@@ -139,3 +141,21 @@ def test_unsupported_architecture_refused_before_writing(tmp_path, gpt2_checkpoi
 def test_unknown_llama_cpp_type_names_the_valid_ones(tmp_path):
     message = refused(tmp_path, "export.types=[q4_k_x]")
     assert "'q4_k_x' is not a llama.cpp type" in message and "q4_k_m" in message
+
+
+@pytest.mark.parametrize("pre_tokenizer, expected", [
+    ({"type": "ByteLevel", "use_regex": True}, "gpt-2"),
+    ({"type": "Sequence", "pretokenizers": [{"type": "Split", "pattern": {"Regex": next(k for k, v in PRE_TOKENIZERS.items() if v == "llama-bpe")}},
+                                            {"type": "ByteLevel", "use_regex": False}]}, "llama-bpe"),
+    ({"type": "Sequence", "pretokenizers": [{"type": "Split", "pattern": {"Regex": next(k for k, v in PRE_TOKENIZERS.items() if v == "qwen2")}},
+                                            {"type": "ByteLevel", "use_regex": False}]}, "qwen2"),
+])
+def test_pre_tokenizer_is_recognised_from_tokenizer_json(pre_tokenizer, expected):
+    assert pre_tokenizer_name({"pre_tokenizer": pre_tokenizer}, "auto") == expected
+
+
+def test_unknown_pre_tokenizer_asks_for_its_name_and_an_explicit_name_wins():
+    unknown = {"pre_tokenizer": {"type": "Whitespace"}}
+    with pytest.raises(ValueError, match="set export.pre_tokenizer to llama.cpp's name for it"):
+        pre_tokenizer_name(unknown, "auto")
+    assert pre_tokenizer_name(unknown, "deepseek-llm") == "deepseek-llm"

@@ -13,7 +13,8 @@ import pytest
 from omegaconf import OmegaConf
 
 from pipeline.artifacts import read_json, stage_dir
-from stages.report import NOISE, compare, decide, fmt, lookup, paired_ratio, pareto_front, plot_data, verdict
+from stages.report import (NOISE, compare, decide, fmt, gate_line, gate_results, lookup, paired_ratio, pareto_front, plot_data,
+                           verdict)
 from tests.conftest import SMALL_CHAIN, compose_with, mlflow_client, only_dir, pipeline, refused, replace, runs
 
 CHAIN = SMALL_CHAIN
@@ -311,3 +312,30 @@ def test_plot_data_holds_only_measured_values():
 def test_pareto_front():
     points = [(10, 0.5), (20, 0.6), (5, 0.1), (8, 0.7), (20, 0.9)]
     assert pareto_front(points) == [(5, 0.1), (10, 0.5), (20, 0.6)]
+
+
+def test_gates_pass_fail_and_skip_what_was_not_run():
+    rows = {"fp32": {"artifacts": {"trained.q8_0": {"kl": 1e-5}, "trained.16bit": {"kl": 1e-8}}},
+            "bf16": {"artifacts": {"trained.q8_0": {"kl": 3e-3}}}}
+    gates = [{"artifact": "trained.q8_0", "metric": "kl", "max": 1e-3},
+             {"artifact": "trained.bf16", "metric": "kl", "max": 1e-6, "precision": "bf16"},  # 16-bit: one column
+             {"artifact": "trained.q8_0", "metric": "kl", "min": 0.0}]
+    results = gate_results(rows, ["fp32", "bf16", "fp16"], gates)
+    assert [(g["precision"], g["status"]) for g in results] == [
+        ("fp32", "pass"), ("bf16", "FAIL"), ("fp16", "skipped"),
+        ("bf16", "FAIL"),  # the bf16 row has no 16-bit value: missing in a run precision fails
+        ("fp32", "pass"), ("bf16", "pass"), ("fp16", "skipped")]
+    assert gate_line(results[1]) == "- FAIL: bf16 trained.q8_0 kl = 3.00e-03 (limit <= 0.001)"
+    assert gate_line(results[3]).endswith("kl = missing (limit <= 1e-06)")
+
+
+@pytest.mark.slow
+def test_the_ci_gates_pass_on_the_two_precision_smoke_sweep(reports, tmp_path):
+    """The quality gates this project's CI enforces (conf/report/ci.yaml), on the real fp32 + bf16
+    sweep above: a broken export, quantizer or server fails CI here."""
+    shutil.copytree(reports.cwd / "artifacts", tmp_path / "artifacts", symlinks=True)
+    pipeline(tmp_path, "stage=report", "report=ci", *CHAIN)
+    gates = read_json(stage_dir(compose_with("report=ci", *CHAIN, f"paths.artifacts={tmp_path}/artifacts"), "report")
+                      / "gates.json")
+    assert len(gates) == 2 * len(compose_with("report=ci").report.gates)
+    assert all(g["status"] == "pass" for g in gates), [g for g in gates if g["status"] != "pass"]

@@ -7,16 +7,18 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import httpx
 import psutil
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
 
 from pipeline.artifacts import read_json
 from pipeline.server import Server, ServerError, free_port
-from stages.serve import server_command, streamed_ttft_ms, targets
+from stages.serve import server_command, streamed_ttft_ms, summarize, targets
 from tests.conftest import ROOT, SMALL_CHAIN, only_dir, pipeline, runs
 
 
@@ -166,3 +168,17 @@ def test_vllm_serves_the_chain(own_chain):
     pipeline(own_chain, "stage=serve", *SMALL_CHAIN, "serve.engine=vllm")
     summary = read_json(max((own_chain / "artifacts" / "serve").glob("*/summary.json"), key=lambda p: p.stat().st_mtime))
     assert summary["engine"] == "vllm" and all(r["status"] == "ok" for r in summary["results"].values())
+
+
+def test_guidellm_report_parsing_on_a_saved_report():
+    """A real GuideLLM 0.8.1 report (trimmed to the fields the stage reads) becomes one level's numbers."""
+    report = json.loads((Path(__file__).parent / "data" / "guidellm-report.json").read_text())
+    requests = report["benchmarks"][0]["requests"]["successful"]
+    ttft = sorted(r["time_to_first_token_ms"] for r in requests)
+    loose, tight = OmegaConf.create({"ttft_ms": 1e9, "itl_ms": 1e9}), OmegaConf.create({"ttft_ms": 0, "itl_ms": 0})
+    (label, level), = summarize(report, loose).items()
+    assert label == "c1" and level["requests"] == len(requests) and level["errors"] == 0
+    assert level["output_tokens_per_s"] == report["benchmarks"][0]["metrics"]["output_tokens_per_second"]["successful"]["mean"]
+    assert ttft[0] <= level["ttft_ms_p50"] <= level["ttft_ms_p90"] <= level["ttft_ms_p99"] <= ttft[-1]
+    assert level["output_tokens"] == pytest.approx(sum(r["output_tokens"] for r in requests) / len(requests))
+    assert level["goodput_fraction"] == 1.0 and summarize(report, tight)["c1"]["goodput_fraction"] == 0.0
