@@ -21,7 +21,7 @@ $(VENV)/.installed: pyproject.toml
 run: install
 	$(PY) -m pipeline stage=all
 
-# Everything, as CI runs it: real chains, servers, DVC (about 15 minutes on 2 cores).
+# Everything, as CI runs it: real chains, servers, DVC (about 17 minutes on 2 cores).
 test: install
 	$(PY) -m pytest
 
