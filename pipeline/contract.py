@@ -8,6 +8,7 @@ stages whose outputs it reads, whether it may run in several processes) and prov
 
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -55,8 +56,10 @@ class Stage:
 
 
 def declared(name: str) -> Stage:
+    """The declaration of stage `name`, loading stages/<name>.py if nothing has yet: an address
+    needs the declarations of every stage it reads, whichever stage module was imported first."""
     if name not in _DECLARED:
-        raise KeyError(f"Stage {name!r} is not declared; import pipeline.graph, which loads every stage module.")
+        importlib.import_module(f"stages.{name}")
     return _DECLARED[name]
 
 
