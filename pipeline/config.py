@@ -20,16 +20,19 @@ from omegaconf import MISSING, DictConfig
 from pipeline.hardware import PRECISIONS
 
 TRAINING_PRECISIONS = tuple(p for p in PRECISIONS if p != "auto")
+# 16-bit (or f32) base types of a GGUF export; "auto" picks by training precision.
+BASE_TYPES = ("f16", "bf16", "f32")
+# GuideLLM load profiles, and the option each one's load levels set (none: no levels).
+LOAD_LEVELS = {"concurrent": "streams", "constant": "rate", "poisson": "rate", "synchronous": None, "throughput": None}
 
 
-def setting(*, choices: tuple | None = None, each: tuple | None = None, low=None, high=None, default=MISSING,
-            factory=None):
+def setting(*, choices: tuple | None = None, each: tuple | None = None, low=None, high=None, factory=None):
     """A field with no value of its own (the YAML gives it) and the constraints beyond its type:
     `choices` for a name, `each` for every item of a list, `low` / `high` inclusive bounds."""
     metadata = {k: v for k, v in (("choices", choices), ("each", each), ("low", low), ("high", high)) if v is not None}
     if factory is not None:
         return field(default_factory=factory, metadata=metadata)
-    return field(default=default, metadata=metadata)
+    return field(default=MISSING, metadata=metadata)
 
 
 @dataclass
@@ -88,7 +91,7 @@ class ExportCheck:
 @dataclass
 class Export:
     sources: list[str] = setting(each=("trained", "awq_smoothed"), factory=list)
-    base_type: str = setting(choices=("auto", "f16", "bf16", "f32"))
+    base_type: str = setting(choices=("auto", *BASE_TYPES))
     types: list[str] = setting(factory=list)
     allow_fallback: bool = MISSING
     pre_tokenizer: str = MISSING
@@ -132,7 +135,7 @@ class External:
 
 @dataclass
 class Load:
-    profile: str = setting(choices=("concurrent", "constant", "poisson", "synchronous", "throughput"))
+    profile: str = setting(choices=tuple(LOAD_LEVELS))
     # Streams (concurrent) or requests/s (constant, poisson): ints or floats.
     levels: list[Any] = setting(factory=list)
     requests: int = setting(low=1)

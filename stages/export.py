@@ -24,11 +24,11 @@ from pipeline.artifacts import atomic_dir, read_json, require_stage_output, sha2
 from pipeline.data import load_blocks
 from pipeline.models import load_causal_lm, shape_only_model
 from pipeline import llamacpp
+from pipeline.config import BASE_TYPES
 from pipeline.contract import Stage
 
 STAGE = Stage("export", settings=("export",), reads=("prepare", "train", "quantize"))
 
-BASE_TYPES = ("f16", "bf16", "f32")
 # transformers class -> (GGUF architecture, whether q/k rows are permuted to llama.cpp's rope layout).
 # HF stores q/k for the "rotate half" rope; llama.cpp's llama arch rotates interleaved pairs and
 # its qwen2 arch rotates halves as HF does.

@@ -27,11 +27,11 @@ from pipeline.artifacts import atomic_dir, disk_bytes, read_json, require_stage_
 from pipeline import llamacpp
 from pipeline.data import load_blocks
 from pipeline.server import Server, ServerError, free_port, log_tail, port_is_free
+from pipeline.config import LOAD_LEVELS
 from pipeline.contract import PipelineError, Stage
 
 STAGE = Stage("serve", settings=("serve",), reads=("prepare", "train", "quantize", "export"))
 
-PROFILES = {"concurrent": "streams", "constant": "rate", "poisson": "rate", "synchronous": None, "throughput": None}
 LATENCIES = {"ttft_ms": "time_to_first_token_ms", "itl_ms": "inter_token_latency_ms",
              "tpot_ms": "time_per_output_token_ms", "latency_s": "request_latency"}
 
@@ -125,8 +125,8 @@ def run_guidellm(url: str, model: str, cfg: DictConfig, tokenizer_dir: Path, req
                "--constraint", f"kind=max_requests,count={load.requests}",
                "--data", f"kind=json_file,path={requests}", "--tokenizer", f"kind=huggingface_auto,model={tokenizer_dir}",
                "--output", f"kind=json,path={report}", "--disable-console"]
-    if PROFILES[load.profile]:
-        command += ["--override", f"profile.{PROFILES[load.profile]}", ",".join(str(v) for v in load.levels)]
+    if LOAD_LEVELS[load.profile]:
+        command += ["--override", f"profile.{LOAD_LEVELS[load.profile]}", ",".join(str(v) for v in load.levels)]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     while process.poll() is None:
         if server is not None and server.process.poll() is not None:
