@@ -4,6 +4,8 @@ modules, the DVC pipeline generated from them, and the checks made before any wo
 import ast
 import difflib
 import inspect
+import subprocess
+import sys
 
 import pytest
 from omegaconf import OmegaConf
@@ -143,3 +145,16 @@ def test_the_typed_config_refuses_wrong_types_and_unknown_keys_as_it_composes(ov
         compose_with(override)
     text = f"{error.value} {error.value.__cause__}"
     assert message in text and override.split("=")[0].rpartition(".")[2] in text
+
+
+def test_an_address_needs_no_particular_import_order():
+    """Whichever stage module a process imports first, every address it asks for resolves."""
+    code = ("from hydra import compose, initialize_config_dir\n"
+            "from pipeline.config import register\n"
+            "from pipeline.artifacts import stage_dir\n"
+            "register()\n"
+            f"with initialize_config_dir({str(ROOT / 'conf')!r}, version_base='1.3'):\n"
+            "    print(stage_dir(compose('config'), 'report').name)\n")
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.startswith("tiny-sweep-seed0-")
