@@ -1,7 +1,9 @@
-"""Typed settings: Hydra structured configs for the config groups whose options share one shape.
+"""Typed settings: a Hydra structured config for every config group.
 
 Each dataclass is the schema of a group (registered as `<group>/schema`, which the group's YAML
-files list first in their defaults); the YAML files hold the values and say what they mean.
+files list first in their defaults); the YAML files hold the values and say what they mean. Where
+a group's options differ in shape (data sources, model kinds, launch configs), the schema is their
+union and a setting one option does not use is null.
 Hydra checks every value's type as it composes the config, and refuses unknown keys. What a type
 cannot say (a choice among names, a lower bound) is in each field's metadata, and `validate`
 checks it before any stage's own check(), which keeps only what spans several settings or needs
@@ -19,6 +21,11 @@ from omegaconf import MISSING, DictConfig
 
 from pipeline.hardware import PRECISIONS
 
+# Where prepare reads documents from (conf/data/<source>.yaml).
+DATA_SOURCES = ("pydoc", "text", "hf")
+# Accelerate's distributed_type values the train stage launches with ("NO": one process).
+DISTRIBUTED_TYPES = ("NO", "MULTI_GPU", "FSDP", "DEEPSPEED")
+
 TRAINING_PRECISIONS = tuple(p for p in PRECISIONS if p != "auto")
 # 16-bit (or f32) base types of a GGUF export; "auto" picks by training precision.
 BASE_TYPES = ("f16", "bf16", "f32")
@@ -26,13 +33,79 @@ BASE_TYPES = ("f16", "bf16", "f32")
 LOAD_LEVELS = {"concurrent": "streams", "constant": "rate", "poisson": "rate", "synchronous": None, "throughput": None}
 
 
-def setting(*, choices: tuple | None = None, each: tuple | None = None, low=None, high=None, factory=None):
-    """A field with no value of its own (the YAML gives it) and the constraints beyond its type:
-    `choices` for a name, `each` for every item of a list, `low` / `high` inclusive bounds."""
+def setting(*, choices: tuple | None = None, each: tuple | None = None, low=None, high=None, factory=None,
+            default=MISSING):
+    """A field with the constraints beyond its type: `choices` for a name, `each` for every item
+    of a list, `low` / `high` inclusive bounds. Without a default the YAML must give the value."""
     metadata = {k: v for k, v in (("choices", choices), ("each", each), ("low", low), ("high", high)) if v is not None}
     if factory is not None:
         return field(default_factory=factory, metadata=metadata)
-    return field(default=MISSING, metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+@dataclass
+class Lora:
+    enabled: bool = MISSING
+    r: int = setting(low=1)
+    alpha: float = setting(low=0)
+    dropout: float = setting(low=0, high=1)
+    target_modules: list[str] = setting(factory=list)
+
+
+@dataclass
+class Model:
+    name: str = MISSING
+    # A local checkpoint directory (or a hub id where reachable); null: build from `arch`.
+    name_or_path: Optional[str] = None
+    # A transformers config (model_type and its keys) to build a model from, or null.
+    arch: Optional[dict[str, Any]] = None
+    lora: Lora = field(default_factory=Lora)
+
+
+@dataclass
+class Data:
+    name: str = MISSING
+    source: str = setting(choices=DATA_SOURCES)
+    heldout_fraction: float = MISSING
+    split_seed: int = MISSING
+    seq_len: int = setting(low=2)
+    # source=text: files or glob patterns (one, or a list).
+    files: Any = None
+    # source=hf: a save_to_disk directory, a data file or directory, or a hub id.
+    path: Optional[str] = None
+    config_name: Optional[str] = None
+    split: str = "train"
+    # The column (hf) or JSON field (text .jsonl) that holds each document.
+    text_field: str = "text"
+
+
+@dataclass
+class Tracking:
+    uri: str = MISSING
+    artifact_location: Optional[str] = None
+    experiment: str = MISSING
+    log_model: bool = MISSING
+
+
+@dataclass
+class Accelerate:
+    """The settings of an Accelerate launch config that the pipeline reads or sets; the file
+    written for `accelerate launch` holds these (nulls left out) and `extra`, as Accelerate
+    spells its keys."""
+    distributed_type: str = setting(choices=DISTRIBUTED_TYPES)
+    # null: one process per GPU of this machine, times num_machines.
+    num_processes: Optional[int] = setting(low=1)
+    compute_environment: str = "LOCAL_MACHINE"
+    num_machines: int = setting(low=1, default=1)
+    machine_rank: int = setting(low=0, default=0)
+    main_process_ip: Optional[str] = None
+    main_process_port: Optional[int] = setting(low=1, high=65535, default=None)
+    rdzv_backend: str = "static"
+    same_network: bool = True
+    deepspeed_config: Optional[dict[str, Any]] = None
+    fsdp_config: Optional[dict[str, Any]] = None
+    # Any other key of Accelerate's launch config, e.g. {gpu_ids: "0,1", downcast_bf16: "no"}.
+    extra: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -181,7 +254,7 @@ class Report:
     gates: list[Any] = setting(factory=list)
 
 
-SCHEMAS = {"train": Train, "quantize": Quantize, "export": Export, "evaluate": Evaluate, "serve": Serve, "report": Report}
+SCHEMAS = {"model": Model, "data": Data, "tracking": Tracking, "accelerate": Accelerate, "train": Train, "quantize": Quantize, "export": Export, "evaluate": Evaluate, "serve": Serve, "report": Report}
 
 
 def register() -> None:

@@ -24,7 +24,6 @@ from pipeline.contract import PipelineError
 
 # Sharded training, only on GPUs (FSDP fails on a CPU, FSDP2 falls back to DDP there).
 SHARDED = {"FSDP", "DEEPSPEED"}
-DISTRIBUTED_TYPES = ("NO", "MULTI_GPU", "FSDP", "DEEPSPEED")
 MIXED_PRECISION = {"fp32": "no", "bf16": "bf16", "fp16": "fp16", "fp8": "fp8"}
 
 log = logging.getLogger(__name__)
@@ -44,8 +43,6 @@ def resolve(cfg: DictConfig, stages: list[str]) -> None:
     train output directory depends on it). Fails before any work with the setting to change."""
     a = cfg.accelerate
     kind = a.distributed_type
-    if kind not in DISTRIBUTED_TYPES:
-        raise ValueError(f"accelerate.distributed_type={kind!r} is not one of {', '.join(DISTRIBUTED_TYPES)}.")
     if kind == "NO":
         if a.num_processes != 1:
             raise ValueError(f"accelerate.num_processes={a.num_processes} needs a launch config that starts several "
@@ -73,8 +70,6 @@ def resolve(cfg: DictConfig, stages: list[str]) -> None:
                              "set accelerate.num_processes=N to run N CPU processes.")
         with open_dict(cfg):
             a.num_processes = gpus * a.num_machines
-    if not isinstance(a.num_processes, int) or a.num_processes < 1:
-        raise ValueError(f"accelerate.num_processes={a.num_processes!r} must be a positive integer.")
     if a.num_machines > 1 and not a.main_process_ip:
         raise ValueError(f"accelerate.num_machines={a.num_machines} needs accelerate.main_process_ip, "
                          "the address of the machine with machine_rank=0.")
@@ -87,7 +82,8 @@ def launch_config(cfg: DictConfig) -> dict:
     """The Accelerate config file for this run: the selected group, plus what the pipeline decides."""
     from pipeline.server import free_port
 
-    config = OmegaConf.to_container(cfg.accelerate, resolve=True)
+    settings = OmegaConf.to_container(cfg.accelerate, resolve=True)
+    config = {k: v for k, v in settings.items() if v is not None and k != "extra"} | settings["extra"]
     config["mixed_precision"] = MIXED_PRECISION[cfg.train.precision]
     if config.get("main_process_port") is None and config.get("num_machines", 1) == 1:
         # Accelerate's fixed default port would collide between runs on one machine.

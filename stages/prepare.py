@@ -22,15 +22,12 @@ from pipeline.contract import Stage
 
 STAGE = Stage("prepare", settings=("data", "model.name_or_path", "model.arch.vocab_size"), scope="data")
 
-SOURCES = ("pydoc", "text", "hf")
 TEXT_SUFFIXES = (".txt", ".jsonl")
 END_OF_TEXT = "<|endoftext|>"
 
 
 def check(cfg: DictConfig) -> None:
     data = cfg.data
-    if data.source not in SOURCES:
-        raise ValueError(f"data.source={data.source!r} is not one of {', '.join(SOURCES)}.")
     if not 0 < data.heldout_fraction < 1:
         raise ValueError(f"data.heldout_fraction={data.heldout_fraction} must be between 0 and 1 (exclusive).")
     if data.source == "text":

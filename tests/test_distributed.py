@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 
 from pipeline import distributed
 from pipeline.artifacts import read_json
+from pipeline.config import validate
 from tests.conftest import FAST, GROUPS, compose_with, mlflow_client, pipeline, refused, replace, runs
 
 TWO = ["accelerate=ddp", "accelerate.num_processes=2"]
@@ -93,12 +94,12 @@ def test_a_failing_rank_fails_the_stage_with_its_error(tmp_path):
 @pytest.mark.parametrize("option", [o for o in GROUPS["accelerate"] if o != "single"])
 def test_launch_configs_are_valid_accelerate_configs(option, tmp_path):
     cfg = compose_with(f"accelerate={option}", "accelerate.num_processes=8", "train.precision=bf16",
-                       "train.grad_accum_steps=4")
+                       "train.grad_accum_steps=4", "+accelerate.extra.gpu_ids=all")
     path = tmp_path / "accelerate.yaml"
     OmegaConf.save(OmegaConf.create(distributed.launch_config(cfg)), path)
     config = ClusterConfig.from_yaml_file(path)  # Accelerate's own parser rejects unknown keys
     assert config.distributed_type.value == cfg.accelerate.distributed_type and config.num_processes == 8
-    assert config.mixed_precision == "bf16" and config.main_process_port > 0
+    assert config.mixed_precision == "bf16" and config.main_process_port > 0 and config.gpu_ids == "all"
     if option.startswith("deepspeed"):
         assert config.deepspeed_config["gradient_accumulation_steps"] == 4
         assert config.deepspeed_config["zero_stage"] == int(option[-1])
@@ -114,9 +115,9 @@ def test_bad_launch_settings_name_what_to_change():
     cfg = compose_with(*TWO, "accelerate.num_machines=2")
     with pytest.raises(ValueError, match="accelerate.num_machines=2 needs accelerate.main_process_ip"):
         distributed.resolve(cfg, ["train"])
-    cfg = compose_with(*TWO, "accelerate.distributed_type=MEGATRON_LM")
-    with pytest.raises(ValueError, match="'MEGATRON_LM' is not one of NO, MULTI_GPU, FSDP, DEEPSPEED"):
-        distributed.resolve(cfg, ["train"])
+    cfg = compose_with(*TWO, "accelerate.distributed_type=MEGATRON_LM", "accelerate.num_processes=0")
+    with pytest.raises(ValueError, match="'MEGATRON_LM' is not one of NO, MULTI_GPU, FSDP, DEEPSPEED.*num_processes=0 must"):
+        validate(cfg)
     if not torch.cuda.is_available():
         cfg = compose_with("accelerate=ddp")
         with pytest.raises(ValueError, match="accelerate.num_processes=null means one process per GPU"):
