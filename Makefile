@@ -16,14 +16,18 @@ install: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
 	CMAKE_ARGS="-DLLAVA_BUILD=OFF" $(VENV)/bin/pip install --quiet "$(TORCH)" -e '.[$(EXTRAS)]'
+	# llama.cpp's source at the binding's version, for its GGUF converter (pipeline/llamacpp.py).
+	$(PY) -m pipeline.llamacpp fetch
 	touch $@
 
 run: install
 	$(PY) -m pipeline stage=all
 
-# Everything, as CI runs it: real chains, servers, DVC (about 17 minutes on 2 cores).
+# Everything, as CI runs it: real chains, servers, DVC. Two test processes, since much of each test
+# is a subprocess starting up or waiting on a server; each takes whole modules (their tests share
+# module fixtures), in the order tests/conftest.py gives.
 test: install
-	$(PY) -m pytest
+	$(PY) -m pytest -n 2 --dist loadfile --no-loadscope-reorder
 
 # The fast tier: in-process tests of the logic, no chains (under 3 minutes).
 test-fast: install

@@ -27,6 +27,24 @@ def pretrained_source(cfg: DictConfig) -> str | None:
     return str(source)  # a hub id: only reachable where the machine can download
 
 
+def save_tokenizer(tokenizer, directory: Path) -> None:
+    """The tokenizer's files as llama.cpp's converter reads them. transformers 5 saves tokenizer.json
+    alone; the converter reads a SentencePiece vocabulary (scores, byte pieces) from tokenizer.model,
+    and which added tokens are special from tokenizer_config.json's added_tokens_decoder (without
+    it, <start_of_turn> and the like become plain text to llama.cpp)."""
+    import json
+    import shutil
+
+    tokenizer.save_pretrained(directory)
+    sentencepiece = Path(str(tokenizer.name_or_path)) / "tokenizer.model"
+    if sentencepiece.is_file():
+        shutil.copy(sentencepiece, Path(directory) / "tokenizer.model")
+    config_file = Path(directory) / "tokenizer_config.json"
+    config = json.loads(config_file.read_text())
+    config.setdefault("added_tokens_decoder", {str(i): t.__getstate__() for i, t in tokenizer.added_tokens_decoder.items()})
+    config_file.write_text(json.dumps(config, indent=2, ensure_ascii=False))
+
+
 def model_config(cfg: DictConfig, **overrides):
     """The transformers config of the model the train stage starts from."""
     from omegaconf import OmegaConf

@@ -1,11 +1,12 @@
 """export: GGUF files for llama.cpp, from the trained and from the AWQ-smoothed weights.
 
-For each source: a 16-bit base file written with the `gguf` library (f16, or bf16 when the model
-was trained in bf16, where it is lossless), then llama.cpp's own quantizer for every type in
+For each source: a 16-bit base file written by llama.cpp's own converter (f16, or bf16 when the
+model was trained in bf16, where it is lossless), then llama.cpp's quantizer for every type in
 export.types. A file counts as an artifact only after it is validated: llama.cpp loads it, its
 tokenizer gives the Hugging Face tokenizer's ids, every tensor has the requested type (llama.cpp
 silently falls back to other types where a row does not fill a block), and, for the base file,
-its logits match the source model.
+its logits match the source model. What llama.cpp cannot export, or would run differently, is
+refused from config.json and the tokenizer files before any work.
 
 Outputs: <source>/model-<type>.gguf and manifest.json (hashes, sizes, timings, tensor types,
 validation results).
@@ -14,6 +15,7 @@ validation results).
 from __future__ import annotations
 
 import json
+import logging
 import time
 from collections import Counter
 from pathlib import Path
@@ -22,27 +24,28 @@ from omegaconf import DictConfig
 
 from pipeline.artifacts import atomic_dir, read_json, require_stage_output, sha256_file, stage_dir, write_json
 from pipeline.data import load_blocks
-from pipeline.models import load_causal_lm, shape_only_model
+from pipeline.models import load_causal_lm, pretrained_source, shape_only_model
 from pipeline import llamacpp
 from pipeline.config import BASE_TYPES
 from pipeline.contract import Stage
 
+log = logging.getLogger(__name__)
 STAGE = Stage("export", settings=("export",), reads=("prepare", "train", "quantize"))
 
-# transformers class -> (GGUF architecture, whether q/k rows are permuted to llama.cpp's rope layout).
-# HF stores q/k for the "rotate half" rope; llama.cpp's llama arch rotates interleaved pairs and
-# its qwen2 arch rotates halves as HF does.
-ARCHITECTURES = {
-    "LlamaForCausalLM": ("LLAMA", True),
-    "MistralForCausalLM": ("LLAMA", True),
-    "Qwen2ForCausalLM": ("QWEN2", False),
-}
-# Pre-tokenizer regexes of byte-level BPE tokenizers -> llama.cpp's name for them.
-PRE_TOKENIZERS = {
-    None: "gpt-2",  # ByteLevel with its built-in GPT-2 regex
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+": "llama-bpe",
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+": "qwen2",
-}
+# Rope variants llama.cpp applies as transformers does, and the converter modules that write
+# them (None: every one). Any other (e.g. "dynamic") would export a model that attends differently.
+ROPE_TYPES = {"default": None, "linear": None, "yarn": None, "longrope": None, "su": None, "llama3": {"llama"}}
+# Converter modules whose llama.cpp graph applies no sliding-window attention: a checkpoint that
+# uses one (Mistral v0.1, Qwen2 with use_sliding_window) would run as full attention there.
+NO_SLIDING_WINDOW = {"llama", "qwen"}
+# Architectures whose converter writes a sliding window but not which layers use it: llama.cpp
+# assumes every n-th layer is global.
+SWA_PERIODS = {"Gemma2ForCausalLM": 2, "Gemma3ForCausalLM": 6}
+LAYER_TYPES = {False: "sliding_attention", True: "full_attention"}
+
+
+# Text every tokenizer check includes: accents, CJK, emoji, symbols, code and whitespace runs.
+PROBE = "Grüße, naïve café: 東京 🦙 x² → ∞\n\tdef f(x):\n        return x  # 12345\n\n"
 
 
 def file_type(name: str):
@@ -70,138 +73,52 @@ def check(cfg: DictConfig) -> None:
     x = cfg.export
     for name in x.types:
         file_type(name)
-    arch = type(shape_only_model(cfg)).__name__
-    if arch not in ARCHITECTURES:
-        raise ValueError(f"export: {arch} is not supported; GGUF export supports {', '.join(ARCHITECTURES)}.")
+    model = shape_only_model(cfg)
+    problems = gguf_problems(type(model).__name__, model.config.to_dict(), pretrained_source(cfg), cfg.data.seq_len)
+    if problems:
+        raise ValueError("export: " + " ".join(problems))
+
+
+def gguf_problems(arch: str, config: dict, checkpoint: str | None, seq_len: int) -> list[str]:
+    """What in a model's config.json and tokenizer files llama.cpp cannot export or would run
+    differently, each naming the key, its value and what would work."""
+    modules = llamacpp.converter_architectures()
+    if arch not in modules:
+        near = sorted(a for a in modules if a.endswith("ForCausalLM"))
+        return [f"llama.cpp's converter does not write {arch} (config.json architectures); it writes {', '.join(near)}."]
+    module, found = modules[arch], []
+    rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
+    for where, params in (rope.items() if all(isinstance(v, dict) for v in rope.values()) and rope else [("", rope)]):
+        kind = params.get("rope_type", params.get("type", "default"))
+        if kind not in ROPE_TYPES or (ROPE_TYPES[kind] and module not in ROPE_TYPES[kind]):
+            valid = [k for k, m in ROPE_TYPES.items() if not m or module in m]
+            found.append(f"rope_type={kind!r}{f' ({where})' if where else ''} is not one llama.cpp applies to {arch}; "
+                         f"it applies {', '.join(valid)}.")
+    window = config.get("sliding_window")
+    uses_window = config.get("use_sliding_window", True) and window
+    if module in NO_SLIDING_WINDOW and uses_window and window < seq_len:
+        found.append(f"sliding_window={window} is smaller than data.seq_len={seq_len}, and llama.cpp runs {arch} with "
+                     f"full attention: set data.seq_len<={window} (or sliding_window to null in config.json if the "
+                     "model does not need it).")
+    period = SWA_PERIODS.get(arch)
+    layer_types = config.get("layer_types")
+    if period and layer_types and layer_types != [LAYER_TYPES[(i + 1) % period == 0] for i in range(len(layer_types))]:
+        found.append(f"layer_types={layer_types} does not follow the pattern llama.cpp runs {arch} with: every "
+                     f"{period}{'nd' if period == 2 else 'th'} layer full_attention, the others sliding_attention.")
+    if checkpoint is not None and Path(checkpoint).is_dir():
+        files = Path(checkpoint)
+        kind = (json.loads((files / "tokenizer.json").read_text())["model"]["type"]
+                if (files / "tokenizer.json").is_file() else None)
+        if not (files / "tokenizer.model").is_file() and kind != "BPE":
+            found.append(f"the tokenizer in {checkpoint} is {kind or 'missing'}; llama.cpp's converter writes "
+                         "SentencePiece (tokenizer.model) and byte-level BPE (tokenizer.json) vocabularies.")
+    return found
 
 
 def base_type(cfg: DictConfig) -> str:
     if cfg.export.base_type != "auto":
         return cfg.export.base_type
     return "bf16" if cfg.train.precision == "bf16" else "f16"
-
-
-def pre_tokenizer(tokenizer_json: dict, override: str) -> str:
-    if override != "auto":
-        return override
-    pre = tokenizer_json.get("pre_tokenizer") or {}
-    parts = pre.get("pretokenizers", [pre])
-    regexes = [p["pattern"].get("Regex") for p in parts if p.get("type") == "Split"]
-    level = [p for p in parts if p.get("type") == "ByteLevel"]
-    key = regexes[0] if regexes else (None if level and level[0].get("use_regex", True) else "unknown")
-    if key not in PRE_TOKENIZERS:
-        raise ValueError("export: this tokenizer's pre-tokenizer is not one llama.cpp is known to share "
-                         f"({', '.join(PRE_TOKENIZERS.values())}); set export.pre_tokenizer to llama.cpp's name for it.")
-    return PRE_TOKENIZERS[key]
-
-
-def add_tokenizer(writer, tokenizer, vocab_size: int, pre: str) -> None:
-    import gguf
-
-    tokenizer_json = json.loads(tokenizer.backend_tokenizer.to_str())
-    if tokenizer_json["model"]["type"] != "BPE":
-        raise ValueError(f"export: only byte-level BPE tokenizers are supported, not {tokenizer_json['model']['type']}.")
-    by_id = {i: t for t, i in tokenizer.get_vocab().items()}
-    added = {t.content: t.special for t in tokenizer.added_tokens_decoder.values()}
-    tokens, types = [], []
-    for i in range(vocab_size):
-        token = by_id.get(i)
-        if token is None:  # the model's embedding has more rows than the tokenizer has tokens
-            tokens.append(f"[PAD{i}]")
-            types.append(gguf.TokenType.UNUSED)
-        else:
-            tokens.append(token)
-            types.append(gguf.TokenType.NORMAL if token not in added
-                         else gguf.TokenType.CONTROL if added[token] else gguf.TokenType.USER_DEFINED)
-    merges = [m if isinstance(m, str) else " ".join(m) for m in tokenizer_json["model"]["merges"]]
-    writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre(pre)
-    writer.add_token_list(tokens)
-    writer.add_token_types(types)
-    writer.add_token_merges(merges)
-    for kind in ("bos", "eos", "pad", "unk"):
-        token_id = getattr(tokenizer, f"{kind}_token_id")
-        if token_id is not None:
-            getattr(writer, f"add_{kind}_token_id")(token_id)
-    writer.add_add_bos_token(bool(getattr(tokenizer, "add_bos_token", False)))
-    if tokenizer.chat_template:
-        writer.add_chat_template(tokenizer.chat_template)
-
-
-def permute_for_rope(weights, n_head: int):
-    """HF's rotate-half q/k rows -> the interleaved pairs llama.cpp's llama arch rotates."""
-    return weights.reshape(n_head, 2, weights.shape[0] // n_head // 2, *weights.shape[1:]).swapaxes(1, 2).reshape(weights.shape)
-
-
-def checkpoint_tensors(checkpoint: Path):
-    """(name, tensor) of a Hugging Face checkpoint's safetensors files, one at a time."""
-    from safetensors import safe_open
-
-    files = sorted(Path(checkpoint).glob("*.safetensors"))
-    if not files:
-        raise FileNotFoundError(f"export: {checkpoint} has no .safetensors weights.")
-    for file in files:
-        with safe_open(str(file), "pt") as f:
-            for name in f.keys():
-                yield name, f.get_tensor(name)
-
-
-def write_gguf(checkpoint: Path, tokenizer, path: Path, dtype: str, provenance: dict) -> None:
-    """GGUF from a checkpoint directory's config and safetensors, streamed tensor by tensor."""
-    import gguf
-    import numpy as np
-    from transformers import AutoConfig
-
-    c = AutoConfig.from_pretrained(checkpoint)
-    arch_name, permute = ARCHITECTURES[c.architectures[0]]
-    arch = gguf.MODEL_ARCH[arch_name]
-    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
-    rope = getattr(c, "rope_parameters", None) or {}  # transformers 5 keeps rope_theta here
-    if rope.get("rope_type", "default") != "default":
-        raise ValueError(f"export: rope scaling {rope['rope_type']!r} is not supported yet.")
-    rope_theta = rope.get("rope_theta", getattr(c, "rope_theta", 10000.0))
-
-    writer = gguf.GGUFWriter(str(path), gguf.MODEL_ARCH_NAMES[arch])
-    writer.add_name(provenance["name"])
-    writer.add_context_length(c.max_position_embeddings)
-    writer.add_embedding_length(c.hidden_size)
-    writer.add_block_count(c.num_hidden_layers)
-    writer.add_feed_forward_length(c.intermediate_size)
-    writer.add_head_count(c.num_attention_heads)
-    writer.add_head_count_kv(c.num_key_value_heads)
-    writer.add_key_length(head_dim)
-    writer.add_value_length(head_dim)
-    writer.add_rope_dimension_count(head_dim)
-    writer.add_rope_freq_base(float(rope_theta))
-    writer.add_layer_norm_rms_eps(c.rms_norm_eps)
-    writer.add_vocab_size(c.vocab_size)
-    writer.add_file_type({"f16": gguf.LlamaFileType.MOSTLY_F16, "bf16": gguf.LlamaFileType.MOSTLY_BF16,
-                          "f32": gguf.LlamaFileType.ALL_F32}[dtype])
-    for key, value in provenance.items():
-        writer.add_string(f"precision_pipeline.{key}", str(value))
-    add_tokenizer(writer, tokenizer, c.vocab_size, provenance["pre_tokenizer"])
-
-    names = gguf.get_tensor_name_map(arch, c.num_hidden_layers)
-    for hf_name, tensor in checkpoint_tensors(checkpoint):
-        name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
-        if name is None:
-            raise ValueError(f"export: no GGUF name for tensor {hf_name}.")
-        data = tensor.float().numpy()
-        if permute and hf_name.endswith(("q_proj.weight", "q_proj.bias")):
-            data = permute_for_rope(data, c.num_attention_heads)
-        elif permute and hf_name.endswith(("k_proj.weight", "k_proj.bias")):
-            data = permute_for_rope(data, c.num_key_value_heads)
-        if data.ndim == 1 or dtype == "f32":  # llama.cpp keeps norms and biases in f32
-            writer.add_tensor(name, data.astype(np.float32))
-        elif dtype == "f16":
-            writer.add_tensor(name, data.astype(np.float16))
-        else:
-            writer.add_tensor(name, gguf.quants.quantize(data, gguf.GGMLQuantizationType.BF16),
-                              raw_dtype=gguf.GGMLQuantizationType.BF16)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
 
 
 def rounded_like_gguf(model, dtype: str):
@@ -243,6 +160,15 @@ def fallbacks(types: dict, name: str) -> list[dict]:
     return found
 
 
+def token_difference(llm, tokenizer, text: str) -> tuple[int | None, list[int], list[int]]:
+    """Where llama.cpp's token ids for `text` first differ from the Hugging Face tokenizer's (None:
+    nowhere), both parsing special tokens written in the text."""
+    ours, theirs = llamacpp.tokenize(llm, text), tokenizer(text, add_special_tokens=False)["input_ids"]
+    if ours == theirs:
+        return None, ours, theirs
+    return next((i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b), min(len(ours), len(theirs))), ours, theirs
+
+
 def validate(path: Path, name: str, tokenizer, texts: list[str], reference=None, check_ids=None,
              max_logit_diff: float = 0.0, allow_fallback: bool = False) -> dict:
     """Load in llama.cpp and check tokenizer, tensor types and (for a base file) logits."""
@@ -256,13 +182,22 @@ def validate(path: Path, name: str, tokenizer, texts: list[str], reference=None,
             raise ValueError(f"llama.cpp fell back to other types for {len(report['fallbacks'])} tensor(s) of "
                              f"{path.name}:\n{lines}\nSet export.allow_fallback=true to keep such files.")
     llm = llamacpp.load(path, n_ctx=max(len(r) for r in check_ids) if check_ids is not None else 512)
-    for text in texts:
-        ours, theirs = llamacpp.tokenize(llm, text), tokenizer(text, add_special_tokens=False)["input_ids"]
-        if ours != theirs:
-            at = next((i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b), min(len(ours), len(theirs)))
+    for text in [PROBE, *texts]:
+        at, ours, theirs = token_difference(llm, tokenizer, text)
+        if at is not None:
             raise ValueError(f"{path.name}: llama.cpp tokenizes differently from the Hugging Face tokenizer at token "
                              f"{at} ({ours[at:at + 5]} vs {theirs[at:at + 5]}); the pre-tokenizer is likely wrong.")
-    report["tokenizer_texts_checked"] = len(texts)
+    report["tokenizer_texts_checked"] = len(texts) + 1
+    # Added and special tokens written in the text, as a chat template writes them.
+    added = [t.content for t in tokenizer.added_tokens_decoder.values()]
+    at, ours, theirs = token_difference(llm, tokenizer, "".join(f"{t}Hi {t} {PROBE}" for t in added))
+    report["special_tokens_agree"] = at is None
+    if at is not None:
+        # SentencePiece vocabularies with a leading-space prefix: llama.cpp adds the prefix after every
+        # special token as transformers' legacy mode did; transformers 5 does not.
+        report["special_tokens_difference"] = {"at": at, "llama_cpp": ours[at:at + 5], "transformers": theirs[at:at + 5]}
+        log.warning("%s: around special tokens written in text, llama.cpp tokenizes differently from the Hugging "
+                    "Face tokenizer (token %d: %s vs %s)", path.name, at, ours[at:at + 5], theirs[at:at + 5])
     if reference is not None:
         logits = llamacpp.logits_fn(llm)(check_ids)
         diff = (logits - reference).abs().max().item()
@@ -296,7 +231,9 @@ def run(cfg: DictConfig, tracker) -> None:
 
     dtype = base_type(cfg)
     tokenizer = AutoTokenizer.from_pretrained(sources["trained"])
-    pre = pre_tokenizer(json.loads(tokenizer.backend_tokenizer.to_str()), x.pre_tokenizer)
+    # general.name stays the starting checkpoint's: llama.cpp keys some tokenizer rules on it
+    # (Phi-3's special tokens), and our own names go into the precision_pipeline.* keys.
+    base_name = Path(str(cfg.model.name_or_path)).name if cfg.model.name_or_path else cfg.model.name
     texts = [json.loads(line)["text"][:2000] for line in (prepared / "heldout.jsonl").read_text().splitlines()[: x.check.texts]]
     check_ids = load_blocks(prepared, "heldout", cfg.data.seq_len)[: x.check.sequences]
 
@@ -309,11 +246,11 @@ def run(cfg: DictConfig, tracker) -> None:
             (tmp / source).mkdir()
             base = tmp / source / f"model-{dtype}.gguf"
             provenance = {"name": f"{cfg.model.name}-{cfg.train.precision}-{source}", "source": source,
-                          "training_precision": cfg.train.precision, "pipeline_run": tracker.pipeline_run_id,
-                          "pre_tokenizer": pre}
+                          "training_precision": cfg.train.precision, "pipeline_run": tracker.pipeline_run_id}
             started = time.perf_counter()
-            write_gguf(path, tokenizer, base, dtype, provenance)
+            llamacpp.convert(path, base, dtype, base_name, x.pre_tokenizer, provenance)
             files = {dtype: {"seconds": time.perf_counter() - started,
+                             "pre_tokenizer": llamacpp.metadata_value(base, "tokenizer.ggml.pre"),
                              **validate(base, dtype, tokenizer, texts, reference, check_ids, x.check.max_logit_diff)}}
             for name in x.types:
                 target = tmp / source / f"model-{name}.gguf"

@@ -17,7 +17,7 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 from pipeline.artifacts import atomic_dir, read_json, sha256_dir, sha256_file, stage_dir, write_json
-from pipeline.models import pretrained_source
+from pipeline.models import pretrained_source, save_tokenizer
 from pipeline.contract import Stage
 
 STAGE = Stage("prepare", settings=("data", "model.name_or_path", "model.arch.vocab_size"), scope="data")
@@ -159,7 +159,7 @@ def run(cfg: DictConfig, tracker) -> None:
 
     out = stage_dir(cfg, "prepare")
     with atomic_dir(out) as tmp:
-        tokenizer.save_pretrained(tmp / "tokenizer")
+        save_tokenizer(tokenizer, tmp / "tokenizer")
         np.save(tmp / "train.npy", train_ids)
         np.save(tmp / "heldout.npy", heldout_ids)
         (tmp / "heldout.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in heldout_docs))

@@ -23,7 +23,7 @@ from omegaconf import DictConfig
 from pipeline.artifacts import atomic_dir, disk_bytes, read_json, require_stage_output, stage_dir, write_json
 from pipeline.data import load_blocks
 from pipeline.metrics import mean_kl
-from pipeline.models import load_causal_lm, shape_only_model
+from pipeline.models import load_causal_lm, save_tokenizer, shape_only_model
 from pipeline.contract import Stage
 
 STAGE = Stage("quantize", settings=("quantize",), reads=("prepare", "train"))
@@ -125,9 +125,9 @@ def run(cfg: DictConfig, tracker) -> None:
             seconds = time.perf_counter() - started
             if method == "awq":
                 summary["awq_smoothed_kl"] = save_smoothed(model, trained, tmp / "awq_smoothed", check_ids, q.awq.smoothed_max_kl)
-                tokenizer.save_pretrained(tmp / "awq_smoothed")
+                save_tokenizer(tokenizer, tmp / "awq_smoothed")
             model.save_pretrained(tmp / method, save_compressed=True)
-            tokenizer.save_pretrained(tmp / method)
+            save_tokenizer(tokenizer, tmp / method)
             summary["methods"][method] = {"seconds": seconds, "bytes": disk_bytes(tmp / method)}
         write_json(tmp / "summary.json", summary)
     record(cfg, tracker)

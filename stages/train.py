@@ -27,7 +27,7 @@ from pipeline.artifacts import atomic_dir, read_json, require_stage_output, scra
 from pipeline.data import load_blocks
 from pipeline.distributed import SHARDED
 from pipeline.hardware import expected_compute_dtype, peak_memory_mb
-from pipeline.models import model_config, pretrained_source
+from pipeline.models import model_config, pretrained_source, save_tokenizer, shape_only_model
 from pipeline.contract import Stage
 
 STAGE = Stage("train", settings=("model", "train", "seed", "accelerate.num_processes"), reads=("prepare",),
@@ -45,6 +45,22 @@ def check(cfg: DictConfig) -> None:
         raise ValueError(f"data.seq_len={cfg.data.seq_len} exceeds model.arch.max_position_embeddings="
                          f"{arch.max_position_embeddings}.")
     pretrained_source(cfg)
+    if cfg.model.lora.enabled:
+        lora_targets(cfg)
+
+
+def lora_targets(cfg: DictConfig) -> None:
+    """Every name in model.lora.target_modules must name Linear layers of this model: peft adapts
+    whichever match and silently skips the rest (Phi-3 fuses q/k/v into qkv_proj)."""
+    import torch
+
+    model = shape_only_model(cfg)
+    names = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+    missing = [t for t in cfg.model.lora.target_modules if not any(n == t or n.endswith(f".{t}") for n in names)]
+    if missing:
+        layers = sorted({n.rsplit(".", 1)[-1] for n in names})
+        raise ValueError(f"model.lora.target_modules: {', '.join(missing)} match no Linear layer of {type(model).__name__}; "
+                         f"its Linear layers: {', '.join(layers)}.")
 
 
 def build_model(cfg: DictConfig, tokenizer):
@@ -335,7 +351,7 @@ def finish(cfg: DictConfig, model, accelerator, tokenizer, progress: Progress, e
             unwrapped = unwrapped.merge_and_unload()
         with atomic_dir(out) as tmp:
             unwrapped.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
-            tokenizer.save_pretrained(tmp)
+            save_tokenizer(tokenizer, tmp)
             write_json(tmp / "summary.json", summary)
         shutil.rmtree(checkpoints, ignore_errors=True)
     accelerator.wait_for_everyone()

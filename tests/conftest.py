@@ -24,6 +24,16 @@ SMALL_CHAIN = ["profile=smoke", "train.precision=fp32"]
 FAST = ["profile=smoke", "train.max_steps=8"]
 
 
+# The longest test modules first: the two test processes of `make test` (each takes whole modules,
+# whose tests share module fixtures) then finish close together.
+LONGEST_FIRST = ("test_dvc.py", "test_report.py", "test_reuse.py", "test_families.py", "test_train.py")
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(LONGEST_FIRST)))
+
+
 def compose_with(*overrides):
     """The composed config, as `python -m pipeline` with these overrides would see it."""
     from hydra import compose, initialize_config_dir
@@ -70,11 +80,21 @@ def run_pipeline(tmp_path):
 
 
 @pytest.fixture(scope="session")
-def chain(tmp_path_factory):
-    """One small but complete run of every stage, shared by the tests that read its outputs.
+def chain(tmp_path_factory, worker_id):
+    """One small but complete run of every stage, shared by the tests that read its outputs, and
+    by every test process when pytest-xdist runs several (the first to need it builds it).
     Nothing writes into it: a test that runs stages on these outputs takes `own_chain`."""
-    cwd = tmp_path_factory.mktemp("chain")
-    pipeline(cwd, "stage=all", *SMALL_CHAIN)
+    from filelock import FileLock
+
+    shared = tmp_path_factory.getbasetemp()
+    shared = shared if worker_id == "master" else shared.parent
+    cwd = shared / "chain"
+    with FileLock(shared / "chain.lock"):
+        if not (cwd / "done").exists():
+            shutil.rmtree(cwd, ignore_errors=True)
+            cwd.mkdir()
+            pipeline(cwd, "stage=all", *SMALL_CHAIN)
+            (cwd / "done").touch()
     return cwd
 
 
@@ -86,14 +106,16 @@ def own_chain(chain, tmp_path):
 
 
 @pytest.fixture
-def gpt2_checkpoint(tmp_path):
-    """A checkpoint of an architecture outside what quantize and export support."""
-    from transformers import GPT2Config, GPT2LMHeadModel
+def opt_checkpoint(tmp_path):
+    """A checkpoint of an architecture outside what quantize (no AWQ mapping) and export (not in
+    llama.cpp's converter) support."""
+    from transformers import OPTConfig, OPTForCausalLM
 
     from stages.prepare import train_tokenizer
 
-    path = tmp_path / "gpt2"
-    GPT2LMHeadModel(GPT2Config(n_embd=64, n_layer=1, n_head=2, vocab_size=300)).save_pretrained(path)
+    path = tmp_path / "opt"
+    OPTForCausalLM(OPTConfig(hidden_size=128, num_hidden_layers=1, num_attention_heads=2, ffn_dim=256,
+                             word_embed_proj_dim=128, vocab_size=300)).save_pretrained(path)
     train_tokenizer(["some text"] * 10, 300).save_pretrained(path)
     return path
 

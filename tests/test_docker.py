@@ -63,7 +63,8 @@ def test_compose_file_wires_pipeline_mlflow_postgres_and_minio(tmp_path):
 
 def test_compose_refuses_to_start_without_its_secrets(tmp_path):
     result = compose(tmp_path, "config", "--quiet", secrets={})
-    assert result.returncode != 0 and "POSTGRES_PASSWORD" in result.stderr and "docker/.env" in result.stderr
+    # Compose names the first missing secret it meets, in no fixed order.
+    assert result.returncode != 0 and any(name in result.stderr for name in SECRETS) and "docker/.env" in result.stderr
 
 
 def test_scripts_pass_shellcheck():
@@ -81,7 +82,8 @@ def test_images_install_with_the_recipe_ci_runs():
         return dry.stdout.splitlines()
 
     install, test = commands("install"), commands("test")
-    assert test == [*install, "/env/bin/python -m pytest"]  # CI's `make test` is this install, then pytest
+    # CI's `make test` is this install, then pytest.
+    assert test[:-1] == install and test[-1].startswith("/env/bin/python -m pytest")
     assert "make test" in (ROOT / ".ci" / "run").read_text()
     dockerfile = (DOCKER / "Dockerfile").read_text()
     assert 'make install TORCH="${TORCH}" EXTRAS="${EXTRAS}"' in dockerfile

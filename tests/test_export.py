@@ -9,8 +9,8 @@ import torch
 from pipeline import llamacpp
 from pipeline.artifacts import read_json
 from pipeline.models import load_causal_lm
-from stages.export import PRE_TOKENIZERS
-from stages.export import pre_tokenizer as pre_tokenizer_name
+from pipeline.llamacpp import PRE_TOKENIZERS
+from pipeline.llamacpp import pre_tokenizer as pre_tokenizer_name
 from tests.conftest import FAST, only_dir, refused, runs
 
 EXPORT_ONLY = ["stage=[prepare,train,export]", "train.precision=fp32", *FAST, "export.sources=[trained]"]
@@ -133,9 +133,10 @@ def test_damaged_gguf_is_rejected_clearly(chain, tmp_path):
             llamacpp.load(bad, n_ctx=128)
 
 
-def test_unsupported_architecture_refused_before_writing(tmp_path, gpt2_checkpoint):
-    message = refused(tmp_path, "stage=export", "model=hf", f"model.name_or_path={gpt2_checkpoint}")
-    assert "GPT2LMHeadModel is not supported; GGUF export supports LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM" in message
+def test_unsupported_architecture_refused_before_writing(tmp_path, opt_checkpoint):
+    message = refused(tmp_path, "stage=export", "model=hf", f"model.name_or_path={opt_checkpoint}")
+    assert "llama.cpp's converter does not write OPTForCausalLM (config.json architectures); it writes" in message
+    assert "Gemma3ForCausalLM" in message and "Qwen3ForCausalLM" in message
 
 
 def test_unknown_llama_cpp_type_names_the_valid_ones(tmp_path):

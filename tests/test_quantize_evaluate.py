@@ -104,9 +104,9 @@ def test_indivisible_group_size_fails_before_any_work(tmp_path):
     assert "model.layers.0.self_attn.q_proj (input width 256)" in message and "[256, 768]" in message
 
 
-def test_architecture_without_awq_mapping_is_refused(tmp_path, gpt2_checkpoint):
-    message = refused(tmp_path, "stage=quantize", "model=hf", f"model.name_or_path={gpt2_checkpoint}")
-    assert "no AWQ mapping for GPT2LMHeadModel" in message and "LlamaForCausalLM" in message
+def test_architecture_without_awq_mapping_is_refused(tmp_path, opt_checkpoint):
+    message = refused(tmp_path, "stage=quantize", "model=hf", f"model.name_or_path={opt_checkpoint}")
+    assert "no AWQ mapping for OPTForCausalLM" in message and "LlamaForCausalLM" in message
     assert "quantize.methods=[rtn]" in message
 
 
