@@ -30,18 +30,23 @@ def pretrained_source(cfg: DictConfig) -> str | None:
 def save_tokenizer(tokenizer, directory: Path) -> None:
     """The tokenizer's files as llama.cpp's converter reads them. transformers 5 saves tokenizer.json
     alone; the converter reads a SentencePiece vocabulary (scores, byte pieces) from tokenizer.model,
-    and which added tokens are special from tokenizer_config.json's added_tokens_decoder (without
-    it, <start_of_turn> and the like become plain text to llama.cpp)."""
+    which added tokens are special from tokenizer_config.json's added_tokens_decoder (without it,
+    <start_of_turn> and the like become plain text to llama.cpp), and which vocabulary reader to
+    use from the tokenizer_class the checkpoint declared (Phi-4-mini's GPT2Tokenizer)."""
     import json
     import shutil
 
     tokenizer.save_pretrained(directory)
-    sentencepiece = Path(str(tokenizer.name_or_path)) / "tokenizer.model"
-    if sentencepiece.is_file():
-        shutil.copy(sentencepiece, Path(directory) / "tokenizer.model")
+    # Where the tokenizer was loaded from; a tokenizer built in memory (prepare's) has no files.
+    source = Path(str(tokenizer.name_or_path)) if tokenizer.name_or_path else Path(directory)
+    if source != Path(directory) and (source / "tokenizer.model").is_file():
+        shutil.copy(source / "tokenizer.model", Path(directory) / "tokenizer.model")
     config_file = Path(directory) / "tokenizer_config.json"
     config = json.loads(config_file.read_text())
     config.setdefault("added_tokens_decoder", {str(i): t.__getstate__() for i, t in tokenizer.added_tokens_decoder.items()})
+    declared = json.loads((source / "tokenizer_config.json").read_text()) if (source / "tokenizer_config.json").is_file() else {}
+    if "tokenizer_class" in declared:
+        config["tokenizer_class"] = declared["tokenizer_class"]
     config_file.write_text(json.dumps(config, indent=2, ensure_ascii=False))
 
 

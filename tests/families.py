@@ -28,7 +28,8 @@ FAMILIES = {
     # Llama 3.2 1B: llama3 rope scaling, GQA, tied embeddings, tiktoken-style BPE.
     "llama3.2": ({"architectures": ["LlamaForCausalLM"], "model_type": "llama", **SMALL, "num_attention_heads": 4,
                   "num_key_value_heads": 2, "head_dim": 64, "rms_norm_eps": 1e-5, "rope_scaling": LLAMA3_ROPE,
-                  "rope_theta": 500000.0, "tie_word_embeddings": True}, "llama-bpe", LLAMA3_SPECIAL),
+                  "rope_theta": 500000.0, "max_position_embeddings": 131072, "tie_word_embeddings": True},
+                 "llama-bpe", LLAMA3_SPECIAL),
     # SmolLM2: Llama architecture, tied, GPT-2 style byte-level BPE.
     "smollm2": ({"architectures": ["LlamaForCausalLM"], "model_type": "llama", **SMALL, "num_attention_heads": 4,
                  "num_key_value_heads": 2, "rope_theta": 100000.0, "tie_word_embeddings": True}, "gpt-2", CHATML),
@@ -63,7 +64,16 @@ FAMILIES = {
     "phi3": ({"architectures": ["Phi3ForCausalLM"], "model_type": "phi3", **SMALL, "num_attention_heads": 4,
               "num_key_value_heads": 4, "sliding_window": 2047, "tie_word_embeddings": False}, "sentencepiece",
              ["<|endoftext|>", "<|user|>", "<|assistant|>", "<|end|>"]),
+    # Phi-4-mini: partial rotary (0.75) with LongRoPE factors, GQA, tied, byte-level BPE that its
+    # tokenizer_config.json declares a GPT2Tokenizer (the converter reads the vocabulary by that).
+    "phi4-mini": ({"architectures": ["Phi3ForCausalLM"], "model_type": "phi3", **SMALL, "num_attention_heads": 4,
+                   "num_key_value_heads": 2, "partial_rotary_factor": 0.75, "max_position_embeddings": 131072,
+                   "original_max_position_embeddings": 4096, "sliding_window": None, "tie_word_embeddings": True,
+                   "rope_scaling": {"rope_type": "longrope", "long_factor": [1.0 + i / 8 for i in range(24)],
+                                    "short_factor": [1.0 + i / 64 for i in range(24)]}},
+                  "llama-bpe", ["<|user|>", "<|assistant|>", "<|end|>"]),
 }
+TOKENIZER_CLASSES = {"phi4-mini": "GPT2Tokenizer"}
 # SentencePiece families: transformers' tokenizer class, whether the vocabulary adds a leading
 # space to the text (Gemma's does not), and whether the special tokens are pieces of the
 # SentencePiece model (Gemma) or tokens added after it (Phi-3).
@@ -139,4 +149,7 @@ def checkpoint(family: str, path: Path, **config_overrides) -> Path:
     assert type(model).__name__ == keys["architectures"][0], type(model).__name__
     model.save_pretrained(path)
     save_tokenizer(tokenizer, path)
+    if family in TOKENIZER_CLASSES:
+        config_file = path / "tokenizer_config.json"
+        config_file.write_text(json.dumps({**json.loads(config_file.read_text()), "tokenizer_class": TOKENIZER_CLASSES[family]}))
     return path
