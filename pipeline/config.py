@@ -254,7 +254,8 @@ class Report:
     gates: list[Any] = setting(factory=list)
 
 
-SCHEMAS = {"model": Model, "data": Data, "tracking": Tracking, "accelerate": Accelerate, "train": Train, "quantize": Quantize, "export": Export, "evaluate": Evaluate, "serve": Serve, "report": Report}
+SCHEMAS = {"model": Model, "data": Data, "tracking": Tracking, "accelerate": Accelerate, "train": Train,
+           "quantize": Quantize, "export": Export, "evaluate": Evaluate, "serve": Serve, "report": Report}
 
 
 def register() -> None:

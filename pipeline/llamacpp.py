@@ -96,10 +96,10 @@ def pre_tokenizer(tokenizer_json: dict, override: str = "auto") -> str:
     return PRE_TOKENIZERS[key]
 
 
-def convert(checkpoint: Path, out: Path, outtype: str, name: str, pre: str, metadata: dict[str, str]) -> str:
+def convert(checkpoint: Path, out: Path, outtype: str, name: str, pre: str, metadata: dict[str, str]) -> None:
     """A GGUF file of `checkpoint` written by llama.cpp's converter, in a process of its own (it
     brings its own gguf-py). `pre`: "auto" (the converter's own recognition, else ours) or a name.
-    `metadata` goes into the file as precision_pipeline.<key> strings. Returns the converter's log."""
+    `metadata` goes into the file as precision_pipeline.<key> strings."""
     converter()
     command = [sys.executable, "-m", "pipeline.llamacpp", "convert", str(checkpoint), str(out), outtype, name, pre,
                json.dumps(metadata)]
@@ -107,7 +107,6 @@ def convert(checkpoint: Path, out: Path, outtype: str, name: str, pre: str, meta
     if result.returncode != 0 or not out.is_file():
         raise RuntimeError(f"llama.cpp's converter failed on {checkpoint} (exit status {result.returncode}):\n"
                            f"{result.stderr[-3000:]}")
-    return result.stderr
 
 
 def _convert(checkpoint: str, out: str, outtype: str, name: str, pre: str, metadata: str) -> None:

@@ -36,17 +36,19 @@ def save_tokenizer(tokenizer, directory: Path) -> None:
     import json
     import shutil
 
+    directory = Path(directory)
     tokenizer.save_pretrained(directory)
-    # Where the tokenizer was loaded from; a tokenizer built in memory (prepare's) has no files.
-    source = Path(str(tokenizer.name_or_path)) if tokenizer.name_or_path else Path(directory)
-    if source != Path(directory) and (source / "tokenizer.model").is_file():
-        shutil.copy(source / "tokenizer.model", Path(directory) / "tokenizer.model")
-    config_file = Path(directory) / "tokenizer_config.json"
+    config_file = directory / "tokenizer_config.json"
     config = json.loads(config_file.read_text())
     config.setdefault("added_tokens_decoder", {str(i): t.__getstate__() for i, t in tokenizer.added_tokens_decoder.items()})
-    declared = json.loads((source / "tokenizer_config.json").read_text()) if (source / "tokenizer_config.json").is_file() else {}
-    if "tokenizer_class" in declared:
-        config["tokenizer_class"] = declared["tokenizer_class"]
+    # The directory it was loaded from; a tokenizer built in memory (prepare's) has none.
+    source = Path(str(tokenizer.name_or_path)) if tokenizer.name_or_path else None
+    if source is not None and (source / "tokenizer.model").is_file():
+        shutil.copy(source / "tokenizer.model", directory / "tokenizer.model")
+    if source is not None and (source / "tokenizer_config.json").is_file():
+        declared = json.loads((source / "tokenizer_config.json").read_text())
+        if "tokenizer_class" in declared:
+            config["tokenizer_class"] = declared["tokenizer_class"]
     config_file.write_text(json.dumps(config, indent=2, ensure_ascii=False))
 
 

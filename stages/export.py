@@ -87,8 +87,7 @@ def gguf_problems(arch: str, config: dict, checkpoint: str | None, seq_len: int)
         near = sorted(a for a in modules if a.endswith("ForCausalLM"))
         return [f"llama.cpp's converter does not write {arch} (config.json architectures); it writes {', '.join(near)}."]
     module, found = modules[arch], []
-    rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
-    for where, params in (rope.items() if all(isinstance(v, dict) for v in rope.values()) and rope else [("", rope)]):
+    for where, params in rope_settings(config):
         kind = params.get("rope_type", params.get("type", "default"))
         if kind not in ROPE_TYPES or (ROPE_TYPES[kind] and module not in ROPE_TYPES[kind]):
             valid = [k for k, m in ROPE_TYPES.items() if not m or module in m]
@@ -107,12 +106,21 @@ def gguf_problems(arch: str, config: dict, checkpoint: str | None, seq_len: int)
                      f"{period}{'nd' if period == 2 else 'th'} layer full_attention, the others sliding_attention.")
     if checkpoint is not None and Path(checkpoint).is_dir():
         files = Path(checkpoint)
-        kind = (json.loads((files / "tokenizer.json").read_text())["model"]["type"]
-                if (files / "tokenizer.json").is_file() else None)
-        if not (files / "tokenizer.model").is_file() and kind != "BPE":
-            found.append(f"the tokenizer in {checkpoint} is {kind or 'missing'}; llama.cpp's converter writes "
+        vocabulary = (json.loads((files / "tokenizer.json").read_text())["model"]["type"]
+                      if (files / "tokenizer.json").is_file() else None)
+        if not (files / "tokenizer.model").is_file() and vocabulary != "BPE":
+            found.append(f"the tokenizer in {checkpoint} is {vocabulary or 'missing'}; llama.cpp's converter writes "
                          "SentencePiece (tokenizer.model) and byte-level BPE (tokenizer.json) vocabularies.")
     return found
+
+
+def rope_settings(config: dict) -> list[tuple[str, dict]]:
+    """(layer type, rope settings) of a config: one entry without a layer type, or one per layer
+    type where transformers keeps them apart (Gemma 3's sliding_attention / full_attention)."""
+    rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
+    if rope and all(isinstance(v, dict) for v in rope.values()):
+        return list(rope.items())
+    return [("", rope)]
 
 
 def base_type(cfg: DictConfig) -> str:
