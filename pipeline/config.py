@@ -19,10 +19,16 @@ from typing import Any, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig
 
+from pipeline.chat import FORMATS
 from pipeline.hardware import PRECISIONS
 
-# Where prepare reads documents from (conf/data/<source>.yaml).
-DATA_SOURCES = ("pydoc", "text", "hf")
+# Where prepare reads documents from (conf/data/<source>.yaml); stdlib: questions about the
+# standard library answered by its docstrings (chat).
+DATA_SOURCES = ("pydoc", "stdlib", "text", "hf")
+# What to do with a chat example longer than data.seq_len (it is counted either way).
+TOO_LONG = ("drop", "truncate")
+# Which tokens training learns to predict: every token, or only the answers of chat data.
+LOSS_ON = ("auto", "all", "assistant")
 # Accelerate's distributed_type values the train stage launches with ("NO": one process).
 DISTRIBUTED_TYPES = ("NO", "MULTI_GPU", "FSDP", "DEEPSPEED")
 
@@ -63,6 +69,22 @@ class Model:
 
 
 @dataclass
+class ChatFields:
+    """Field names of chat data: OpenAI messages by default (ShareGPT: messages=conversations,
+    role=from, content=value), prompt / completion, Alpaca's instruction / input / output, and an
+    optional system prompt beside them."""
+    messages: str = "messages"
+    role: str = "role"
+    content: str = "content"
+    prompt: str = "prompt"
+    completion: str = "completion"
+    instruction: str = "instruction"
+    input: str = "input"
+    output: str = "output"
+    system: Optional[str] = "system"
+
+
+@dataclass
 class Data:
     name: str = MISSING
     source: str = setting(choices=DATA_SOURCES)
@@ -77,6 +99,15 @@ class Data:
     split: str = "train"
     # The column (hf) or JSON field (text .jsonl) that holds each document.
     text_field: str = "text"
+    # text: documents; or chat data in one of these shapes, its field names in `fields`.
+    format: str = setting(choices=FORMATS, default="text")
+    fields: ChatFields = field(default_factory=ChatFields)
+    # null: the tokenizer's own template (ChatML for the offline default's trained tokenizer);
+    # `chatml`, or a Jinja template.
+    chat_template: Optional[str] = None
+    # Chat data: several examples per sequence (attention kept within each), or one per sequence, padded.
+    packing: bool = True
+    too_long: str = setting(choices=TOO_LONG, default="drop")
 
 
 @dataclass
@@ -128,6 +159,8 @@ class Train:
     checkpoint_every: int = setting(low=1)
     resume: bool = MISSING
     threads: Optional[int] = setting(low=1)
+    # auto: the answers for chat data, every token for plain text.
+    loss_on: str = setting(choices=LOSS_ON, default="auto")
 
 
 @dataclass
@@ -159,6 +192,8 @@ class ExportCheck:
     sequences: int = setting(low=1)
     max_logit_diff: float = setting(low=0)
     texts: int = setting(low=1)
+    conversations: int = setting(low=1, default=8)
+    allow_chat_template_mismatch: bool = False
 
 
 @dataclass
@@ -214,6 +249,7 @@ class Load:
     requests: int = setting(low=1)
     prompt_tokens: int = setting(low=1)
     output_tokens: int = setting(low=1)
+    api: str = setting(choices=("auto", "completions", "chat"), default="auto")
 
 
 @dataclass

@@ -204,6 +204,30 @@ def tokenize(llm, text: str) -> list[int]:
     return llm.tokenize(text.encode("utf-8"), add_bos=False, special=True)
 
 
+def apply_chat_template(llm, messages: list[dict]) -> str | None:
+    """The prompt llama.cpp renders for `messages` (then the assistant's turn) with the chat template
+    embedded in the model's file, as llama-server does without --jinja; None where the file has no
+    template or llama.cpp does not recognise it."""
+    import ctypes
+
+    import llama_cpp
+
+    template = llm.metadata.get("tokenizer.chat_template")
+    if not template:
+        return None
+    encoded = [(m["role"].encode(), m["content"].encode()) for m in messages]
+    chat = (llama_cpp.llama_chat_message * len(encoded))(*(llama_cpp.llama_chat_message(r, c) for r, c in encoded))
+    size = 1024 + 2 * sum(len(r) + len(c) for r, c in encoded)
+    buffer = ctypes.create_string_buffer(size)
+    needed = llama_cpp.llama_chat_apply_template(template.encode(), chat, len(encoded), True, buffer, size)
+    if needed < 0:
+        return None
+    if needed > size:
+        buffer = ctypes.create_string_buffer(needed)
+        llama_cpp.llama_chat_apply_template(template.encode(), chat, len(encoded), True, buffer, needed)
+    return buffer.raw[:needed].decode("utf-8")
+
+
 def metadata_value(path: Path, key: str):
     """One metadata value of a GGUF file (a string or a number), or None."""
     import gguf

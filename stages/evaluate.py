@@ -1,6 +1,7 @@
 """evaluate: every artifact of the run measured the same way against the trained model.
 
-On the same held-out sequences: perplexity, KL divergence from the trained model's next-token
+On the same held-out sequences (for chat data: the held-out conversations, scored on their answer
+tokens only, and greedy answers to their rendered prompts): perplexity, KL divergence from the trained model's next-token
 distribution (reference computed once, in fp32), top-1 agreement with it, each with a bootstrap
 confidence interval over sequences; greedy-continuation agreement on fixed prompts; size on disk.
 The same metrics on edge-case slices where precision loss hides: rare tokens, late positions,
@@ -12,6 +13,7 @@ A new artifact format plugs in by adding a loader to LOADERS and its files to `a
 
 from __future__ import annotations
 
+import json
 import string
 from pathlib import Path
 
@@ -20,7 +22,8 @@ from omegaconf import DictConfig
 
 from pipeline.artifacts import atomic_dir, disk_bytes, fp32_reference, read_json, require_stage_output, stage_dir, write_json
 from pipeline import llamacpp
-from pipeline.data import load_blocks
+from pipeline.chat import is_chat, prompt_for_answer, render
+from pipeline.data import load_sequences
 from pipeline.metrics import greedy, prefix_agreement, summarize, token_metrics
 from pipeline.models import load_causal_lm
 from pipeline.contract import Stage
@@ -80,8 +83,9 @@ def artifacts(cfg: DictConfig) -> list[tuple[str, str, Path]]:
     return found
 
 
-def slice_masks(ids, train_ids: np.ndarray, tokenizer) -> dict:
-    """Boolean [batch, seq_len - 1] masks over predicted tokens for each slice."""
+def slice_masks(ids, scored, train_ids: np.ndarray, tokenizer) -> dict:
+    """Boolean [batch, seq_len - 1] masks over predicted tokens for each slice, within `scored`
+    (the predicted tokens that count: every one, or the answers of chat data)."""
     import torch
 
     targets = ids[:, 1:]
@@ -89,16 +93,40 @@ def slice_masks(ids, train_ids: np.ndarray, tokenizer) -> dict:
     frequency = torch.from_numpy(np.bincount(train_ids, minlength=vocab)[:vocab])
     target_freq = frequency[targets]
     # the tenth of held-out predictions whose token is rarest in the train split
-    rare = target_freq <= torch.quantile(target_freq.double(), 0.1)
+    rare = target_freq <= torch.quantile(target_freq[scored].double(), 0.1)
     positions = torch.arange(1, ids.shape[1]).expand_as(targets)
     late = positions >= ids.shape[1] * 3 // 4
     symbols = set(string.digits + string.punctuation)
     is_symbol = torch.tensor([(t := tokenizer.decode([i]).strip()) != "" and set(t) <= symbols for i in range(vocab)])
-    return {"all": torch.ones_like(targets, dtype=torch.bool), "rare": rare, "late": late,
-            "digits_punct": is_symbol[targets]}
+    return {"all": scored, "rare": rare & scored, "late": late & scored, "digits_punct": is_symbol[targets] & scored}
 
 
-def measure(logits_fn, ids, ref_logprobs, masks, ref_continuation, e: DictConfig, fp32_logprobs=None) -> dict:
+def greedy_prompts(cfg: DictConfig, prepared: Path, ids, tokenizer) -> list:
+    """Prompts [p] whose greedy continuations are compared: the start of held-out sequences, or for
+    chat data each held-out conversation's prompt before its last answer, as the template renders it."""
+    import torch
+
+    e = cfg.evaluate
+    if not is_chat(cfg.data):
+        return list(ids[: e.prompts, : e.prompt_tokens])
+    prompts = []
+    for line in (prepared / "heldout.jsonl").read_text().splitlines():
+        text = render(tokenizer, prompt_for_answer(json.loads(line)["messages"])[0], add_generation_prompt=True)
+        prompt = tokenizer(text, add_special_tokens=False)["input_ids"]
+        if len(prompt) + e.continuation_tokens <= cfg.data.seq_len:
+            prompts.append(torch.tensor(prompt))
+        if len(prompts) == e.prompts:
+            break
+    return prompts
+
+
+def continuations(logits_fn, prompts: list, new_tokens: int):
+    import torch
+
+    return torch.cat([greedy(logits_fn, prompt.unsqueeze(0), new_tokens) for prompt in prompts])
+
+
+def measure(logits_fn, ids, ref_logprobs, masks, prompts, ref_continuation, e: DictConfig, fp32_logprobs=None) -> dict:
     """Metrics of one artifact; with `fp32_logprobs`, also its KL and top-1 against the
     fp32-trained reference model, which puts every training precision on one scale. The
     per-sequence NLL sums let the report test differences between artifacts pairwise."""
@@ -119,8 +147,8 @@ def measure(logits_fn, ids, ref_logprobs, masks, ref_continuation, e: DictConfig
     if fp32_logprobs is not None:
         vs_fp32 = summarize({k: torch.cat(v) for k, v in vs_fp32.items()}, masks["all"], e.bootstrap, e.confidence)
         result["all"].update({f"{k}_vs_fp32": vs_fp32[k] for k in ("kl", "kl_ci", "top1", "top1_ci")})
-    prompts = ids[: e.prompts, : e.prompt_tokens]
-    result["all"]["greedy_agreement"] = prefix_agreement(ref_continuation, greedy(logits_fn, prompts, e.continuation_tokens))
+    result["all"]["greedy_agreement"] = prefix_agreement(ref_continuation, continuations(logits_fn, prompts,
+                                                                                        e.continuation_tokens))
     return result
 
 
@@ -140,13 +168,18 @@ def run(cfg: DictConfig, tracker) -> None:
     found = artifacts(cfg)
     trained = found[0][2]
     tokenizer = AutoTokenizer.from_pretrained(trained)
-    ids = load_blocks(prepared, "heldout", cfg.data.seq_len)[: e.max_sequences]
-    masks = slice_masks(ids, np.load(prepared / "train.npy"), tokenizer)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    # One conversation a row: packing would let a row's tokens depend on which others share it.
+    held_out = load_sequences(prepared, "heldout", cfg.data.seq_len, packing=False, pad_id=pad)[: e.max_sequences]
+    ids = held_out.ids
+    masks = slice_masks(ids, held_out.targets[:, 1:], np.load(prepared / "train.npy"), tokenizer)
+    prompts = greedy_prompts(cfg, prepared, ids, tokenizer)
+    scored = "answer tokens" if is_chat(cfg.data) else "all tokens"
 
     # The references, once each, in fp32: this run's trained model and, unless this run is it,
     # the fp32-trained model of otherwise identical settings (at evaluate.reference_seed) where it exists.
     reference, ref_logprobs = reference_logprobs(trained, ids, e.batch_size, cfg.data.seq_len)
-    ref_continuation = greedy(reference, ids[: e.prompts, : e.prompt_tokens], e.continuation_tokens)
+    ref_continuation = continuations(reference, prompts, e.continuation_tokens)
     fp32_logprobs = None
     fp32_trained = stage_dir(fp32_reference(cfg), "train")
     if fp32_trained != trained and fp32_trained.is_dir():
@@ -154,7 +187,7 @@ def run(cfg: DictConfig, tracker) -> None:
 
     results = {}
     for name, kind, path in found:
-        result = measure(LOADERS[kind](path, cfg.data.seq_len), ids, ref_logprobs, masks, ref_continuation, e,
+        result = measure(LOADERS[kind](path, cfg.data.seq_len), ids, ref_logprobs, masks, prompts, ref_continuation, e,
                          fp32_logprobs)
         result["all"]["size_mb"] = disk_bytes(path) / 2**20
         result["source"] = {"kind": kind, "path": str(path)}
@@ -169,7 +202,7 @@ def run(cfg: DictConfig, tracker) -> None:
         write_json(tmp / "summary.json", {n: r["all"] for n, r in results.items()})
         # The same held-out sequences for every artifact, in order: the report pairs them.
         write_json(tmp / "per_sequence.json", {"tokens": masks["all"].sum(1).tolist(),
-                                               "nll": sequence_nll})
+                                               "nll": sequence_nll, "scored": scored})
         (tmp / "summary.md").write_text(table(results, e.confidence))
     record(cfg, tracker)
 

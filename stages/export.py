@@ -23,6 +23,7 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 from pipeline.artifacts import atomic_dir, read_json, require_stage_output, sha256_file, stage_dir, write_json
+from pipeline.chat import prompt_for_answer, render
 from pipeline.data import load_blocks
 from pipeline.models import load_causal_lm, pretrained_source, shape_only_model
 from pipeline import llamacpp
@@ -177,8 +178,40 @@ def token_difference(llm, tokenizer, text: str) -> tuple[int | None, list[int], 
     return next((i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b), min(len(ours), len(theirs))), ours, theirs
 
 
+def chat_template_agreement(llm, tokenizer, conversations: list[list[dict]], name: str, allow_mismatch: bool) -> dict:
+    """Whether llama.cpp, rendering each conversation's prompt with the file's embedded chat
+    template, feeds the model the tokens apply_chat_template gives (BOS as the file adds it)."""
+    add_bos = bool(llm.metadata.get("tokenizer.ggml.add_bos_token", "false") == "true")
+    checked = []
+    for messages in conversations:
+        prompt = prompt_for_answer(messages)[0]
+        rendered = llamacpp.apply_chat_template(llm, prompt)
+        if rendered is None:
+            log.warning("%s: llama.cpp has no built-in rendering of the embedded chat template; llama-server needs "
+                        "--jinja to serve it, and the prompt tokens are not checked.", name)
+            return {"llama_cpp_renders": False}
+        ours = llm.tokenize(rendered.encode("utf-8"), add_bos=add_bos, special=True)
+        theirs = tokenizer(render(tokenizer, prompt, add_generation_prompt=True), add_special_tokens=False)["input_ids"]
+        checked.append((ours == theirs, rendered, ours, theirs))
+    differ = [c for c in checked if not c[0]]
+    report = {"llama_cpp_renders": True, "conversations": len(checked), "same_prompt_tokens": len(checked) - len(differ)}
+    if differ:
+        _, rendered, ours, theirs = differ[0]
+        at = next((i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b), min(len(ours), len(theirs)))
+        report["first_difference"] = {"rendered": rendered, "at": at, "llama_cpp": ours[at:at + 5],
+                                      "transformers": theirs[at:at + 5]}
+        message = (f"{name}: llama.cpp renders {len(differ)} of {len(checked)} held-out prompts into other tokens than "
+                   f"the chat template the model was trained with (token {at}: {ours[at:at + 5]} vs {theirs[at:at + 5]}; "
+                   f"llama.cpp rendered {rendered[:200]!r}).")
+        if not allow_mismatch:
+            raise ValueError(message + " Set export.check.allow_chat_template_mismatch=true to keep such files.")
+        log.warning(message)
+    return report
+
+
 def validate(path: Path, name: str, tokenizer, texts: list[str], reference=None, check_ids=None,
-             max_logit_diff: float = 0.0, allow_fallback: bool = False) -> dict:
+             max_logit_diff: float = 0.0, allow_fallback: bool = False, conversations=(),
+             allow_template_mismatch: bool = False) -> dict:
     """Load in llama.cpp and check tokenizer, tensor types and (for a base file) logits."""
     types = llamacpp.tensor_types(path)
     report = {"tensor_types": dict(Counter(t for t, _ in types.values()))}
@@ -206,6 +239,9 @@ def validate(path: Path, name: str, tokenizer, texts: list[str], reference=None,
         report["special_tokens_difference"] = {"at": at, "llama_cpp": ours[at:at + 5], "transformers": theirs[at:at + 5]}
         log.warning("%s: around special tokens written in text, llama.cpp tokenizes differently from the Hugging "
                     "Face tokenizer (token %d: %s vs %s)", path.name, at, ours[at:at + 5], theirs[at:at + 5])
+    if conversations:
+        report["chat_template"] = chat_template_agreement(llm, tokenizer, conversations, path.name,
+                                                          allow_template_mismatch)
     if reference is not None:
         logits = llamacpp.logits_fn(llm)(check_ids)
         diff = (logits - reference).abs().max().item()
@@ -242,7 +278,10 @@ def run(cfg: DictConfig, tracker) -> None:
     # general.name stays the starting checkpoint's: llama.cpp keys some tokenizer rules on it
     # (Phi-3's special tokens), and our own names go into the precision_pipeline.* keys.
     base_name = Path(str(cfg.model.name_or_path)).name if cfg.model.name_or_path else cfg.model.name
-    texts = [json.loads(line)["text"][:2000] for line in (prepared / "heldout.jsonl").read_text().splitlines()[: x.check.texts]]
+    heldout = [json.loads(line) for line in (prepared / "heldout.jsonl").read_text().splitlines()]
+    texts = [row["text"][:2000] for row in heldout[: x.check.texts]]
+    conversations = [row["messages"] for row in heldout if "messages" in row][: x.check.conversations]
+    checks = {"conversations": conversations, "allow_template_mismatch": x.check.allow_chat_template_mismatch}
     check_ids = load_blocks(prepared, "heldout", cfg.data.seq_len)[: x.check.sequences]
 
     out = stage_dir(cfg, "export")
@@ -259,13 +298,14 @@ def run(cfg: DictConfig, tracker) -> None:
             llamacpp.convert(path, base, dtype, base_name, x.pre_tokenizer, provenance)
             files = {dtype: {"seconds": time.perf_counter() - started,
                              "pre_tokenizer": llamacpp.metadata_value(base, "tokenizer.ggml.pre"),
-                             **validate(base, dtype, tokenizer, texts, reference, check_ids, x.check.max_logit_diff)}}
+                             **validate(base, dtype, tokenizer, texts, reference, check_ids, x.check.max_logit_diff,
+                                        **checks)}}
             for name in x.types:
                 target = tmp / source / f"model-{name}.gguf"
                 started = time.perf_counter()
                 quantize_gguf(base, target, name)
                 files[name] = {"seconds": time.perf_counter() - started,
-                               **validate(target, name, tokenizer, texts, allow_fallback=x.allow_fallback)}
+                               **validate(target, name, tokenizer, texts, allow_fallback=x.allow_fallback, **checks)}
             for name, info in files.items():
                 file = tmp / source / f"model-{name}.gguf"
                 info.update(bytes=file.stat().st_size, sha256=sha256_file(file))

@@ -1,8 +1,12 @@
-"""prepare: documents -> seeded train / held-out split -> tokenizer -> cached token ids, all hashed.
+"""prepare: documents or conversations -> seeded train / held-out split -> tokenizer -> cached
+token ids, all hashed.
 
-Outputs (in the stage directory): tokenizer/ (a transformers tokenizer), train.npy and
-heldout.npy (int32 token ids, documents joined by the end-of-text token), heldout.jsonl (the
-held-out documents as text) and manifest.json (counts and content hashes).
+Outputs (in the stage directory): tokenizer/ (a transformers tokenizer, with its chat template for
+chat data), train.npy and heldout.npy (int32 token ids: documents joined by the end-of-text token,
+or conversations rendered by the chat template one after another), for chat data also
+<split>_targets.npy (1 where a token is part of an answer) and <split>_lengths.npy (tokens per
+conversation), heldout.jsonl (the held-out documents as text; conversations also as messages) and
+manifest.json (counts and content hashes).
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 from pipeline.artifacts import atomic_dir, read_json, sha256_dir, sha256_file, stage_dir, write_json
+from pipeline.chat import CHATML, CHATML_TOKENS, ChatDataError, conversation, is_chat, template_for, tokenize_answers
 from pipeline.models import pretrained_source, save_tokenizer
 from pipeline.contract import Stage
 
@@ -24,6 +29,15 @@ STAGE = Stage("prepare", settings=("data", "model.name_or_path", "model.arch.voc
 
 TEXT_SUFFIXES = (".txt", ".jsonl")
 END_OF_TEXT = "<|endoftext|>"
+# data.source=stdlib: functions of these modules, asked about and answered by their docstrings.
+STDLIB_MODULES = ("builtins", "os", "os.path", "json", "re", "string", "textwrap", "itertools", "functools",
+                  "collections", "math", "statistics", "shutil", "pathlib", "random", "datetime", "heapq", "bisect",
+                  "operator", "glob", "fnmatch", "base64", "hashlib", "csv", "io", "time", "copy", "difflib",
+                  "html", "urllib.parse", "zlib", "struct", "secrets", "uuid", "inspect", "typing", "enum",
+                  "dataclasses", "contextlib", "calendar", "decimal", "fractions", "gzip", "tempfile", "shlex",
+                  "unicodedata", "pprint", "traceback", "warnings", "argparse", "logging", "sqlite3", "zipfile")
+QUESTIONS = ("What does {} do?", "Explain {} briefly.", "What is {} for?", "Describe {}.")
+SYSTEM = "You answer questions about the Python standard library in a sentence or two."
 
 
 def check(cfg: DictConfig) -> None:
@@ -34,7 +48,16 @@ def check(cfg: DictConfig) -> None:
         text_files(data.files)
     if data.source == "hf" and str(data.path).startswith(("/", ".", "~")) and not Path(data.path).expanduser().exists():
         raise FileNotFoundError(f"data.path={data.path!r} does not exist.")
-    pretrained_source(cfg)
+    if data.source == "pydoc" and is_chat(data):
+        raise ValueError(f"data.format={data.format} does not fit data.source=pydoc (plain text); data=stdlib is "
+                         "the offline chat data.")
+    if data.source == "stdlib" and data.format != "messages":
+        raise ValueError(f"data.source=stdlib holds conversations: data.format must be messages, not {data.format}.")
+    source = pretrained_source(cfg)
+    if is_chat(data) and source is not None:
+        from transformers import AutoTokenizer
+
+        template_for(data, AutoTokenizer.from_pretrained(source))
 
 
 def text_files(patterns) -> list[Path]:
@@ -51,33 +74,83 @@ def text_files(patterns) -> list[Path]:
     return files
 
 
-def load_documents(data: DictConfig) -> list[str]:
+def stdlib_questions() -> list[dict]:
+    """Conversations about standard-library functions, answered by the first paragraph of their
+    docstrings: some with a system prompt, some with a second question."""
+    import importlib
+    import inspect
+
+    found = []
+    for module_name in STDLIB_MODULES:
+        module = importlib.import_module(module_name)
+        for name in sorted(vars(module)):
+            obj = getattr(module, name)
+            doc = inspect.getdoc(obj) if callable(obj) and not name.startswith("_") else None
+            answer = " ".join(doc.split("\n\n")[0].split()) if doc else ""
+            if 20 <= len(answer) <= 400:
+                found.append((f"{module_name}.{name}", answer))
+    rows = []
+    for i in range(0, len(found) - 1, 2):
+        (first, first_answer), (second, second_answer) = found[i], found[i + 1]
+        messages = [{"role": "user", "content": QUESTIONS[i // 2 % len(QUESTIONS)].format(f"`{first}`")},
+                    {"role": "assistant", "content": first_answer}]
+        if i % 3 == 0:
+            messages.insert(0, {"role": "system", "content": SYSTEM})
+        if i % 4 == 0:
+            messages += [{"role": "user", "content": f"And `{second}`?"}, {"role": "assistant", "content": second_answer}]
+        rows.append({"messages": messages})
+    return rows
+
+
+def records(data: DictConfig) -> list[tuple[str, object]]:
+    """(where, record) of every document: a string of plain text or a dict (a JSON line, a dataset row)."""
     if data.source == "pydoc":
         from pydoc_data.topics import topics
 
-        docs = [topics[key] for key in sorted(topics)]
-    elif data.source == "text":
+        return [(f"pydoc topic {key}", topics[key]) for key in sorted(topics)]
+    if data.source == "stdlib":
+        return [(f"stdlib question {i}", row) for i, row in enumerate(stdlib_questions())]
+    if data.source == "hf":
+        dataset = _hf_dataset(data)
+        return [(f"{data.path} row {i}", row) for i, row in enumerate(dataset)]
+    found = []
+    for file in text_files(data.files):
+        if file.suffix == ".txt":
+            found += [(str(file), d) for d in re.split(r"\n\s*\n", file.read_text(encoding="utf-8"))]
+            continue
+        for number, line in enumerate(file.read_text(encoding="utf-8").splitlines(), 1):
+            if line.strip():
+                found.append((f"{file}:{number}", json.loads(line)))
+    return found
+
+
+def load_documents(data: DictConfig) -> list:
+    """Documents (strings), or for chat data conversations (lists of messages)."""
+    found = records(data)
+    if is_chat(data):
         docs = []
-        for file in text_files(data.files):
-            if file.suffix == ".txt":
-                docs += re.split(r"\n\s*\n", file.read_text(encoding="utf-8"))
-                continue
-            for number, line in enumerate(file.read_text(encoding="utf-8").splitlines(), 1):
-                if line.strip():
-                    record = json.loads(line)
-                    if data.text_field not in record:
-                        raise KeyError(f"{file}:{number} has no field {data.text_field!r} (data.text_field); "
-                                       f"fields: {', '.join(record)}.")
-                    docs.append(record[data.text_field])
+        for where, record in found:
+            if not isinstance(record, dict):
+                raise ChatDataError(f"{where} is plain text; data.format={data.format} reads JSON records "
+                                    "(.jsonl files or dataset rows).")
+            docs.append(conversation(record, data, where))
     else:
-        docs = _hf_dataset(data)
-    docs = [d.strip() for d in docs if d and d.strip()]
+        docs = []
+        for where, record in found:
+            if isinstance(record, dict):
+                if data.text_field not in record:
+                    raise KeyError(f"{where} has no field {data.text_field!r} (data.text_field); fields: "
+                                   f"{', '.join(record)}. Chat data needs data.format (one of messages, "
+                                   "prompt_completion, alpaca).")
+                record = record[data.text_field]
+            docs.append(record)
+        docs = [d.strip() for d in docs if d and d.strip()]
     if len(docs) < 2:
         raise ValueError(f"data ({data.name}) has {len(docs)} non-empty document(s); a train / held-out split needs 2 or more.")
     return docs
 
 
-def _hf_dataset(data: DictConfig) -> list[str]:
+def _hf_dataset(data: DictConfig):
     import datasets
 
     path = Path(str(data.path)).expanduser()
@@ -92,10 +165,10 @@ def _hf_dataset(data: DictConfig) -> list[str]:
             dataset = dataset[data.split]
     else:
         dataset = datasets.load_dataset(str(data.path), data.config_name, split=data.split)
-    if data.text_field not in dataset.column_names:
+    if not is_chat(data) and data.text_field not in dataset.column_names:
         raise KeyError(f"data.text_field={data.text_field!r} is not a column of {data.path}; "
                        f"columns: {', '.join(dataset.column_names)}.")
-    return list(dataset[data.text_field])
+    return dataset
 
 
 def split(docs: list[str], heldout_fraction: float, seed: int) -> tuple[list[str], list[str]]:
@@ -107,8 +180,10 @@ def split(docs: list[str], heldout_fraction: float, seed: int) -> tuple[list[str
     return [docs[i] for i in train], [docs[i] for i in heldout]
 
 
-def train_tokenizer(docs: list[str], vocab_size: int):
-    """Byte-level BPE with GPT-2's pre-tokenizer, so llama.cpp reads it as the `gpt-2` pre-tokenizer."""
+def train_tokenizer(docs: list[str], vocab_size: int, chat: bool = False):
+    """Byte-level BPE with GPT-2's pre-tokenizer, so llama.cpp reads it as the `gpt-2` pre-tokenizer.
+    For chat data it also holds ChatML's special tokens and template, and ends a turn (its EOS) at
+    `<|im_end|>`, where generation must stop."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -117,14 +192,17 @@ def train_tokenizer(docs: list[str], vocab_size: int):
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
-        special_tokens=[END_OF_TEXT],
+        special_tokens=[END_OF_TEXT, *(CHATML_TOKENS if chat else ())],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
     tokenizer.train_from_iterator(docs, trainer)
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer, bos_token=END_OF_TEXT, eos_token=END_OF_TEXT, pad_token=END_OF_TEXT
-    )
+    eos = CHATML_TOKENS[1] if chat else END_OF_TEXT
+    trained = PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token=END_OF_TEXT, eos_token=eos,
+                                      pad_token=END_OF_TEXT)
+    if chat:
+        trained.chat_template = CHATML
+    return trained
 
 
 def encode(tokenizer, docs: list[str]):
@@ -137,46 +215,96 @@ def encode(tokenizer, docs: list[str]):
     return np.asarray(ids, dtype=np.int32)
 
 
-def run(cfg: DictConfig, tracker) -> None:
+def encode_chat(tokenizer, conversations: list[list[dict]], split_name: str, data: DictConfig) -> tuple[dict, dict]:
+    """Token ids, answer mask and length of every conversation that fits data.seq_len (or is cut
+    to it, data.too_long=truncate), and the counts of what was dropped or cut."""
     import numpy as np
+
+    ids, targets, lengths = [], [], []
+    counts = {"examples": 0, "dropped_too_long": 0, "truncated": 0, "dropped_no_answer_left": 0, "target_tokens": 0}
+    for i, messages in enumerate(conversations):
+        example, answer = tokenize_answers(tokenizer, messages, f"{split_name} conversation {i}")
+        if len(example) > data.seq_len:
+            if data.too_long == "drop":
+                counts["dropped_too_long"] += 1
+                continue
+            example, answer = example[: data.seq_len], answer[: data.seq_len]
+            counts["truncated"] += 1
+            if not any(answer):
+                counts["dropped_no_answer_left"] += 1
+                continue
+        ids += example
+        targets += answer
+        lengths.append(len(example))
+        counts["examples"] += 1
+        counts["target_tokens"] += sum(answer)
+    if counts["target_tokens"] == 0:
+        raise ChatDataError(
+            f"No answer token is left to train on in the {split_name} split: {len(conversations)} conversation(s), "
+            f"{counts['dropped_too_long']} longer than data.seq_len={data.seq_len} dropped, "
+            f"{counts['dropped_no_answer_left']} cut before their first answer. Raise data.seq_len or set "
+            "data.too_long=truncate.")
+    arrays = {"": np.asarray(ids, dtype=np.int32), "_targets": np.asarray(targets, dtype=np.uint8),
+              "_lengths": np.asarray(lengths, dtype=np.int32)}
+    return arrays, counts
+
+
+def load_tokenizer(cfg: DictConfig, train_docs: list):
+    source = pretrained_source(cfg)
+    chat = is_chat(cfg.data)
+    if source is None:
+        texts = [m["content"] for c in train_docs for m in c] if chat else train_docs
+        return train_tokenizer(texts, cfg.model.arch.vocab_size, chat), None
     from transformers import AutoTokenizer
 
-    docs = load_documents(cfg.data)
-    train_docs, heldout_docs = split(docs, cfg.data.heldout_fraction, cfg.data.split_seed)
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    if tokenizer.eos_token_id is None:
+        raise ValueError(f"The tokenizer of {source} has no end-of-text token to separate documents.")
+    if chat:
+        tokenizer.chat_template = template_for(cfg.data, tokenizer)
+    return tokenizer, source
 
-    source = pretrained_source(cfg)
-    if source is None:
-        tokenizer = train_tokenizer(train_docs, cfg.model.arch.vocab_size)
-    else:
-        tokenizer = AutoTokenizer.from_pretrained(source)
-        if tokenizer.eos_token_id is None:
-            raise ValueError(f"The tokenizer of {source} has no end-of-text token to separate documents.")
 
-    train_ids, heldout_ids = encode(tokenizer, train_docs), encode(tokenizer, heldout_docs)
-    if len(heldout_ids) < cfg.data.seq_len + 1:
-        raise ValueError(f"The held-out split has {len(heldout_ids)} tokens, fewer than one sequence of "
-                         f"data.seq_len={cfg.data.seq_len}; use more data or a larger data.heldout_fraction.")
+def run(cfg: DictConfig, tracker) -> None:
+    import numpy as np
+
+    data = cfg.data
+    docs = load_documents(data)
+    train_docs, heldout_docs = split(docs, data.heldout_fraction, data.split_seed)
+    tokenizer, source = load_tokenizer(cfg, train_docs)
+
+    splits, counts = {}, {}
+    for name, split_docs in (("train", train_docs), ("heldout", heldout_docs)):
+        if is_chat(data):
+            arrays, counts[name] = encode_chat(tokenizer, split_docs, name, data)
+            splits.update({f"{name}{suffix}": array for suffix, array in arrays.items()})
+        else:
+            splits[name] = encode(tokenizer, split_docs)
+    if len(splits["heldout"]) < data.seq_len + 1:
+        raise ValueError(f"The held-out split has {len(splits['heldout'])} tokens, fewer than one sequence of "
+                         f"data.seq_len={data.seq_len}; use more data or a larger data.heldout_fraction.")
 
     out = stage_dir(cfg, "prepare")
     with atomic_dir(out) as tmp:
         save_tokenizer(tokenizer, tmp / "tokenizer")
-        np.save(tmp / "train.npy", train_ids)
-        np.save(tmp / "heldout.npy", heldout_ids)
-        (tmp / "heldout.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in heldout_docs))
-        hashes = {
-            "train_ids": sha256_file(tmp / "train.npy"),
-            "heldout_ids": sha256_file(tmp / "heldout.npy"),
-            "heldout_text": sha256_file(tmp / "heldout.jsonl"),
-            "tokenizer": sha256_dir(tmp / "tokenizer"),
-        }
+        for name, array in splits.items():
+            np.save(tmp / f"{name}.npy", array)
+        heldout_rows = ([{"text": tokenizer.apply_chat_template(c, tokenize=False), "messages": c} for c in heldout_docs]
+                        if is_chat(data) else [{"text": d} for d in heldout_docs])
+        (tmp / "heldout.jsonl").write_text("".join(json.dumps(row) + "\n" for row in heldout_rows))
+        hashes = {f"{name}_ids": sha256_file(tmp / f"{name}.npy") for name in splits}
+        hashes.update(heldout_text=sha256_file(tmp / "heldout.jsonl"), tokenizer=sha256_dir(tmp / "tokenizer"))
         manifest = {
             "data_hash": hashlib.sha256(json.dumps(hashes, sort_keys=True).encode()).hexdigest(),
             "hashes": hashes,
+            "format": data.format,
             "documents": {"train": len(train_docs), "heldout": len(heldout_docs)},
-            "tokens": {"train": int(len(train_ids)), "heldout": int(len(heldout_ids))},
+            "tokens": {"train": int(len(splits["train"])), "heldout": int(len(splits["heldout"]))},
             "vocab_size": len(tokenizer),
             "tokenizer_source": source or "trained (byte-level BPE)",
         }
+        if is_chat(data):
+            manifest["chat"] = {"template": tokenizer.chat_template, "too_long": data.too_long, "splits": counts}
         write_json(tmp / "manifest.json", manifest)
     record(cfg, tracker)
 
@@ -192,6 +320,8 @@ def record(cfg: DictConfig, tracker) -> None:
         "prepare/train_tokens": manifest["tokens"]["train"],
         "prepare/heldout_tokens": manifest["tokens"]["heldout"],
         "prepare/vocab_size": manifest["vocab_size"],
+        **{f"prepare/{split}_{key}": value for split, counts in manifest.get("chat", {}).get("splits", {}).items()
+           for key, value in counts.items()},
     })
     tracker.log_artifact(out / "manifest.json")
     tracker.log_artifacts(out / "tokenizer", "tokenizer")

@@ -91,6 +91,7 @@ def assemble(train: dict, evaluation: dict | None, per_sequence: dict | None, se
     if per_sequence:
         row["sequence_nll"] = {column(n): v for n, v in per_sequence["nll"].items()}
         row["sequence_tokens"] = per_sequence["tokens"]
+        row["scored"] = per_sequence.get("scored", "all tokens")
     for name, result in (serving or {}).get("results", {}).items():
         measured = result.get("levels", {}).get(level)
         if result["status"] == "ok" and measured and column(name) in row["artifacts"]:
@@ -568,6 +569,9 @@ def run(cfg: DictConfig, tracker) -> None:
     notes = [f"MLflow runs: {', '.join(r.runs)}." if r.runs else
              f"Settings: model {cfg.model.name}, data {cfg.data.name}, seed {cfg.seed}; "
              f"{len(rows[ran[0]]['sequence_tokens'])} held-out sequences; serving at {r.serve_level}."]
+    if rows[ran[0]].get("scored") == "answer tokens":
+        notes.append("Chat data: perplexity, KL and top-1 are measured on the answer tokens of the held-out "
+                     "conversations only, and greedy agreement on answers to their prompts.")
     missing = [p for p in ordered(r.precisions) if p not in rows]
     if len(rows) > 1:
         notes += [f"{p}: not run with these settings." for p in missing]

@@ -2,7 +2,8 @@
 
 Engines: llama.cpp's server (llama-cpp-python) on each GGUF file, vLLM on the trained and AWQ
 checkpoints (GPU; run from its own environment), or an already running endpoint. Load comes from
-GuideLLM with requests cut from the held-out text by the model's own tokenizer. Per artifact and
+GuideLLM with requests cut from the held-out text by the model's own tokenizer, or for chat data
+the held-out conversations sent to /v1/chat/completions. Per artifact and
 load level: TTFT, ITL, TPOT, end-to-end latency (mean, p50, p90, p99), request and output-token
 throughput, goodput under the SLOs, errors; the server's peak memory and the file size. One
 streamed request timed directly keeps GuideLLM's TTFT honest.
@@ -24,6 +25,7 @@ import numpy as np
 from omegaconf import DictConfig
 
 from pipeline.artifacts import atomic_dir, disk_bytes, read_json, require_stage_output, stage_dir, write_json
+from pipeline.chat import is_chat, prompt_for_answer, render
 from pipeline import llamacpp
 from pipeline.data import load_blocks
 from pipeline.server import Server, ServerError, free_port, log_tail, port_is_free
@@ -106,8 +108,22 @@ def server_command(cfg: DictConfig, chosen: str, name: str, path: Path, port: in
     return [*command, *s.vllm.extra_args]
 
 
-def held_out_prompts(cfg: DictConfig, tokenizer, count: int, skip: int = 0) -> list[str]:
-    """Held-out text, each prompt exactly load.prompt_tokens tokens of the model's tokenizer."""
+def api(cfg: DictConfig) -> str:
+    chosen = cfg.serve.load.api
+    return chosen if chosen != "auto" else "chat" if is_chat(cfg.data) else "completions"
+
+
+def held_out_prompts(cfg: DictConfig, tokenizer, count: int, skip: int = 0) -> list:
+    """Held-out text, each prompt exactly load.prompt_tokens tokens of the model's tokenizer; for
+    the chat API, held-out conversations up to their last answer (messages)."""
+    if api(cfg) == "chat":
+        if not is_chat(cfg.data):
+            raise ValueError(f"serve.load.api=chat needs chat data; data.format={cfg.data.format} is plain text.")
+        rows = (require_stage_output(cfg, "prepare") / "heldout.jsonl").read_text().splitlines()
+        if len(rows) < skip + count:
+            raise ValueError(f"The held-out split has {len(rows)} conversations; serve needs {skip + count}. Lower "
+                             "serve.load.requests or raise data.heldout_fraction.")
+        return [prompt_for_answer(json.loads(row)["messages"])[0] for row in rows[skip : skip + count]]
     blocks = load_blocks(require_stage_output(cfg, "prepare"), "heldout", cfg.serve.load.prompt_tokens)
     if len(blocks) < skip + count:
         raise ValueError(f"The held-out split has {len(blocks)} prompts of {cfg.serve.load.prompt_tokens} tokens; "
@@ -118,7 +134,8 @@ def held_out_prompts(cfg: DictConfig, tokenizer, count: int, skip: int = 0) -> l
 def run_guidellm(url: str, model: str, cfg: DictConfig, tokenizer_dir: Path, requests: Path, report: Path,
                  server: Server | None) -> None:
     load, s = cfg.serve.load, cfg.serve
-    backend = f"kind=openai_http,target={url},model={model},request_format=/v1/completions,validate_backend=false"
+    endpoint = "/v1/chat/completions" if api(cfg) == "chat" else "/v1/completions"
+    backend = f"kind=openai_http,target={url},model={model},request_format={endpoint},validate_backend=false"
     if s.engine == "external" and s.external.api_key:
         backend += f",api_key={s.external.api_key}"
     command = [guidellm_command(), "run", "--backend", backend, "--profile", f"kind={load.profile}",
@@ -169,20 +186,23 @@ def summarize(report: dict, slo: DictConfig) -> dict:
     return levels
 
 
-def streamed_ttft_ms(client, url: str, model: str, prompt: str) -> float:
-    """Time from sending one streamed completion to its first generated text."""
-    body = {"model": model, "prompt": prompt, "max_tokens": 4, "stream": True}
+def streamed_ttft_ms(client, url: str, model: str, prompt) -> float:
+    """Time from sending one streamed completion (chat completion, for messages) to its first
+    generated text."""
+    chat = isinstance(prompt, list)
+    body = {"model": model, "max_tokens": 4, "stream": True, **({"messages": prompt} if chat else {"prompt": prompt})}
     started = time.perf_counter()
-    with client.stream("POST", f"{url}/v1/completions", json=body) as response:
+    with client.stream("POST", f"{url}/v1/chat/completions" if chat else f"{url}/v1/completions", json=body) as response:
         response.raise_for_status()
         for line in response.iter_lines():
             if line.startswith("data: ") and line != "data: [DONE]":
-                if json.loads(line[6:])["choices"][0].get("text"):
+                choice = json.loads(line[6:])["choices"][0]
+                if (choice.get("delta") or {}).get("content") if chat else choice.get("text"):
                     return (time.perf_counter() - started) * 1000
     raise RuntimeError(f"{url} streamed no text.")
 
 
-def crosscheck(url: str, model: str, prompts: list[str], api_key, guidellm_ttft_ms: float, tol: DictConfig) -> dict:
+def crosscheck(url: str, model: str, prompts: list, api_key, guidellm_ttft_ms: float, tol: DictConfig) -> dict:
     import httpx
 
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
@@ -232,9 +252,13 @@ def run(cfg: DictConfig, tracker) -> None:
     direct = held_out_prompts(cfg, tokenizer, 4, skip=load.requests)
     with atomic_dir(out) as tmp:
         requests = tmp / "requests.jsonl"
-        requests.write_text("".join(json.dumps({"prompt": p, "prompt_tokens_count": load.prompt_tokens,
-                                                "output_tokens_count": load.output_tokens}) + "\n"
-                                    for p in held_out_prompts(cfg, tokenizer, load.requests)))
+        # GuideLLM sends a `messages` column as the chat messages, a `prompt` column as text.
+        rows = [{"messages": p, "prompt_tokens_count": len(tokenizer(render(tokenizer, p, add_generation_prompt=True),
+                                                                     add_special_tokens=False)["input_ids"])}
+                if isinstance(p, list) else {"prompt": p, "prompt_tokens_count": load.prompt_tokens}
+                for p in held_out_prompts(cfg, tokenizer, load.requests)]
+        rows = [row | {"output_tokens_count": load.output_tokens} for row in rows]
+        requests.write_text("".join(json.dumps(row) + "\n" for row in rows))
         for name, path in targets(cfg, chosen):
             (tmp / name).mkdir()
             try:
@@ -243,7 +267,7 @@ def run(cfg: DictConfig, tracker) -> None:
                 # No partial numbers: a failed artifact keeps only the reason and the server's log.
                 results[name] = {"status": "failed", "error": str(error),
                                  "log_tail": log_tail(tmp / name / "server.log")}
-        write_json(tmp / "summary.json", {"engine": chosen, "results": results})
+        write_json(tmp / "summary.json", {"engine": chosen, "api": api(cfg), "results": results})
     record(cfg, tracker)
 
 

@@ -24,7 +24,8 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 from pipeline.artifacts import atomic_dir, read_json, require_stage_output, scratch_dir, stage_dir, write_json
-from pipeline.data import load_blocks
+from pipeline.chat import is_chat
+from pipeline.data import load_sequences
 from pipeline.distributed import SHARDED
 from pipeline.hardware import expected_compute_dtype, peak_memory_mb
 from pipeline.models import model_config, pretrained_source, save_tokenizer, shape_only_model
@@ -44,9 +45,16 @@ def check(cfg: DictConfig) -> None:
     if arch is not None and cfg.data.seq_len > arch.max_position_embeddings:
         raise ValueError(f"data.seq_len={cfg.data.seq_len} exceeds model.arch.max_position_embeddings="
                          f"{arch.max_position_embeddings}.")
+    if t.loss_on == "assistant" and not is_chat(cfg.data):
+        raise ValueError(f"train.loss_on=assistant needs chat data; data.format={cfg.data.format} is plain text, which "
+                         "has no answers. Use train.loss_on=all (or auto), or a chat data.format.")
     pretrained_source(cfg)
     if cfg.model.lora.enabled:
         lora_targets(cfg)
+
+
+def loss_on_all(cfg: DictConfig) -> bool:
+    return cfg.train.loss_on == "all" or (cfg.train.loss_on == "auto" and not is_chat(cfg.data))
 
 
 def lora_targets(cfg: DictConfig) -> None:
@@ -154,7 +162,7 @@ def lr_lambda(step: int, warmup: int, total: int, min_ratio: float) -> float:
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def heldout_loss(model, blocks, batch_size: int, accelerator) -> float:
+def heldout_loss(model, blocks, batch_size: int, accelerator, loss_all: bool) -> float:
     """Mean loss over `blocks`, each process evaluating an equal share (the same number of
     forward passes everywhere, as sharded models need)."""
     import torch
@@ -165,7 +173,7 @@ def heldout_loss(model, blocks, batch_size: int, accelerator) -> float:
     with torch.no_grad():
         for i in range(0, len(share), batch_size):
             batch = share[i : i + batch_size].to(accelerator.device)
-            total += torch.tensor([model(input_ids=batch, labels=batch).loss.item() * len(batch), len(batch)],
+            total += torch.tensor([model(**batch.model_inputs(loss_all)).loss.item() * len(batch), len(batch)],
                                   dtype=torch.float64, device=accelerator.device)
     model.train()
     total = accelerator.reduce(total, "sum")
@@ -222,7 +230,10 @@ class Progress:
     consecutive_skips: int = 0
     compute_dtype: str | None = None
     # Per optimizer step since the last logged window.
-    window: dict = field(default_factory=lambda: {"loss": [], "time": [], "grad_norm": []})
+    window: dict = field(default_factory=lambda: {"loss": [], "time": [], "grad_norm": [], "tokens": []})
+    # Of every step: what tokens/s is measured over.
+    seconds: float = 0.0
+    tokens: int = 0
 
     def state(self) -> dict:
         return {"step": self.step, "skipped_steps": self.skipped, "history": self.history}
@@ -234,6 +245,7 @@ class Step:
     grad_norm: float | None  # None under DeepSpeed, which clips inside its engine
     seconds: float
     skipped: bool  # fp16's loss scaler found an overflow and skipped the update
+    tokens: int  # real (not padding) tokens of the global batch
 
 
 def restore(accelerator, checkpoints: Path, resume: bool) -> Progress:
@@ -257,13 +269,14 @@ def optimizer_step(model, optimizer, trainable, accelerator, blocks, step: int, 
     """One optimizer step over train.grad_accum_steps micro-batches of this process's share."""
     import torch
 
-    t, started = cfg.train, time.perf_counter()
-    loss_sum, grad_norm = 0.0, None
+    t, started, loss_all = cfg.train, time.perf_counter(), loss_on_all(cfg)
+    loss_sum, grad_norm, tokens = 0.0, None, 0
     for micro in range(t.grad_accum_steps):
         batch = batch_at(blocks, step * t.grad_accum_steps + micro, t.micro_batch_size, cfg.seed,
                          accelerator.process_index, accelerator.num_processes).to(accelerator.device)
+        tokens += int(accelerator.reduce(batch.real.sum(), "sum"))
         with accelerator.accumulate(model):
-            loss = model(input_ids=batch, labels=batch).loss
+            loss = model(**batch.model_inputs(loss_all)).loss
             if not torch.isfinite(loss) and accelerator.scaler is None:
                 raise FloatingPointError(
                     f"Loss became {loss.item()} at step {step} (train.precision={t.precision}). "
@@ -276,7 +289,8 @@ def optimizer_step(model, optimizer, trainable, accelerator, blocks, step: int, 
             optimizer.zero_grad()
         # The loss of the global batch: every process's share weighs the same.
         loss_sum += accelerator.reduce(loss.detach(), "mean").item()
-    return Step(loss_sum / t.grad_accum_steps, grad_norm, time.perf_counter() - started, optimizer.step_was_skipped)
+    return Step(loss_sum / t.grad_accum_steps, grad_norm, time.perf_counter() - started, optimizer.step_was_skipped,
+                tokens)
 
 
 def account(progress: Progress, step: Step, probe, accelerator, cfg: DictConfig, tracker) -> None:
@@ -302,13 +316,17 @@ def account(progress: Progress, step: Step, probe, accelerator, cfg: DictConfig,
         if step.grad_norm is not None:
             progress.window["grad_norm"].append(step.grad_norm)
     progress.window["time"].append(step.seconds)
+    progress.window["tokens"].append(step.tokens)
+    progress.seconds += step.seconds
+    progress.tokens += step.tokens
     progress.step += 1
 
 
-def log_window(progress: Progress, scheduler, accelerator, tokens_per_step: int, tracker) -> dict:
-    """Means of the steps since the last window, logged at the step reached; the window restarts."""
+def log_window(progress: Progress, scheduler, accelerator, tracker) -> dict:
+    """Means of the steps since the last window, logged at the step reached; the window restarts.
+    Tokens/s counts real tokens only, not padding."""
     window, step_time = progress.window, sum(progress.window["time"]) / len(progress.window["time"])
-    metrics = {"train/step_time_s": step_time, "train/tokens_per_s": tokens_per_step / step_time,
+    metrics = {"train/step_time_s": step_time, "train/tokens_per_s": sum(window["tokens"]) / sum(window["time"]),
                "train/lr": scheduler.get_last_lr()[0], "train/peak_memory_mb": peak_memory_mb(accelerator.device.type),
                "train/skipped_steps": progress.skipped}
     if window["loss"]:
@@ -325,11 +343,11 @@ def log_window(progress: Progress, scheduler, accelerator, tokens_per_step: int,
 
 
 def finish(cfg: DictConfig, model, accelerator, tokenizer, progress: Progress, eval_blocks, started: float,
-           tokens_per_step: int, checkpoints: Path) -> None:
+           checkpoints: Path) -> None:
     """The final held-out loss and the output: the model (LoRA merged) and summary.json, written
     by the main process once every process has taken part in gathering the weights."""
     t, out, world = cfg.train, stage_dir(cfg, "train"), accelerator.num_processes
-    final_loss = heldout_loss(model, eval_blocks, t.micro_batch_size, accelerator)
+    final_loss = heldout_loss(model, eval_blocks, t.micro_batch_size, accelerator, loss_on_all(cfg))
     distributed = accelerator.distributed_type.value
     sharded = distributed in SHARDED  # FSDP and DeepSpeed shard the weights
     state_dict = accelerator.get_state_dict(model) if sharded else None
@@ -341,7 +359,8 @@ def finish(cfg: DictConfig, model, accelerator, tokenizer, progress: Progress, e
         "steps": t.max_steps, "resumed_from_step": progress.resumed_from, "skipped_steps": progress.skipped,
         "heldout_loss": final_loss, "heldout_perplexity": math.exp(final_loss),
         "train_seconds": time.perf_counter() - started, "peak_memory_mb": peak_memory_mb(accelerator.device.type),
-        "step_time_s": step_time, "tokens_per_s": tokens_per_step / step_time if step_time else None,
+        "step_time_s": step_time, "tokens_per_s": progress.tokens / progress.seconds if progress.seconds else None,
+        "loss_on": "all" if loss_on_all(cfg) else "assistant",
         "history": progress.history, "device": accelerator.device.type, "num_processes": world,
         "distributed_type": distributed, "replica_sha256": replicas,
     }
@@ -370,8 +389,9 @@ def run(cfg: DictConfig, tracker) -> None:
     prepared = require_stage_output(cfg, "prepare")
     tracker.set_tags({"data_hash": read_json(prepared / "manifest.json")["data_hash"]})
     tokenizer = AutoTokenizer.from_pretrained(prepared / "tokenizer")
-    train_blocks = load_blocks(prepared, "train", cfg.data.seq_len)
-    heldout_blocks = load_blocks(prepared, "heldout", cfg.data.seq_len)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    train_blocks, heldout_blocks = (load_sequences(prepared, split, cfg.data.seq_len, cfg.data.packing, pad)
+                                    for split in ("train", "heldout"))
 
     set_seed(cfg.seed)
     model = build_model(cfg, tokenizer)
@@ -396,7 +416,6 @@ def run(cfg: DictConfig, tracker) -> None:
             raise RuntimeError(f"Master weights must be fp32, found {masters}.")
         probe = ComputeDtypeProbe(model)
         world = accelerator.num_processes
-        tokens_per_step = t.micro_batch_size * t.grad_accum_steps * cfg.data.seq_len * world
         # eval_batches counts global batches; a whole held-out split loses up to world - 1 rows
         # so that every process gets an equal share.
         eval_rows = len(heldout_blocks) if t.eval_batches is None else t.eval_batches * t.micro_batch_size * world
@@ -412,17 +431,17 @@ def run(cfg: DictConfig, tracker) -> None:
             bar.update()
             done = progress.step
             if done % t.log_every == 0 or done == t.max_steps:
-                metrics = log_window(progress, scheduler, accelerator, tokens_per_step, tracker)
+                metrics = log_window(progress, scheduler, accelerator, tracker)
                 bar.set_postfix(loss=f"{metrics.get('train/loss', float('nan')):.3f}")
             if done % t.eval_every == 0 or done == t.max_steps:
-                loss = heldout_loss(model, eval_blocks, t.micro_batch_size, accelerator)
+                loss = heldout_loss(model, eval_blocks, t.micro_batch_size, accelerator, loss_on_all(cfg))
                 tracker.log_metrics({"eval/loss": loss, "eval/perplexity": math.exp(loss)}, step=done)
                 progress.history["eval_loss"].append([done, loss])
             if done % t.checkpoint_every == 0 and done < t.max_steps:
                 save_checkpoint(accelerator, checkpoints / f"step-{done:06d}", progress.state())
                 tracker.flush()
         bar.close()
-        finish(cfg, model, accelerator, tokenizer, progress, eval_blocks, started, tokens_per_step, checkpoints)
+        finish(cfg, model, accelerator, tokenizer, progress, eval_blocks, started, checkpoints)
     finally:
         # Accelerate keeps its state in a process-wide singleton; a Hydra multirun trains the
         # next precision in this same process and must start from a clean one.

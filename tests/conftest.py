@@ -14,6 +14,9 @@ from pipeline.config import register
 
 register()  # compose_with builds the config as `python -m pipeline` does, on the typed schemas
 
+# Two test processes share 2 cores (make test): a library that starts a thread per core in each
+# would have them take turns. Set before the fork server and every subprocess start.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 ROOT = Path(__file__).resolve().parent.parent
 CONF = ROOT / "conf"
 # Every config group and its options, as conf/ has them.
@@ -26,7 +29,7 @@ FAST = ["profile=smoke", "train.max_steps=8"]
 
 # The longest test modules first: the two test processes of `make test` (each takes whole modules,
 # whose tests share module fixtures) then finish close together.
-LONGEST_FIRST = ("test_dvc.py", "test_report.py", "test_reuse.py", "test_families.py", "test_train.py")
+LONGEST_FIRST = ("test_dvc.py", "test_report.py", "test_reuse.py", "test_chat.py", "test_families.py", "test_train.py")
 
 
 def pytest_collection_modifyitems(items):
@@ -60,12 +63,49 @@ def replace(overrides: list[str], *new: str) -> list[str]:
     return [o for o in overrides if o.split("=", 1)[0] not in keys] + list(new)
 
 
-def pipeline(cwd: Path, *overrides: str, check: bool = True, multirun: bool = False, root: Path = ROOT
-             ) -> subprocess.CompletedProcess:
-    """`python -m pipeline` with these overrides in `cwd`, running the code under `root`."""
-    cmd = [sys.executable, "-m", "pipeline", *(["-m"] if multirun else []), *overrides]
+# The libraries `python -m pipeline` spends its first ~10 s importing. Our own code is not among
+# them: a test may run a changed copy of it (root=).
+PRELOAD = ["torch", "transformers", "transformers.models.llama.modeling_llama", "mlflow",
+           "mlflow.store.tracking.sqlalchemy_store", "llmcompressor.modifiers.transform.awq.mappings", "peft",
+           "accelerate", "datasets", "hydra", "omegaconf", "llama_cpp", "gguf"]
+_forks = None
+
+
+def forks():
+    """A fork server that has imported PRELOAD: each pipeline run is a fresh process forked from it,
+    started in a fraction of a second. The tests run the pipeline some sixty times."""
+    global _forks
+    if _forks is None:
+        import multiprocessing
+
+        # As stages/quantize.py sets it before it imports llm-compressor, which reads it on import.
+        os.environ.setdefault("LLM_COMPRESSOR_LOG_LEVEL", "WARNING")
+        _forks = multiprocessing.get_context("forkserver")
+        _forks.set_forkserver_preload(PRELOAD)
+    return _forks
+
+
+def pipeline(cwd: Path, *overrides: str, check: bool = True, multirun: bool = False, root: Path = ROOT,
+             fork: bool = True) -> subprocess.CompletedProcess:
+    """`python -m pipeline` with these overrides in `cwd`, running the code under `root`: forked from
+    the fork server, or with fork=False a new interpreter, for what only a whole start-up shows."""
+    import runpy
+    import tempfile
+
+    args = [*(["-m"] if multirun else []), *overrides]
     env = {**os.environ, "PYTHONPATH": str(root)}
-    result = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
+    cmd = [sys.executable, "-m", "pipeline", *args]
+    if fork:
+        with tempfile.TemporaryDirectory() as logs:
+            out, err = Path(logs) / "stdout", Path(logs) / "stderr"
+            child = forks().Process(target=runpy.run_path, args=(str(Path(__file__).with_name("forked.py")),),
+                                    kwargs={"init_globals": {"ARGV": args, "CWD": str(cwd), "ENV": env,
+                                                             "STDOUT": str(out), "STDERR": str(err)}})
+            child.start()
+            child.join()
+            result = subprocess.CompletedProcess(cmd, child.exitcode, out.read_text(), err.read_text())
+    else:
+        result = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
     if check and result.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed ({result.returncode}):\n{result.stderr[-4000:]}")
     return result

@@ -70,11 +70,12 @@ def test_a_code_change_reruns_that_stage_and_those_after_it(project):
 
 
 def test_a_bad_setting_prints_one_line_without_a_traceback(tmp_path):
-    result = pipeline(tmp_path, "train.max_steps=0", check=False)
+    # What a user's shell shows, from a whole interpreter start.
+    result = pipeline(tmp_path, "train.max_steps=0", check=False, fork=False)
     assert result.returncode == 1
     assert result.stderr.strip().splitlines() == ["error: train.max_steps=0 must be at least 1."]
     (tmp_path / "file").write_text("")
-    result = pipeline(tmp_path, f"paths.artifacts={tmp_path}/file/artifacts", check=False)
+    result = pipeline(tmp_path, f"paths.artifacts={tmp_path}/file/artifacts", check=False, fork=False)
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert result.stderr.strip() == (f"error: paths.artifacts='{tmp_path}/file/artifacts' is not a writable directory "
                                      f"({tmp_path}/file is not a directory). Point paths.artifacts at a directory this "

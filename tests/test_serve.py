@@ -102,7 +102,8 @@ def test_server_dying_mid_benchmark_is_a_failure_not_numbers(own_chain):
         while time.time() < deadline and not killed:
             for process in psutil.process_iter(["cmdline"]):
                 cmdline = " ".join(process.info["cmdline"] or [])
-                if "llama_cpp.server" in cmdline and "--model_alias trained.q8_0" in cmdline:
+                # This test's server only: the other test process may be serving the same file name.
+                if "llama_cpp.server" in cmdline and "--model_alias trained.q8_0" in cmdline and str(own_chain) in cmdline:
                     port = cmdline.split("--port ")[1].split()[0]
                     try:
                         httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=1)

@@ -1,0 +1,25 @@
+"""`python -m pipeline` inside a process forked from the test server (tests/conftest.py:
+`pipeline`), run by runpy.run_path with ARGV, CWD, ENV, STDOUT and STDERR given as globals."""
+
+import atexit
+import os
+import runpy
+import sys
+
+os.chdir(CWD)  # noqa: F821 (given by runpy.run_path)
+os.environ.clear()
+os.environ.update(ENV)  # noqa: F821
+# As `python -m` with PYTHONPATH sets it: the working directory, then the code under test.
+sys.path[:0] = [CWD, *ENV["PYTHONPATH"].split(os.pathsep)]  # noqa: F821
+for fd, path in ((1, STDOUT), (2, STDERR)):  # noqa: F821
+    opened = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+    os.dup2(opened, fd)
+    os.close(opened)
+sys.argv = ["pipeline", *ARGV]  # noqa: F821
+try:
+    runpy.run_module("pipeline", run_name="__main__", alter_sys=True)
+finally:
+    # A forked child ends in os._exit, which runs no exit handlers; the interpreter would.
+    atexit._run_exitfuncs()
+    sys.stdout.flush()
+    sys.stderr.flush()
