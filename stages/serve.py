@@ -14,7 +14,9 @@ Outputs: <artifact>/guidellm.json (the raw report), <artifact>/server.log, summa
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -144,12 +146,15 @@ def run_guidellm(url: str, model: str, cfg: DictConfig, tokenizer_dir: Path, req
                "--output", f"kind=json,path={report}", "--disable-console"]
     if LOAD_LEVELS[load.profile]:
         command += ["--override", f"profile.{LOAD_LEVELS[load.profile]}", ",".join(str(v) for v in load.levels)]
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    while process.poll() is None:
-        if server is not None and server.process.poll() is not None:
-            process.kill()
-            server.raise_if_dead("died during the benchmark")
-        time.sleep(0.2)
+    # A session of its own, so that stopping it stops its worker processes too.
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        while process.poll() is None and (server is None or server.process.poll() is None):
+            time.sleep(0.2)
+    finally:  # also on Ctrl-C, which no longer reaches its session
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
     output = process.stdout.read()
     if server is not None:
         server.raise_if_dead("died during the benchmark")
