@@ -112,7 +112,9 @@ def records(data: DictConfig) -> list[tuple[str, object]]:
         return [(f"stdlib question {i}", row) for i, row in enumerate(stdlib_questions())]
     if data.source == "hf":
         dataset = _hf_dataset(data)
-        return [(f"{data.path} row {i}", row) for i, row in enumerate(dataset)]
+        # Plain text reads one column, far faster than whole rows on a large dataset.
+        rows = dataset if is_chat(data) else dataset[data.text_field]
+        return [(f"{data.path} row {i}", row) for i, row in enumerate(rows)]
     found = []
     for file in text_files(data.files):
         if file.suffix == ".txt":

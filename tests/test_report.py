@@ -104,7 +104,7 @@ def test_one_precision_report_shows_only_that_precision(reports):
     own = data["comparisons"]["own"]["fp32"]
     assert {"trained.q8_0", "trained.q4_k_m", "awq"} <= set(own)
     served = {q["format"] for q in data["plots"]["quality_vs_throughput"]["points"]}
-    assert served == {"trained.q8_0", "trained.q4_k_m"} and data["plots"]["quality_vs_throughput"]["fronts"]["fp32"]
+    assert served == {"trained.q4_k_m"} and data["plots"]["quality_vs_throughput"]["fronts"]["fp32"]
 
     markdown = (reports.single / "report.md").read_text()
     lines = markdown.splitlines()
