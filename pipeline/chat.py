@@ -39,20 +39,23 @@ def conversation(row: dict, data: DictConfig, where: str) -> list[dict]:
             raise ChatDataError(f"{where} has no field {key!r} (data.fields.{name}); fields: {', '.join(row)}.")
         return row[key]
 
-    if data.format == "messages":
+    def turns(value) -> list[dict]:
         messages = []
-        for turn in field("messages"):
+        for turn in value:
             role = turn.get(fields.role)
             if role not in ROLES:
                 raise ChatDataError(f"{where}: role {role!r} (data.fields.role={fields.role!r}) is none of "
                                     f"{', '.join(ROLES)}.")
             messages.append({"role": ROLES[role], "content": str(turn.get(fields.content, ""))})
+        return messages
+
+    if data.format == "messages":
+        messages = turns(field("messages"))
     elif data.format == "prompt_completion":
         prompt, completion = field("prompt"), field("completion")
         # The conversational variant holds message lists (as TRL writes them).
-        messages = ([dict(m) for m in prompt] if isinstance(prompt, list) else [{"role": "user", "content": str(prompt)}])
-        messages += ([dict(m) for m in completion] if isinstance(completion, list)
-                     else [{"role": "assistant", "content": str(completion)}])
+        messages = turns(prompt) if isinstance(prompt, list) else [{"role": "user", "content": str(prompt)}]
+        messages += turns(completion) if isinstance(completion, list) else [{"role": "assistant", "content": str(completion)}]
     else:  # alpaca
         extra = row.get(fields.input) or ""
         instruction = str(field("instruction")) + (f"\n\n{extra}" if extra else "")

@@ -22,6 +22,10 @@ ROWS = {
                                     {"from": "human", "content": "json.dumps?"}, {"from": "gpt", "content": ANSWERS[1]}]},
                  {"format": "messages", "fields": {"messages": "conversations", "role": "from"}}),
     "prompt_completion": ({"prompt": "Sort by length?", "completion": ANSWERS[2], "system": "Be brief."}, {}),
+    "prompt_completion_messages": ({"prompt": [{"role": "system", "content": "Be brief."},
+                                               {"role": "user", "content": "Sort by length?"}],
+                                    "completion": [{"role": "assistant", "content": ANSWERS[2]}]},
+                                   {"format": "prompt_completion"}),
     "alpaca": ({"instruction": "Sort by length?", "input": "x = ['ab', 'c']", "output": ANSWERS[2]}, {}),
 }
 

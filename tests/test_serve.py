@@ -127,7 +127,8 @@ def test_server_dying_mid_benchmark_is_a_failure_not_numbers(own_chain):
     assert serve.data.metrics["serve/trained.q8_0/failed"] == 1.0
     assert not any(k.startswith("serve/trained.q8_0/c1") for k in serve.data.metrics)
     failed = [json.loads(p.read_text()) for p in (own_chain / "artifacts" / "serve").glob("*/summary.json")]
-    failed = [s["results"]["trained.q8_0"] for s in failed if s["results"]["trained.q8_0"]["status"] == "failed"]
+    # The copied chain's own serve output (another file) is there too.
+    failed = [s["results"]["trained.q8_0"] for s in failed if s["results"].get("trained.q8_0", {}).get("status") == "failed"]
     assert failed and "levels" not in failed[0] and failed[0]["log_tail"]
 
 
