@@ -8,6 +8,9 @@ training and of the answer-only metrics.
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 from omegaconf import DictConfig
 
 # data.format: plain text, or one of the chat formats.
@@ -117,7 +120,18 @@ def tokenize_answers(tokenizer, messages: list[dict], where: str) -> tuple[list[
     return encoded["input_ids"], targets
 
 
-def prompt_for_answer(messages: list[dict]) -> tuple[list[dict], str]:
-    """The conversation before its last answer, and that answer."""
+def prompt_before_answer(messages: list[dict]) -> list[dict]:
+    """The conversation before its last answer: what a client sends to have it answered."""
     last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
-    return messages[:last], messages[last]["content"]
+    return messages[:last]
+
+
+def prompt_ids(tokenizer, messages: list[dict]) -> list[int]:
+    """Token ids of `messages` rendered with the generation prompt, as apply_chat_template gives them."""
+    return tokenizer(render(tokenizer, messages, add_generation_prompt=True), add_special_tokens=False)["input_ids"]
+
+
+def heldout_chat_prompts(prepared: Path) -> list[list[dict]]:
+    """The held-out conversations the prepare stage kept, each before its last answer."""
+    rows = (Path(prepared) / "heldout.jsonl").read_text().splitlines()
+    return [prompt_before_answer(json.loads(row)["messages"]) for row in rows]

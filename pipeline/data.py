@@ -46,6 +46,10 @@ class Sequences:
         return {"input_ids": self.ids, "position_ids": self.positions, "labels": labels, "use_cache": False}
 
 
+def pad_id(tokenizer) -> int:
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
 def load_sequences(prepared: Path, split: str, seq_len: int, packing: bool, pad_id: int) -> Sequences:
     """Plain text: consecutive blocks, every token a target. Chat data (prepare wrote
     <split>_lengths.npy): its conversations, several to a row in order (each whole) with
@@ -63,11 +67,14 @@ def load_sequences(prepared: Path, split: str, seq_len: int, packing: bool, pad_
     lengths = np.load(prepared / f"{split}_lengths.npy")
     starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
     rows: list[list[int]] = []
+    used = 0  # tokens in the last row
     for i, length in enumerate(lengths):
-        if packing and rows and sum(lengths[j] for j in rows[-1]) + length <= seq_len:
+        if packing and rows and used + length <= seq_len:
             rows[-1].append(i)
+            used += length
         else:
             rows.append([i])
+            used = length
     out = {"ids": np.full((len(rows), seq_len), pad_id, dtype=np.int64), "targets": np.zeros((len(rows), seq_len), bool),
            "real": np.zeros((len(rows), seq_len), bool), "positions": np.tile(np.arange(seq_len), (len(rows), 1))}
     for r, members in enumerate(rows):

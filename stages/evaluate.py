@@ -1,8 +1,8 @@
 """evaluate: every artifact of the run measured the same way against the trained model.
 
-On the same held-out sequences (for chat data: the held-out conversations, scored on their answer
-tokens only, and greedy answers to their rendered prompts): perplexity, KL divergence from the trained model's next-token
-distribution (reference computed once, in fp32), top-1 agreement with it, each with a bootstrap
+On the same held-out sequences (for chat data: the held-out conversations, scored on their
+answer tokens only, and greedy answers to their rendered prompts): perplexity, KL divergence from
+the trained model's next-token distribution (reference computed once, in fp32), top-1 agreement with it, each with a bootstrap
 confidence interval over sequences; greedy-continuation agreement on fixed prompts; size on disk.
 The same metrics on edge-case slices where precision loss hides: rare tokens, late positions,
 digit / punctuation tokens.
@@ -13,7 +13,6 @@ A new artifact format plugs in by adding a loader to LOADERS and its files to `a
 
 from __future__ import annotations
 
-import json
 import string
 from pathlib import Path
 
@@ -22,8 +21,8 @@ from omegaconf import DictConfig
 
 from pipeline.artifacts import atomic_dir, disk_bytes, fp32_reference, read_json, require_stage_output, stage_dir, write_json
 from pipeline import llamacpp
-from pipeline.chat import is_chat, prompt_for_answer, render
-from pipeline.data import load_sequences
+from pipeline.chat import heldout_chat_prompts, is_chat, prompt_ids
+from pipeline.data import load_sequences, pad_id
 from pipeline.metrics import greedy, prefix_agreement, summarize, token_metrics
 from pipeline.models import load_causal_lm
 from pipeline.contract import Stage
@@ -110,9 +109,8 @@ def greedy_prompts(cfg: DictConfig, prepared: Path, ids, tokenizer) -> list:
     if not is_chat(cfg.data):
         return list(ids[: e.prompts, : e.prompt_tokens])
     prompts = []
-    for line in (prepared / "heldout.jsonl").read_text().splitlines():
-        text = render(tokenizer, prompt_for_answer(json.loads(line)["messages"])[0], add_generation_prompt=True)
-        prompt = tokenizer(text, add_special_tokens=False)["input_ids"]
+    for messages in heldout_chat_prompts(prepared):
+        prompt = prompt_ids(tokenizer, messages)
         if len(prompt) + e.continuation_tokens <= cfg.data.seq_len:
             prompts.append(torch.tensor(prompt))
         if len(prompts) == e.prompts:
@@ -168,9 +166,8 @@ def run(cfg: DictConfig, tracker) -> None:
     found = artifacts(cfg)
     trained = found[0][2]
     tokenizer = AutoTokenizer.from_pretrained(trained)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     # One conversation a row: packing would let a row's tokens depend on which others share it.
-    held_out = load_sequences(prepared, "heldout", cfg.data.seq_len, packing=False, pad_id=pad)[: e.max_sequences]
+    held_out = load_sequences(prepared, "heldout", cfg.data.seq_len, packing=False, pad_id=pad_id(tokenizer))[: e.max_sequences]
     ids = held_out.ids
     masks = slice_masks(ids, held_out.targets[:, 1:], np.load(prepared / "train.npy"), tokenizer)
     prompts = greedy_prompts(cfg, prepared, ids, tokenizer)

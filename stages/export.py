@@ -23,7 +23,7 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 from pipeline.artifacts import atomic_dir, read_json, require_stage_output, sha256_file, stage_dir, write_json
-from pipeline.chat import prompt_for_answer, render
+from pipeline.chat import heldout_chat_prompts, is_chat, prompt_ids
 from pipeline.data import load_blocks
 from pipeline.models import load_causal_lm, pretrained_source, shape_only_model
 from pipeline import llamacpp
@@ -169,35 +169,39 @@ def fallbacks(types: dict, name: str) -> list[dict]:
     return found
 
 
+def first_difference(ours: list[int], theirs: list[int]) -> int | None:
+    """The first position where two token id lists differ (None: they are equal)."""
+    if ours == theirs:
+        return None
+    return next((i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b), min(len(ours), len(theirs)))
+
+
 def token_difference(llm, tokenizer, text: str) -> tuple[int | None, list[int], list[int]]:
     """Where llama.cpp's token ids for `text` first differ from the Hugging Face tokenizer's (None:
     nowhere), both parsing special tokens written in the text."""
     ours, theirs = llamacpp.tokenize(llm, text), tokenizer(text, add_special_tokens=False)["input_ids"]
-    if ours == theirs:
-        return None, ours, theirs
-    return next((i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b), min(len(ours), len(theirs))), ours, theirs
+    return first_difference(ours, theirs), ours, theirs
 
 
-def chat_template_agreement(llm, tokenizer, conversations: list[list[dict]], name: str, allow_mismatch: bool) -> dict:
-    """Whether llama.cpp, rendering each conversation's prompt with the file's embedded chat
-    template, feeds the model the tokens apply_chat_template gives (BOS as the file adds it)."""
-    add_bos = bool(llm.metadata.get("tokenizer.ggml.add_bos_token", "false") == "true")
+def chat_template_agreement(llm, tokenizer, prompts: list[list[dict]], name: str, allow_mismatch: bool) -> dict:
+    """Whether llama.cpp, rendering each held-out prompt with the file's embedded chat template,
+    feeds the model the tokens apply_chat_template gives (BOS as the file adds it)."""
+    add_bos = llm.metadata.get("tokenizer.ggml.add_bos_token", "false") == "true"
     checked = []
-    for messages in conversations:
-        prompt = prompt_for_answer(messages)[0]
+    for prompt in prompts:
         rendered = llamacpp.apply_chat_template(llm, prompt)
         if rendered is None:
             log.warning("%s: llama.cpp has no built-in rendering of the embedded chat template; llama-server needs "
                         "--jinja to serve it, and the prompt tokens are not checked.", name)
             return {"llama_cpp_renders": False}
         ours = llm.tokenize(rendered.encode("utf-8"), add_bos=add_bos, special=True)
-        theirs = tokenizer(render(tokenizer, prompt, add_generation_prompt=True), add_special_tokens=False)["input_ids"]
+        theirs = prompt_ids(tokenizer, prompt)
         checked.append((ours == theirs, rendered, ours, theirs))
     differ = [c for c in checked if not c[0]]
     report = {"llama_cpp_renders": True, "conversations": len(checked), "same_prompt_tokens": len(checked) - len(differ)}
     if differ:
         _, rendered, ours, theirs = differ[0]
-        at = next((i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b), min(len(ours), len(theirs)))
+        at = first_difference(ours, theirs)
         report["first_difference"] = {"rendered": rendered, "at": at, "llama_cpp": ours[at:at + 5],
                                       "transformers": theirs[at:at + 5]}
         message = (f"{name}: llama.cpp renders {len(differ)} of {len(checked)} held-out prompts into other tokens than "
@@ -210,7 +214,7 @@ def chat_template_agreement(llm, tokenizer, conversations: list[list[dict]], nam
 
 
 def validate(path: Path, name: str, tokenizer, texts: list[str], reference=None, check_ids=None,
-             max_logit_diff: float = 0.0, allow_fallback: bool = False, conversations=(),
+             max_logit_diff: float = 0.0, allow_fallback: bool = False, chat_prompts=(),
              allow_template_mismatch: bool = False) -> dict:
     """Load in llama.cpp and check tokenizer, tensor types and (for a base file) logits."""
     types = llamacpp.tensor_types(path)
@@ -239,8 +243,8 @@ def validate(path: Path, name: str, tokenizer, texts: list[str], reference=None,
         report["special_tokens_difference"] = {"at": at, "llama_cpp": ours[at:at + 5], "transformers": theirs[at:at + 5]}
         log.warning("%s: around special tokens written in text, llama.cpp tokenizes differently from the Hugging "
                     "Face tokenizer (token %d: %s vs %s)", path.name, at, ours[at:at + 5], theirs[at:at + 5])
-    if conversations:
-        report["chat_template"] = chat_template_agreement(llm, tokenizer, conversations, path.name,
+    if chat_prompts:
+        report["chat_template"] = chat_template_agreement(llm, tokenizer, chat_prompts, path.name,
                                                           allow_template_mismatch)
     if reference is not None:
         logits = llamacpp.logits_fn(llm)(check_ids)
@@ -278,10 +282,9 @@ def run(cfg: DictConfig, tracker) -> None:
     # general.name stays the starting checkpoint's: llama.cpp keys some tokenizer rules on it
     # (Phi-3's special tokens), and our own names go into the precision_pipeline.* keys.
     base_name = Path(str(cfg.model.name_or_path)).name if cfg.model.name_or_path else cfg.model.name
-    heldout = [json.loads(line) for line in (prepared / "heldout.jsonl").read_text().splitlines()]
-    texts = [row["text"][:2000] for row in heldout[: x.check.texts]]
-    conversations = [row["messages"] for row in heldout if "messages" in row][: x.check.conversations]
-    checks = {"conversations": conversations, "allow_template_mismatch": x.check.allow_chat_template_mismatch}
+    texts = [json.loads(line)["text"][:2000] for line in (prepared / "heldout.jsonl").read_text().splitlines()[: x.check.texts]]
+    chat_prompts = heldout_chat_prompts(prepared)[: x.check.conversations] if is_chat(cfg.data) else []
+    checks = {"chat_prompts": chat_prompts, "allow_template_mismatch": x.check.allow_chat_template_mismatch}
     check_ids = load_blocks(prepared, "heldout", cfg.data.seq_len)[: x.check.sequences]
 
     out = stage_dir(cfg, "export")

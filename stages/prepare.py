@@ -21,7 +21,8 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 from pipeline.artifacts import atomic_dir, read_json, sha256_dir, sha256_file, stage_dir, write_json
-from pipeline.chat import CHATML, CHATML_TOKENS, ChatDataError, conversation, is_chat, template_for, tokenize_answers
+from pipeline.chat import (CHATML, CHATML_TOKENS, ChatDataError, conversation, is_chat, render, template_for,
+                           tokenize_answers)
 from pipeline.models import pretrained_source, save_tokenizer
 from pipeline.contract import Stage
 
@@ -217,12 +218,13 @@ def encode(tokenizer, docs: list[str]):
     return np.asarray(ids, dtype=np.int32)
 
 
-def encode_chat(tokenizer, conversations: list[list[dict]], split_name: str, data: DictConfig) -> tuple[dict, dict]:
+def encode_chat(tokenizer, conversations: list[list[dict]], split_name: str, data: DictConfig
+                ) -> tuple[dict, dict, list[list[dict]]]:
     """Token ids, answer mask and length of every conversation that fits data.seq_len (or is cut
-    to it, data.too_long=truncate), and the counts of what was dropped or cut."""
+    to it, data.too_long=truncate), the counts of what was dropped or cut, and the conversations kept."""
     import numpy as np
 
-    ids, targets, lengths = [], [], []
+    ids, targets, lengths, kept = [], [], [], []
     counts = {"examples": 0, "dropped_too_long": 0, "truncated": 0, "dropped_no_answer_left": 0, "target_tokens": 0}
     for i, messages in enumerate(conversations):
         example, answer = tokenize_answers(tokenizer, messages, f"{split_name} conversation {i}")
@@ -238,6 +240,7 @@ def encode_chat(tokenizer, conversations: list[list[dict]], split_name: str, dat
         ids += example
         targets += answer
         lengths.append(len(example))
+        kept.append(messages)
         counts["examples"] += 1
         counts["target_tokens"] += sum(answer)
     if counts["target_tokens"] == 0:
@@ -248,7 +251,7 @@ def encode_chat(tokenizer, conversations: list[list[dict]], split_name: str, dat
             "data.too_long=truncate.")
     arrays = {"": np.asarray(ids, dtype=np.int32), "_targets": np.asarray(targets, dtype=np.uint8),
               "_lengths": np.asarray(lengths, dtype=np.int32)}
-    return arrays, counts
+    return arrays, counts, kept
 
 
 def load_tokenizer(cfg: DictConfig, train_docs: list):
@@ -276,10 +279,13 @@ def run(cfg: DictConfig, tracker) -> None:
     tokenizer, source = load_tokenizer(cfg, train_docs)
 
     splits, counts = {}, {}
+    heldout_rows = [{"text": d} for d in heldout_docs]
     for name, split_docs in (("train", train_docs), ("heldout", heldout_docs)):
         if is_chat(data):
-            arrays, counts[name] = encode_chat(tokenizer, split_docs, name, data)
+            arrays, counts[name], kept = encode_chat(tokenizer, split_docs, name, data)
             splits.update({f"{name}{suffix}": array for suffix, array in arrays.items()})
+            if name == "heldout":  # later stages read the held-out ids and these rows: the same conversations
+                heldout_rows = [{"text": render(tokenizer, c), "messages": c} for c in kept]
         else:
             splits[name] = encode(tokenizer, split_docs)
     if len(splits["heldout"]) < data.seq_len + 1:
@@ -291,8 +297,6 @@ def run(cfg: DictConfig, tracker) -> None:
         save_tokenizer(tokenizer, tmp / "tokenizer")
         for name, array in splits.items():
             np.save(tmp / f"{name}.npy", array)
-        heldout_rows = ([{"text": tokenizer.apply_chat_template(c, tokenize=False), "messages": c} for c in heldout_docs]
-                        if is_chat(data) else [{"text": d} for d in heldout_docs])
         (tmp / "heldout.jsonl").write_text("".join(json.dumps(row) + "\n" for row in heldout_rows))
         hashes = {f"{name}_ids": sha256_file(tmp / f"{name}.npy") for name in splits}
         hashes.update(heldout_text=sha256_file(tmp / "heldout.jsonl"), tokenizer=sha256_dir(tmp / "tokenizer"))

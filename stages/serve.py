@@ -27,7 +27,7 @@ import numpy as np
 from omegaconf import DictConfig
 
 from pipeline.artifacts import atomic_dir, disk_bytes, read_json, require_stage_output, stage_dir, write_json
-from pipeline.chat import is_chat, prompt_for_answer, render
+from pipeline.chat import heldout_chat_prompts, is_chat, prompt_ids
 from pipeline import llamacpp
 from pipeline.data import load_blocks
 from pipeline.server import Server, ServerError, free_port, log_tail, port_is_free
@@ -121,11 +121,11 @@ def held_out_prompts(cfg: DictConfig, tokenizer, count: int, skip: int = 0) -> l
     if api(cfg) == "chat":
         if not is_chat(cfg.data):
             raise ValueError(f"serve.load.api=chat needs chat data; data.format={cfg.data.format} is plain text.")
-        rows = (require_stage_output(cfg, "prepare") / "heldout.jsonl").read_text().splitlines()
-        if len(rows) < skip + count:
-            raise ValueError(f"The held-out split has {len(rows)} conversations; serve needs {skip + count}. Lower "
+        prompts = heldout_chat_prompts(require_stage_output(cfg, "prepare"))
+        if len(prompts) < skip + count:
+            raise ValueError(f"The held-out split has {len(prompts)} conversations; serve needs {skip + count}. Lower "
                              "serve.load.requests or raise data.heldout_fraction.")
-        return [prompt_for_answer(json.loads(row)["messages"])[0] for row in rows[skip : skip + count]]
+        return prompts[skip : skip + count]
     blocks = load_blocks(require_stage_output(cfg, "prepare"), "heldout", cfg.serve.load.prompt_tokens)
     if len(blocks) < skip + count:
         raise ValueError(f"The held-out split has {len(blocks)} prompts of {cfg.serve.load.prompt_tokens} tokens; "
@@ -258,8 +258,7 @@ def run(cfg: DictConfig, tracker) -> None:
     with atomic_dir(out) as tmp:
         requests = tmp / "requests.jsonl"
         # GuideLLM sends a `messages` column as the chat messages, a `prompt` column as text.
-        rows = [{"messages": p, "prompt_tokens_count": len(tokenizer(render(tokenizer, p, add_generation_prompt=True),
-                                                                     add_special_tokens=False)["input_ids"])}
+        rows = [{"messages": p, "prompt_tokens_count": len(prompt_ids(tokenizer, p))}
                 if isinstance(p, list) else {"prompt": p, "prompt_tokens_count": load.prompt_tokens}
                 for p in held_out_prompts(cfg, tokenizer, load.requests)]
         rows = [row | {"output_tokens_count": load.output_tokens} for row in rows]

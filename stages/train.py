@@ -25,7 +25,7 @@ from omegaconf import DictConfig
 
 from pipeline.artifacts import atomic_dir, read_json, require_stage_output, scratch_dir, stage_dir, write_json
 from pipeline.chat import is_chat
-from pipeline.data import load_sequences
+from pipeline.data import load_sequences, pad_id
 from pipeline.distributed import SHARDED
 from pipeline.hardware import expected_compute_dtype, peak_memory_mb
 from pipeline.models import model_config, pretrained_source, save_tokenizer, shape_only_model
@@ -270,11 +270,12 @@ def optimizer_step(model, optimizer, trainable, accelerator, blocks, step: int, 
     import torch
 
     t, started, loss_all = cfg.train, time.perf_counter(), loss_on_all(cfg)
-    loss_sum, grad_norm, tokens = 0.0, None, 0
+    loss_sum, grad_norm = 0.0, None
+    real_tokens = torch.zeros((), dtype=torch.int64, device=accelerator.device)
     for micro in range(t.grad_accum_steps):
         batch = batch_at(blocks, step * t.grad_accum_steps + micro, t.micro_batch_size, cfg.seed,
                          accelerator.process_index, accelerator.num_processes).to(accelerator.device)
-        tokens += int(accelerator.reduce(batch.real.sum(), "sum"))
+        real_tokens += batch.real.sum()
         with accelerator.accumulate(model):
             loss = model(**batch.model_inputs(loss_all)).loss
             if not torch.isfinite(loss) and accelerator.scaler is None:
@@ -289,8 +290,9 @@ def optimizer_step(model, optimizer, trainable, accelerator, blocks, step: int, 
             optimizer.zero_grad()
         # The loss of the global batch: every process's share weighs the same.
         loss_sum += accelerator.reduce(loss.detach(), "mean").item()
+    # Real tokens of the global batch, summed once a step: padding differs between processes.
     return Step(loss_sum / t.grad_accum_steps, grad_norm, time.perf_counter() - started, optimizer.step_was_skipped,
-                tokens)
+                int(accelerator.reduce(real_tokens, "sum")))
 
 
 def account(progress: Progress, step: Step, probe, accelerator, cfg: DictConfig, tracker) -> None:
@@ -389,8 +391,7 @@ def run(cfg: DictConfig, tracker) -> None:
     prepared = require_stage_output(cfg, "prepare")
     tracker.set_tags({"data_hash": read_json(prepared / "manifest.json")["data_hash"]})
     tokenizer = AutoTokenizer.from_pretrained(prepared / "tokenizer")
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    train_blocks, heldout_blocks = (load_sequences(prepared, split, cfg.data.seq_len, cfg.data.packing, pad)
+    train_blocks, heldout_blocks = (load_sequences(prepared, split, cfg.data.seq_len, cfg.data.packing, pad_id(tokenizer))
                                     for split in ("train", "heldout"))
 
     set_seed(cfg.seed)

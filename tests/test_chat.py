@@ -130,6 +130,9 @@ def test_chat_default_runs_offline_with_answer_only_metrics(tmp_path):
     counts = manifest["chat"]["splits"]
     assert manifest["format"] == "messages" and counts["train"]["target_tokens"] > 0
     assert counts["train"]["examples"] + counts["train"]["dropped_too_long"] == manifest["documents"]["train"]
+    # The held-out conversations every later stage reads as rows are the ones whose ids it reads.
+    prepared = next((artifacts / "prepare").glob("*"))
+    assert len((prepared / "heldout.jsonl").read_text().splitlines()) == counts["heldout"]["examples"]
     train = json.loads(next((artifacts / "train").glob("*/summary.json")).read_text())
     assert train["loss_on"] == "assistant" and train["tokens_per_s"] > 0
     evaluation = next((artifacts / "evaluate").glob("*"))
