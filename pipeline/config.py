@@ -208,6 +208,14 @@ class Export:
 
 
 @dataclass
+class SecondOpinion:
+    enabled: bool = MISSING
+    sigmas: float = setting(low=0)
+    rel: float = setting(low=0)
+    kl_abs: float = setting(low=0)
+
+
+@dataclass
 class Evaluate:
     max_sequences: Optional[int] = setting(low=1)
     batch_size: int = setting(low=1)
@@ -218,12 +226,15 @@ class Evaluate:
     continuation_tokens: int = setting(low=1)
     extra: dict[str, str] = setting(factory=dict)
     reference_seed: Optional[int] = None
+    second_opinion: SecondOpinion = field(default_factory=SecondOpinion)
 
 
 @dataclass
 class LlamaCpp:
     files: Optional[list[str]] = None
     threads: int = setting(low=1)
+    parallel: Optional[int] = setting(low=1)
+    server: Optional[str] = None
 
 
 @dataclass

@@ -1,17 +1,24 @@
-"""llama.cpp for the GGUF stages: its converter, from the same source as the Python binding that
-loads the files, and the files read back and run through llama.cpp (llama-cpp-python).
+"""llama.cpp for the GGUF stages: its converter and tools, from the same source as the Python
+binding that loads the files, and the files read back and run through llama.cpp (llama-cpp-python).
 
 The converter (convert_hf_to_gguf.py, its conversion/ package and gguf-py) is taken from the
 llama-cpp-python source distribution, which carries the llama.cpp tree it is built from under
 vendor/llama.cpp: a file the converter writes is then one that this llama.cpp reads.
-`python -m pipeline.llamacpp fetch` (part of `make install`) unpacks it once into the environment.
+`python -m pipeline.llamacpp fetch` (part of `make install`) unpacks it once into the environment;
+`python -m pipeline.llamacpp build` (also part of it) builds llama-server, llama-perplexity and
+llama-quantize from that tree into a cache outside the checkout, once per version and machine, and
+installs them beside the environment's Python, where the stages find them.
 """
 
 from __future__ import annotations
 
 import ast
+import contextlib
+import hashlib
 import json
 import os
+import platform
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -79,6 +86,64 @@ def fetch() -> Path:
             tar.extractall(tmp, members=members, filter="data")
         os.replace(Path(tmp) / prefix, target)
     return target
+
+
+# The tools built from the source tree. Static, so that a finished build can be moved into place.
+TOOLS = ("llama-server", "llama-perplexity", "llama-quantize")
+CMAKE_FLAGS = ("-DCMAKE_BUILD_TYPE=Release", "-DBUILD_SHARED_LIBS=OFF", "-DLLAMA_BUILD_TESTS=OFF",
+               "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_TOOLS=ON", "-DLLAMA_BUILD_SERVER=ON",
+               # No network at build or run time: no HTTPS model downloads, no prebuilt web UI.
+               "-DLLAMA_OPENSSL=OFF", "-DLLAMA_CURL=OFF", "-DLLAMA_USE_PREBUILT_UI=OFF")
+
+
+def build_cache() -> Path:
+    """Where builds of the tools are kept: keyed by the llama.cpp version, the build flags and this
+    CPU (the build targets the CPU it runs on), so that a fresh checkout reuses an earlier build."""
+    from importlib import metadata
+
+    cpu = ""
+    with contextlib.suppress(OSError):
+        cpu = next((line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")), "")
+    key = hashlib.sha256(json.dumps([CMAKE_FLAGS, TOOLS, platform.machine(), cpu, os.environ.get(SOURCE_ENV)]).encode())
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "precision-pipeline"
+    return cache / f"llama.cpp-{metadata.version('llama-cpp-python')}-{key.hexdigest()[:12]}"
+
+
+def tool(name: str, configured: str | None = None) -> Path:
+    """The path of one of llama.cpp's tools (or `configured`, another build of it); a clear error,
+    before any work, where it is missing."""
+    path = Path(configured).expanduser() if configured else Path(sys.prefix) / "bin" / name
+    if not (path.is_file() and os.access(path, os.X_OK)):
+        how = ("point the setting at an executable" if configured else
+               "run `make install` or `python -m pipeline.llamacpp build` (about 6 minutes on 2 cores, once)")
+        raise FileNotFoundError(f"llama.cpp's {name} is not at {path}: {how}.")
+    return path
+
+
+def build() -> Path:
+    """Builds TOOLS from the fetched llama.cpp source with cmake unless the cache has them, and
+    installs them into the environment's bin directory."""
+    cache = build_cache()
+    if not all((cache / name).is_file() for name in TOOLS):
+        source = fetch()
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=cache.parent) as tmp:
+            build_dir = Path(tmp) / "build"
+            generator = ["-G", "Ninja"] if shutil.which("ninja") else []
+            subprocess.run(["cmake", "-S", str(source), "-B", str(build_dir), *generator, *CMAKE_FLAGS], check=True,
+                           stdout=subprocess.DEVNULL)
+            subprocess.run(["cmake", "--build", str(build_dir), "--target", *TOOLS, "-j", str(os.cpu_count() or 1)],
+                           check=True, stdout=subprocess.DEVNULL)
+            (Path(tmp) / "bin").mkdir()
+            for name in TOOLS:
+                shutil.copy2(build_dir / "bin" / name, Path(tmp) / "bin" / name)
+            shutil.rmtree(cache, ignore_errors=True)
+            os.replace(Path(tmp) / "bin", cache)
+    bin_dir = Path(sys.prefix) / "bin"
+    for name in TOOLS:
+        shutil.copy2(cache / name, bin_dir / f".{name}.partial")
+        os.replace(bin_dir / f".{name}.partial", bin_dir / name)
+    return bin_dir
 
 
 def pre_tokenizer(tokenizer_json: dict, override: str = "auto") -> str:
@@ -228,6 +293,65 @@ def apply_chat_template(llm, messages: list[dict]) -> str | None:
     return buffer.raw[:needed].decode("utf-8")
 
 
+def perplexity(model: Path, text: Path, n_ctx: int, chunks: int, kl_base: Path, log: Path) -> dict:
+    """llama-perplexity on `text` in windows of n_ctx tokens, of which it scores the second half.
+    Without a `kl_base` file yet, `model` is the base: its log-probabilities are saved there (with
+    the token ids). Then, for any model: {perplexity, kl, top1: value, <metric>_se: standard
+    error} against that base, read from the tool's own summary."""
+    import re
+
+    command = [str(tool("llama-perplexity")), "--model", str(model), "--ctx-size", str(n_ctx), "--batch-size", str(n_ctx),
+               "--chunks", str(chunks), "--threads", str(len(os.sched_getaffinity(0))), "--kl-divergence-base", str(kl_base)]
+    if not kl_base.exists():
+        _run_logged([*command, "--file", str(text)], log)
+    # Its logger writes from a thread that exit does not wait for, so the summary at the end of its
+    # output is now and then lost (llama.cpp issue 22142): the pass is run again then.
+    for _ in range(3):
+        output = _run_logged([*command, "--kl-divergence"], log)
+        found = {}
+        for key, label in (("perplexity", r"Mean PPL\(Q\)\s*"), ("kl", r"Mean\s+KLD"), ("top1", r"Same top p")):
+            if match := re.search(label + r":\s*([-\d.eE+]+)\s*±\s*([-\d.eE+]+)", output):
+                scale = 100 if key == "top1" else 1  # printed in percent
+                found[key], found[f"{key}_se"] = float(match[1]) / scale, float(match[2]) / scale
+        if len(found) == 6:
+            return found
+    raise RuntimeError(f"llama-perplexity printed no complete summary for {model} (its log: {log}):\n"
+                       + "\n".join(output.splitlines()[-15:]))
+
+
+def _run_logged(command: list[str], log: Path) -> str:
+    """Runs one of llama.cpp's tools, appending the command and its output to `log`; its output."""
+    result = subprocess.run(command, capture_output=True, text=True, errors="replace")
+    output = result.stdout + result.stderr
+    with open(log, "a") as out:
+        out.write(f"$ {' '.join(command)}\n{output}\n")
+    if result.returncode != 0:
+        raise RuntimeError(f"{Path(command[0]).name} failed (exit status {result.returncode}; its log: {log}):\n"
+                           + "\n".join(output.splitlines()[-15:]))
+    return output
+
+
+def kl_base_tokens(kl_base: Path):
+    """The token ids [chunks, n_ctx] a llama-perplexity base file was computed on, as the tool read
+    them from the text: its header is "_logits_", n_ctx, n_vocab, n_chunk (int32), then the ids."""
+    import numpy as np
+
+    with open(kl_base, "rb") as f:
+        if f.read(8) != b"_logits_":
+            raise ValueError(f"{kl_base} is not a llama-perplexity base file.")
+        n_ctx, _, n_chunk = np.fromfile(f, dtype=np.int32, count=3)
+        return np.fromfile(f, dtype=np.int32, count=n_ctx * n_chunk).reshape(n_chunk, n_ctx)
+
+
+def perplexity_bos(llm) -> int | None:
+    """The BOS id llama.cpp's tools put at the start of each window (llama-perplexity overwrites the
+    window's first token with it), or None where the vocabulary adds none."""
+    import llama_cpp
+
+    vocab = llama_cpp.llama_model_get_vocab(llm.model)
+    return llama_cpp.llama_vocab_bos(vocab) if llama_cpp.llama_vocab_get_add_bos(vocab) else None
+
+
 def metadata_value(path: Path, key: str):
     """One metadata value of a GGUF file (a string or a number), or None."""
     import gguf
@@ -237,7 +361,7 @@ def metadata_value(path: Path, key: str):
 
 
 if __name__ == "__main__":
-    commands = {"fetch": lambda: print(fetch()), "convert": _convert}
+    commands = {"fetch": lambda: print(fetch()), "build": lambda: print(build()), "convert": _convert}
     if len(sys.argv) < 2 or sys.argv[1] not in commands:
         sys.exit(f"usage: python -m pipeline.llamacpp {{{'|'.join(commands)}}} ...")
     commands[sys.argv[1]](*sys.argv[2:])

@@ -42,9 +42,9 @@ def log_tail(path: Path, lines: int = 30) -> str:
 class Server:
     """`with Server(command, port, log) as server:` runs `command` until the block ends."""
 
-    def __init__(self, command: list[str], port: int, log: Path, ready_timeout_s: float, ready_path: str = "/v1/models",
+    def __init__(self, command: list[str], port: int, log: Path, ready_timeout_s: float, ready_path: str = "/health",
                  env: dict | None = None):
-        # OpenAI-compatible servers answer /v1/models once the model is loaded (llama.cpp's has no /health).
+        # llama-server and vLLM answer /health with 200 once the model is loaded (llama-server: 503 before).
         self.command, self.port, self.log, self.ready_timeout_s = command, port, Path(log), ready_timeout_s
         self.ready_path, self.env = ready_path, env
         self.url = f"http://127.0.0.1:{port}"

@@ -7,13 +7,21 @@ confidence interval over sequences; greedy-continuation agreement on fixed promp
 The same metrics on edge-case slices where precision loss hides: rare tokens, late positions,
 digit / punctuation tokens.
 
-Outputs: metrics/<artifact>.json for each artifact, summary.json and summary.md (a table).
-A new artifact format plugs in by adding a loader to LOADERS and its files to `artifacts()`.
+A second opinion on the GGUF files: llama.cpp's llama-perplexity on the same held-out text, in
+windows of data.seq_len tokens of which it scores the second half. Its perplexity, KL divergence
+against the trained model's 16-bit file and same-top-token rate sit beside ours on its token ids
+and positions against the same file, and the stage fails where they disagree beyond
+evaluate.second_opinion.
+
+Outputs: metrics/<artifact>.json for each artifact, summary.json and summary.md (a table),
+llama-perplexity.log. A new artifact format plugs in by adding a loader to LOADERS and its files
+to `artifacts()`.
 """
 
 from __future__ import annotations
 
 import string
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +33,8 @@ from pipeline.chat import heldout_chat_prompts, is_chat, prompt_ids
 from pipeline.data import load_sequences, pad_id
 from pipeline.metrics import greedy, prefix_agreement, summarize, token_metrics
 from pipeline.models import load_causal_lm
-from pipeline.contract import Stage
+from pipeline.config import BASE_TYPES
+from pipeline.contract import PipelineError, Stage
 
 STAGE = Stage("evaluate", settings=("evaluate",), reads=("prepare", "train", "quantize", "export"), references=("train",))
 
@@ -38,6 +47,8 @@ def check(cfg: DictConfig) -> None:
     if e.prompt_tokens + e.continuation_tokens > cfg.data.seq_len:
         raise ValueError(f"evaluate.prompt_tokens + continuation_tokens ({e.prompt_tokens + e.continuation_tokens}) "
                          f"must fit in data.seq_len={cfg.data.seq_len}.")
+    if e.second_opinion.enabled:
+        llamacpp.tool("llama-perplexity")
     for name, path in e.extra.items():
         if not (Path(path) / "config.json").is_file():
             raise FileNotFoundError(f"evaluate.extra.{name}={path!r} is not a Hugging Face checkpoint directory.")
@@ -150,6 +161,68 @@ def measure(logits_fn, ids, ref_logprobs, masks, prompts, ref_continuation, e: D
     return result
 
 
+def second_half(base_logits, logits_fn, windows, batch_size: int) -> dict:
+    """Our perplexity, KL against the base and top-1 agreement with it, each with its standard
+    error, on the positions llama-perplexity scores: the second half of each window."""
+    import torch
+
+    first = windows.shape[1] // 2
+    per_token = {"nll": [], "kl": [], "top1": []}
+    for i in range(0, len(windows), batch_size):
+        batch = windows[i : i + batch_size]
+        metrics = token_metrics(torch.log_softmax(base_logits(batch), -1), logits_fn(batch), batch)
+        for key, value in metrics.items():
+            per_token[key].append(value[:, first:].reshape(-1).double())  # logits at first.. predict first+1..
+    result = {}
+    for key, values in per_token.items():
+        values = torch.cat(values)
+        mean, se = values.mean().item(), (values.std() / (len(values) - 1) ** 0.5).item()
+        if key == "nll":  # as llama-perplexity gives it: exp(mean NLL), its error propagated
+            key, mean, se = "perplexity", float(np.exp(mean)), float(np.exp(mean)) * se
+        result[key], result[f"{key}_se"] = mean, se
+    return result
+
+
+def agreement(ours: dict, theirs: dict, tolerance: DictConfig) -> dict:
+    """Whether our perplexity and mean KL agree with llama-perplexity's: within `sigmas` combined
+    standard errors, a relative difference, or (KL) the resolution the tool prints and stores."""
+    result = {}
+    for key in ("perplexity", "kl"):
+        allowed = max(tolerance.sigmas * float(np.hypot(ours[f"{key}_se"], theirs[f"{key}_se"])),
+                      tolerance.rel * max(abs(ours[key]), abs(theirs[key])), tolerance.kl_abs if key == "kl" else 0.0)
+        difference = abs(ours[key] - theirs[key])
+        result[key] = {"difference": difference, "allowed": allowed, "agrees": difference <= allowed}
+    return result
+
+
+def second_opinions(cfg: DictConfig, found: list, held_out, tokenizer, folder: Path, log: Path) -> dict:
+    """{GGUF artifact: llama-perplexity's numbers, ours on its token ids and positions, whether they
+    agree}, all against the trained model's base file; empty without one."""
+    import torch
+
+    files = {name: path for name, kind, path in found if kind == "gguf"}
+    base = next((n for n in files if n.split(".")[0] == "trained" and n.split(".")[1] in BASE_TYPES), None)
+    if not cfg.evaluate.second_opinion.enabled or base is None:
+        return {}
+    n_ctx = held_out.ids.shape[1]
+    text = folder / "heldout.txt"
+    text.write_text(tokenizer.decode(held_out.ids[held_out.real]))
+    kl_base = folder / "base.kld"
+    theirs = {name: llamacpp.perplexity(files[name], text, n_ctx, len(held_out), kl_base, log)
+              for name in [base, *(n for n in files if n != base)]}
+    base_llm = llamacpp.load(files[base], n_ctx)
+    # Our logits on the very ids the tool read from the text, with the BOS it puts first in each window.
+    windows = torch.from_numpy(llamacpp.kl_base_tokens(kl_base)).long()
+    if (bos := llamacpp.perplexity_bos(base_llm)) is not None:
+        windows[:, 0] = bos
+    results = {}
+    for name, path in files.items():
+        ours = second_half(llamacpp.logits_fn(base_llm), gguf_logits(path, n_ctx), windows, cfg.evaluate.batch_size)
+        results[name] = {"ours": ours, "llama_perplexity": theirs[name],
+                         **agreement(ours, theirs[name], cfg.evaluate.second_opinion)}
+    return results
+
+
 def reference_logprobs(path: Path, ids, batch_size: int, seq_len: int):
     import torch
 
@@ -192,7 +265,9 @@ def run(cfg: DictConfig, tracker) -> None:
 
     sequence_nll = {n: r.pop("sequence_nll") for n, r in results.items()}
     out = stage_dir(cfg, "evaluate")
-    with atomic_dir(out) as tmp:
+    with atomic_dir(out) as tmp, tempfile.TemporaryDirectory() as scratch:
+        for name, opinion in second_opinions(cfg, found, held_out, tokenizer, Path(scratch), tmp / "llama-perplexity.log").items():
+            results[name]["second_opinion"] = opinion
         (tmp / "metrics").mkdir()
         for name, result in results.items():
             write_json(tmp / "metrics" / f"{name}.json", result)
@@ -205,10 +280,20 @@ def run(cfg: DictConfig, tracker) -> None:
 
 
 def record(cfg: DictConfig, tracker) -> None:
+    """Logs the measurements; where ours and llama-perplexity's disagree, the stage fails, also when
+    the output is reused."""
     out = stage_dir(cfg, "evaluate")
-    metrics = {}
+    metrics, disagreements = {}, []
     for path in sorted((out / "metrics").glob("*.json")):
         name, result = path.stem, read_json(path)
+        if opinion := result.get("second_opinion"):
+            for key in ("perplexity", "kl", "top1"):
+                metrics[f"eval/{name}/llama_perplexity/{key}"] = opinion["llama_perplexity"][key]
+                metrics[f"eval/{name}/llama_perplexity/ours_{key}"] = opinion["ours"][key]
+            metrics[f"eval/{name}/llama_perplexity/agrees"] = float(opinion["perplexity"]["agrees"] and opinion["kl"]["agrees"])
+            disagreements += [f"{name} {key}: ours {opinion['ours'][key]:.6g}, llama-perplexity "
+                              f"{opinion['llama_perplexity'][key]:.6g} (allowed difference {opinion[key]['allowed']:.3g})"
+                              for key in ("perplexity", "kl") if not opinion[key]["agrees"]]
         for slice_name in SLICES:
             prefix = f"eval/{name}" if slice_name == "all" else f"eval/{name}/{slice_name}"
             for key, value in result[slice_name].items():
@@ -219,6 +304,10 @@ def record(cfg: DictConfig, tracker) -> None:
                     metrics[f"{prefix}/{key}"] = value
     tracker.log_metrics(metrics)
     tracker.log_artifacts(out, "evaluation")
+    if disagreements:
+        raise PipelineError("evaluate: our numbers and llama-perplexity's disagree on the same tokens and positions, "
+                            "a sign of a metric or alignment error: " + "; ".join(disagreements) +
+                            f" (details: {out / 'metrics'}, {out / 'llama-perplexity.log'}).")
 
 
 def table(results: dict, confidence: float) -> str:
@@ -235,4 +324,14 @@ def table(results: dict, confidence: float) -> str:
             lines.append(
                 f"| {name} | {slice_name} | {s['perplexity']:.3f} [{s['perplexity_ci'][0]:.3f}, {s['perplexity_ci'][1]:.3f}] "
                 f"| {s['kl']:.2e} [{s['kl_ci'][0]:.2e}, {s['kl_ci'][1]:.2e}] | {s['top1']:.4f} | {greedy_cell} | {size_cell} |")
+    opinions = {name: r["second_opinion"] for name, r in results.items() if "second_opinion" in r}
+    if opinions:
+        lines += ["", "Second opinion: llama-perplexity and ours on the second half of each window, against the trained "
+                  "model's 16-bit file (ours / theirs).", "",
+                  "| GGUF file | perplexity | KL | top-1 | agree |", "|---|---|---|---|---|"]
+        for name, o in opinions.items():
+            ours, theirs = o["ours"], o["llama_perplexity"]
+            lines.append(f"| {name} | {ours['perplexity']:.3f} / {theirs['perplexity']:.3f} | {ours['kl']:.2e} / "
+                         f"{theirs['kl']:.2e} | {ours['top1']:.4f} / {theirs['top1']:.4f} | "
+                         f"{'yes' if o['perplexity']['agrees'] and o['kl']['agrees'] else 'NO'} |")
     return "\n".join(lines) + "\n"

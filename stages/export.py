@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
+import subprocess
 import time
 from collections import Counter
 from pathlib import Path
@@ -74,6 +75,8 @@ def check(cfg: DictConfig) -> None:
     x = cfg.export
     for name in x.types:
         file_type(name)
+    if x.types:
+        llamacpp.tool("llama-quantize")
     model = shape_only_model(cfg)
     problems = gguf_problems(type(model).__name__, model.config.to_dict(), pretrained_source(cfg), cfg.data.seq_len)
     if problems:
@@ -143,15 +146,12 @@ def rounded_like_gguf(model, dtype: str):
 
 
 def quantize_gguf(source: Path, target: Path, name: str) -> None:
-    import ctypes
-
-    import llama_cpp
-
-    params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype = int(file_type(name))
-    status = llama_cpp.llama_model_quantize(str(source).encode(), str(target).encode(), ctypes.byref(params))
-    if status != 0 or not target.exists():
-        raise RuntimeError(f"llama.cpp failed to quantize {source.name} to {name} (status {status}).")
+    file_type(name)
+    result = subprocess.run([str(llamacpp.tool("llama-quantize")), str(source), str(target), name.upper(), "1"],
+                            capture_output=True, text=True)
+    if result.returncode != 0 or not target.exists():
+        raise RuntimeError(f"llama-quantize failed on {source.name} -> {name} (exit status {result.returncode}):\n"
+                           f"{(result.stdout + result.stderr)[-2000:]}")
 
 
 def fallbacks(types: dict, name: str) -> list[dict]:

@@ -1,12 +1,14 @@
 """serve: what the deployed artifacts cost to serve, over an OpenAI-compatible API.
 
-Engines: llama.cpp's server (llama-cpp-python) on each GGUF file, vLLM on the trained and AWQ
-checkpoints (GPU; run from its own environment), or an already running endpoint. Load comes from
-GuideLLM with requests cut from the held-out text by the model's own tokenizer, or for chat data
-the held-out conversations sent to /v1/chat/completions. Per artifact and
-load level: TTFT, ITL, TPOT, end-to-end latency (mean, p50, p90, p99), request and output-token
-throughput, goodput under the SLOs, errors; the server's peak memory and the file size. One
-streamed request timed directly keeps GuideLLM's TTFT honest.
+Engines: llama.cpp's llama-server on each GGUF file (parallel slots, one per stream of the highest
+load level, continuous batching), vLLM on the trained and AWQ checkpoints (GPU; run from its own
+environment), or an already running endpoint. Load comes from GuideLLM with requests cut from the
+held-out text by the model's own tokenizer, or for chat data the held-out conversations sent to
+/v1/chat/completions. Before the load, one streamed request checks that the server gives what
+GuideLLM's numbers rest on: token counts in the stream (usage) and outputs of the requested
+length (ignore_eos). Per artifact and load level: TTFT, ITL, TPOT, end-to-end latency (mean, p50,
+p90, p99), request and output-token throughput, goodput under the SLOs, errors; the server's peak
+memory and the file size. Streamed requests timed directly keep GuideLLM's TTFT honest.
 
 Outputs: <artifact>/guidellm.json (the raw report), <artifact>/server.log, summary.json.
 """
@@ -62,6 +64,8 @@ def check(cfg: DictConfig) -> None:
 
     s = cfg.serve
     chosen = engine(cfg)
+    if chosen == "llamacpp":
+        llamacpp.tool("llama-server", s.llamacpp.server)
     if chosen == "vllm":
         if not torch.cuda.is_available():
             raise ValueError("serve.engine=vllm needs a CUDA GPU; this machine has none. Use serve.engine=llamacpp.")
@@ -93,15 +97,24 @@ def targets(cfg: DictConfig, chosen: str) -> list[tuple[str, Path | None]]:
     return [(name, files[name]) for name in wanted]
 
 
+def slots(cfg: DictConfig) -> int:
+    """Requests llama-server works on at once: every stream of the highest concurrency level, or
+    serve.llamacpp.parallel (for rate-based profiles, whose in-flight count the load sets)."""
+    s = cfg.serve
+    if s.llamacpp.parallel is not None:
+        return s.llamacpp.parallel
+    return {"concurrent": max(s.load.levels, default=1), "synchronous": 1}.get(s.load.profile, 4)
+
+
 def server_command(cfg: DictConfig, chosen: str, name: str, path: Path, port: int) -> list[str]:
     s = cfg.serve
     if chosen == "llamacpp":
-        return [sys.executable, "-m", "llama_cpp.server", "--model", str(path), "--model_alias", name,
-                "--host", "127.0.0.1", "--port", str(port), "--n_threads", str(s.llamacpp.threads),
-                "--n_ctx", str(cfg.data.seq_len * 2),
-                # By default a new request cancels the stream in flight: under concurrent load
-                # that turns most requests into errors instead of queueing them.
-                "--interrupt_requests", "false"]
+        parallel = slots(cfg)
+        return [str(llamacpp.tool("llama-server", s.llamacpp.server)), "--model", str(path), "--alias", name,
+                "--host", "127.0.0.1", "--port", str(port), "--threads", str(s.llamacpp.threads),
+                "--threads-http", str(parallel + 1), "--parallel", str(parallel), "--cont-batching",
+                # The context is shared by the slots: each gets room for a prompt and its answer.
+                "--ctx-size", str(cfg.data.seq_len * 2 * parallel), "--no-webui"]
     command = [*s.vllm.command, "serve", str(path), "--served-model-name", name, "--host", "127.0.0.1",
                "--port", str(port), "--gpu-memory-utilization", str(s.vllm.gpu_memory_utilization),
                "--max-model-len", str(cfg.data.seq_len * 2)]
@@ -191,30 +204,53 @@ def summarize(report: dict, slo: DictConfig) -> dict:
     return levels
 
 
-def streamed_ttft_ms(client, url: str, model: str, prompt) -> float:
-    """Time from sending one streamed completion (chat completion, for messages) to its first
-    generated text."""
+def stream(client, url: str, model: str, prompt, max_tokens: int) -> tuple[float, dict | None]:
+    """One streamed completion (chat completion, for messages) as GuideLLM sends it: the time to
+    its first generated text in ms, and the token counts the server streamed (None: none)."""
     chat = isinstance(prompt, list)
-    body = {"model": model, "max_tokens": 4, "stream": True, **({"messages": prompt} if chat else {"prompt": prompt})}
-    started = time.perf_counter()
+    body = {"model": model, "max_tokens": max_tokens, "stream": True, "ignore_eos": True,
+            "stream_options": {"include_usage": True}, **({"messages": prompt} if chat else {"prompt": prompt})}
+    started, ttft, usage = time.perf_counter(), None, None
     with client.stream("POST", f"{url}/v1/chat/completions" if chat else f"{url}/v1/completions", json=body) as response:
         response.raise_for_status()
         for line in response.iter_lines():
-            if line.startswith("data: ") and line != "data: [DONE]":
-                choice = json.loads(line[6:])["choices"][0]
-                if (choice.get("delta") or {}).get("content") if chat else choice.get("text"):
-                    return (time.perf_counter() - started) * 1000
-    raise RuntimeError(f"{url} streamed no text.")
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            usage = chunk.get("usage") or usage
+            choice = (chunk.get("choices") or [{}])[0]
+            if ttft is None and ((choice.get("delta") or {}).get("content") if chat else choice.get("text")):
+                ttft = (time.perf_counter() - started) * 1000
+    if ttft is None:
+        raise RuntimeError(f"{url} streamed no text.")
+    return ttft, usage
 
 
-def crosscheck(url: str, model: str, prompts: list, api_key, guidellm_ttft_ms: float, tol: DictConfig) -> dict:
+def check_streaming(client, url: str, model: str, prompt, output_tokens: int) -> None:
+    """GuideLLM counts tokens from the streamed usage and asks for fixed-length outputs with
+    ignore_eos: a server without either would make its token throughput and TPOT fiction."""
+    _, usage = stream(client, url, model, prompt, output_tokens)
+    if not usage or "completion_tokens" not in usage:
+        raise RuntimeError(f"{url} streams no token counts (usage, asked for with stream_options.include_usage): "
+                           "GuideLLM's token throughput and per-token latencies would not be the server's.")
+    if usage["completion_tokens"] != output_tokens:
+        raise RuntimeError(f"{url} gave {usage['completion_tokens']} tokens where {output_tokens} were asked for with "
+                           "ignore_eos: outputs would not have the requested length (a server that ignores ignore_eos, "
+                           "or whose context cannot hold the prompt and the answer).")
+
+
+def client(api_key):
     import httpx
 
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     # One kept-alive connection, as the load generator uses: connecting is not part of TTFT.
-    with httpx.Client(headers=headers, timeout=60) as client:
-        streamed_ttft_ms(client, url, model, prompts[0])
-        direct = statistics.median(streamed_ttft_ms(client, url, model, p) for p in prompts[1:])
+    return httpx.Client(headers=headers, timeout=60)
+
+
+def crosscheck(url: str, model: str, prompts: list, api_key, guidellm_ttft_ms: float, tol: DictConfig) -> dict:
+    with client(api_key) as http:
+        stream(http, url, model, prompts[0], 4)
+        direct = statistics.median(stream(http, url, model, p, 4)[0] for p in prompts[1:])
     allowed = max(tol.abs_ms, tol.rel * guidellm_ttft_ms)
     return {"direct_ttft_ms": direct, "guidellm_ttft_ms": guidellm_ttft_ms, "allowed_ms": allowed,
             "agrees": abs(direct - guidellm_ttft_ms) <= allowed}
@@ -223,13 +259,15 @@ def crosscheck(url: str, model: str, prompts: list, api_key, guidellm_ttft_ms: f
 def benchmark(cfg, chosen, name, path, tokenizer_dir, requests, direct: list[str], folder: Path) -> dict:
     s = cfg.serve
     report = folder / "guidellm.json"
+    api_key = s.external.api_key if chosen == "external" else None
 
     def measure(url, model, server):
+        with client(api_key) as http:
+            check_streaming(http, url, model, direct[0], s.load.output_tokens)
         run_guidellm(url, model, cfg, tokenizer_dir, requests, report, server)
         levels = summarize(json.loads(report.read_text()), s.slo)
         lowest = levels[min(levels, key=lambda k: levels[k]["concurrency"])]
-        check = crosscheck(url, model, direct, s.external.api_key if chosen == "external" else None,
-                           lowest["ttft_ms_p50"], s.crosscheck)
+        check = crosscheck(url, model, direct, api_key, lowest["ttft_ms_p50"], s.crosscheck)
         return {"status": "ok", "levels": levels, "crosscheck": check}
 
     if chosen == "external":

@@ -1,6 +1,9 @@
 """export: real gguf writer, real llama.cpp (llama-cpp-python) on the CPU."""
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -137,6 +140,26 @@ def test_unsupported_architecture_refused_before_writing(tmp_path, opt_checkpoin
     message = refused(tmp_path, "stage=export", "model=hf", f"model.name_or_path={opt_checkpoint}")
     assert "llama.cpp's converter does not write OPTForCausalLM (config.json architectures); it writes" in message
     assert "Gemma3ForCausalLM" in message and "Qwen3ForCausalLM" in message
+
+
+def test_llama_cpp_tools_install_from_the_cached_build(tmp_path):
+    """A second install reuses the build (not one tool rebuilt) and puts the tools where the stages look."""
+    built = {name: (llamacpp.build_cache() / name).stat().st_mtime_ns for name in llamacpp.TOOLS}
+    assert llamacpp.build() == Path(sys.prefix) / "bin"
+    assert {name: (llamacpp.build_cache() / name).stat().st_mtime_ns for name in llamacpp.TOOLS} == built
+    for name in llamacpp.TOOLS:
+        assert llamacpp.tool(name).read_bytes() == (llamacpp.build_cache() / name).read_bytes()
+        ran = subprocess.run([llamacpp.tool(name), "--help"], capture_output=True, text=True)
+        assert "usage" in (ran.stdout + ran.stderr).lower(), name
+
+
+def test_missing_llama_cpp_tools_are_refused_before_any_work(tmp_path, monkeypatch):
+    message = refused(tmp_path, "stage=serve", "serve.llamacpp.server=/nowhere/llama-server")
+    assert "llama.cpp's llama-server is not at /nowhere/llama-server: point the setting at an executable" in message
+    monkeypatch.setattr(sys, "prefix", str(tmp_path / "env"))  # an environment the tools were never built into
+    for stage, name in (("export", "llama-quantize"), ("evaluate", "llama-perplexity"), ("serve", "llama-server")):
+        message = refused(tmp_path, f"stage={stage}")
+        assert f"llama.cpp's {name} is not at {tmp_path}/env/bin/{name}: run `make install`" in message, message
 
 
 def test_unknown_llama_cpp_type_names_the_valid_ones(tmp_path):

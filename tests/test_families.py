@@ -49,9 +49,13 @@ def test_family_runs_the_chain_and_llama_cpp_matches_it(family, tmp_path):
     assert llamacpp.metadata_value(gguf, "general.architecture") in {"llama", "qwen2", "qwen3", "gemma2", "gemma3", "phi3"}
     assert llamacpp.metadata_value(gguf, "general.name") == family
 
-    summary = read_json(only_dir(tmp_path / "artifacts" / "evaluate") / "summary.json")
+    evaluation = only_dir(tmp_path / "artifacts" / "evaluate")
+    summary = read_json(evaluation / "summary.json")
     assert {"trained", "awq", "rtn", "trained.f16", "trained.q8_0", "trained.q4_k_m"} <= set(summary)
     assert summary["trained.f16"]["kl"] < summary["trained.q4_k_m"]["kl"] < 0.5
+    # llama-perplexity agrees on the family's own tokenization, BOS first in each window where it adds one.
+    opinion = read_json(evaluation / "metrics" / "trained.q4_k_m.json")["second_opinion"]
+    assert opinion["perplexity"]["agrees"] and opinion["kl"]["agrees"] and opinion["llama_perplexity"]["kl"] > 0
 
 
 @pytest.mark.slow

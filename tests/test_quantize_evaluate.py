@@ -6,11 +6,15 @@ import shutil
 import numpy as np
 import pytest
 import torch
+from transformers import AutoTokenizer
 
+from pipeline import llamacpp
 from pipeline.artifacts import read_json
+from pipeline.data import load_sequences, pad_id
 from pipeline.metrics import bootstrap_ci, mean_kl
 from pipeline.models import load_causal_lm
-from tests.conftest import SMALL_CHAIN, mlflow_client, only_dir, pipeline, refused, runs
+from stages import evaluate
+from tests.conftest import SMALL_CHAIN, compose_with, mlflow_client, only_dir, pipeline, refused, runs
 
 def heldout(cwd, n=4):
     return torch.from_numpy(np.load(only_dir(cwd / "artifacts" / "prepare") / "heldout.npy")[: n * 128].astype(np.int64)).view(n, 128)
@@ -77,6 +81,62 @@ def test_evaluation_logged_for_every_artifact_with_intervals(chain):
     assert quantize.data.params["quantize.scheme"] == "W4A16_ASYM_G128"
     assert quantize.data.metrics["quantize/awq/seconds"] > 0 and quantize.data.params["quantize.calibration_sha256"]
     assert {"recipes"} <= {a.path for a in mlflow_client(chain).list_artifacts(quantize.info.run_id)}
+
+
+@pytest.mark.slow
+def test_gguf_numbers_agree_with_llama_perplexity(chain):
+    evaluation = only_dir(chain / "artifacts" / "evaluate")
+    metrics = runs(chain, "evaluate")[0].data.metrics
+    files = [name for name, _ in llamacpp.gguf_files(only_dir(chain / "artifacts" / "export"))]
+    assert len(files) == 6
+    for name in files:
+        opinion = read_json(evaluation / "metrics" / f"{name}.json")["second_opinion"]
+        ours, theirs = opinion["ours"], opinion["llama_perplexity"]
+        assert opinion["perplexity"]["agrees"] and opinion["kl"]["agrees"], opinion
+        # The same file, token ids and positions: far closer than the stage's tolerance.
+        assert ours["perplexity"] == pytest.approx(theirs["perplexity"], rel=1e-3)
+        assert ours["top1"] == pytest.approx(theirs["top1"], abs=1e-4)
+        assert metrics[f"eval/{name}/llama_perplexity/kl"] == theirs["kl"]
+        assert metrics[f"eval/{name}/llama_perplexity/ours_kl"] == ours["kl"]
+    q4 = read_json(evaluation / "metrics" / "trained.q4_k_m.json")["second_opinion"]
+    assert q4["llama_perplexity"]["kl"] > 1e-5 and q4["ours"]["kl"] == pytest.approx(q4["llama_perplexity"]["kl"], rel=0.05)
+    assert (evaluation / "llama-perplexity.log").read_text().count("--kl-divergence-base") >= 7  # the base, then 6 files (a rerun where its summary was lost)
+    assert "| trained.q4_k_m |" in (evaluation / "summary.md").read_text().split("Second opinion")[1]
+
+
+@pytest.mark.slow
+def test_a_wrong_kl_would_be_caught_by_llama_perplexity(chain, tmp_path, monkeypatch):
+    """Our logits shifted by one position, a classic alignment slip, fail the comparison."""
+    cfg = compose_with(*SMALL_CHAIN, f"paths.artifacts={chain}/artifacts")
+    found = evaluate.artifacts(cfg)
+    tokenizer = AutoTokenizer.from_pretrained(found[0][2])
+    held_out = load_sequences(only_dir(chain / "artifacts" / "prepare"), "heldout", cfg.data.seq_len, False,
+                              pad_id(tokenizer))[: cfg.evaluate.max_sequences]
+    right = evaluate.second_opinions(cfg, found, held_out, tokenizer, tmp_path, tmp_path / "right.log")
+    assert right and all(o["perplexity"]["agrees"] and o["kl"]["agrees"] for o in right.values())
+    loader = evaluate.gguf_logits
+
+    def shifted(path, seq_len):
+        logits = loader(path, seq_len)
+        return lambda ids: torch.roll(logits(ids), 1, dims=1)
+
+    monkeypatch.setattr(evaluate, "gguf_logits", shifted)
+    (tmp_path / "base.kld").unlink()
+    wrong = evaluate.second_opinions(cfg, found, held_out, tokenizer, tmp_path, tmp_path / "wrong.log")
+    assert set(wrong) == set(right)
+    # (Perplexity may still pass: on the barely trained smoke model its standard error is wide.)
+    assert not any(o["kl"]["agrees"] for o in wrong.values())
+
+
+@pytest.mark.slow
+def test_a_disagreement_fails_the_stage_with_both_numbers_logged(own_chain):
+    result = pipeline(own_chain, "stage=evaluate", *SMALL_CHAIN, "evaluate.second_opinion.sigmas=0",
+                      "evaluate.second_opinion.rel=0", "evaluate.second_opinion.kl_abs=0", check=False)
+    assert result.returncode != 0 and "disagree on the same tokens and positions" in result.stderr
+    (run,) = runs(own_chain, "evaluate")
+    assert run.info.status == "FAILED"
+    assert {"eval/trained.q4_k_m/llama_perplexity/perplexity", "eval/trained.q4_k_m/llama_perplexity/ours_perplexity",
+            "eval/trained.q4_k_m/llama_perplexity/agrees"} <= set(run.data.metrics)
 
 
 @pytest.mark.slow

@@ -1,4 +1,4 @@
-"""serve: a real llama.cpp server on loopback, real GuideLLM load."""
+"""serve: a real llama-server on loopback, real GuideLLM load."""
 
 import json
 import signal
@@ -16,9 +16,10 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
+from pipeline import llamacpp
 from pipeline.artifacts import read_json
 from pipeline.server import Server, ServerError, free_port
-from stages.serve import server_command, streamed_ttft_ms, summarize, targets
+from stages.serve import server_command, stream, summarize, targets
 from tests.conftest import ROOT, SMALL_CHAIN, only_dir, pipeline, runs
 
 
@@ -72,11 +73,16 @@ def test_server_streams_and_always_stops(chain, tmp_path):
     cfg = config(chain)
     port = free_port()
     command = server_command(cfg, "llamacpp", "tiny", gguf(chain), port)
+    assert command[command.index("--parallel") + 1] == "2"  # the smoke profile's highest level
     with pytest.raises(RuntimeError, match="benchmark blew up"):
         with Server(command, port, tmp_path / "server.log", 60) as server:
             pids = [server.process.pid, *(c.pid for c in psutil.Process(server.process.pid).children(recursive=True))]
             with httpx.Client(timeout=30) as client:
-                assert streamed_ttft_ms(client, server.url, "tiny", "def main():") > 0
+                assert client.get(f"{server.url}/props").json()["total_slots"] == 2
+                for prompt in ("def main():", [{"role": "user", "content": "What is a tuple?"}]):
+                    ttft, usage = stream(client, server.url, "tiny", prompt, 7)
+                    # What GuideLLM relies on: counts in the stream, the asked-for length whatever the model says.
+                    assert ttft > 0 and usage["completion_tokens"] == 7 and usage["prompt_tokens"] > 2
             raise RuntimeError("benchmark blew up")
     time.sleep(0.5)
     assert not any(psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE for p in pids)
@@ -86,7 +92,7 @@ def test_server_streams_and_always_stops(chain, tmp_path):
 
 def test_a_server_that_cannot_start_reports_its_log(tmp_path):
     port = free_port()
-    command = [sys.executable, "-m", "llama_cpp.server", "--model", str(tmp_path / "missing.gguf"), "--port", str(port)]
+    command = [str(llamacpp.tool("llama-server")), "--model", str(tmp_path / "missing.gguf"), "--port", str(port)]
     with pytest.raises(ServerError, match="exited before it was ready") as error:
         with Server(command, port, tmp_path / "server.log", 60):
             pass
@@ -103,10 +109,10 @@ def test_server_dying_mid_benchmark_is_a_failure_not_numbers(own_chain):
             for process in psutil.process_iter(["cmdline"]):
                 cmdline = " ".join(process.info["cmdline"] or [])
                 # This test's server only: the other test process may be serving the same file name.
-                if "llama_cpp.server" in cmdline and "--model_alias trained.q8_0" in cmdline and str(own_chain) in cmdline:
+                if "llama-server" in cmdline and "--alias trained.q8_0" in cmdline and str(own_chain) in cmdline:
                     port = cmdline.split("--port ")[1].split()[0]
                     try:
-                        httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=1)
+                        httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).raise_for_status()
                     except httpx.HTTPError:
                         continue
                     time.sleep(1)  # GuideLLM is starting its run
@@ -147,11 +153,37 @@ def test_port_in_use_is_refused_and_free_ports_avoid_it(own_chain):
 def test_missing_file_or_engine_is_an_early_clear_error(own_chain, tmp_path_factory):
     result = pipeline(own_chain, "stage=serve", *SMALL_CHAIN, "serve.llamacpp.files=[trained.q3_k]", check=False)
     assert result.returncode != 0 and "trained.q3_k not exported; available:" in result.stderr
+    result = pipeline(own_chain, "stage=serve", *SMALL_CHAIN, f"serve.llamacpp.server={own_chain}/llama-server", check=False)
+    assert result.returncode != 0 and f"llama-server is not at {own_chain}/llama-server" in result.stderr
     if not torch.cuda.is_available():
         empty = tmp_path_factory.mktemp("empty")
         result = pipeline(empty, "stage=serve", "serve.engine=vllm", check=False)
         assert result.returncode != 0 and "serve.engine=vllm needs a CUDA GPU" in result.stderr
         assert not (empty / "artifacts").exists()
+
+
+@pytest.mark.slow
+def test_a_server_without_what_guidellm_needs_fails_loudly(own_chain, tmp_path):
+    """Real servers that stream no token counts (llama-cpp-python's), or cut outputs short of the
+    requested length (llama-server whose context runs out), fail the artifact instead of giving numbers."""
+    path = gguf(own_chain)
+    servers = {"no token counts": [sys.executable, "-m", "llama_cpp.server", "--model", str(path), "--model_alias", "x",
+                                   "--n_threads", "1", "--port"],
+               # A 256-token context (llama.cpp's least) holds the 64-token prompt and 192 of the 250 asked for.
+               "where 250 were asked for with ignore_eos": [str(llamacpp.tool("llama-server")), "--model", str(path),
+                                                            "--alias", "x", "--threads", "1", "--ctx-size", "96",
+                                                            "--parallel", "1", "--port"]}
+    for message, command in servers.items():
+        port = free_port()
+        with Server([*command, str(port)], port, tmp_path / "server.log", 60, ready_path="/v1/models"):
+            result = pipeline(own_chain, "stage=serve", *SMALL_CHAIN, "serve.engine=external", "serve.external.model=x",
+                              f"serve.external.url=http://127.0.0.1:{port}", "serve.load.requests=2",
+                              "serve.load.output_tokens=250", check=False)
+        assert result.returncode != 0 and message in result.stderr, result.stderr[-2000:]
+    external = [p.parent for p in (own_chain / "artifacts" / "serve").glob("*/summary.json")
+                if read_json(p)["engine"] == "external"]
+    assert len(external) == 2 and not any(list(e.rglob("guidellm.json")) for e in external)
+    assert all(read_json(e / "summary.json")["results"]["x"]["status"] == "failed" for e in external)
 
 
 @pytest.mark.slow
