@@ -94,6 +94,13 @@ CMAKE_FLAGS = ("-DCMAKE_BUILD_TYPE=Release", "-DBUILD_SHARED_LIBS=OFF", "-DLLAMA
                "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_TOOLS=ON", "-DLLAMA_BUILD_SERVER=ON",
                # No network at build or run time: no HTTPS model downloads, no prebuilt web UI.
                "-DLLAMA_OPENSSL=OFF", "-DLLAMA_CURL=OFF", "-DLLAMA_USE_PREBUILT_UI=OFF")
+# llama.cpp's logger writes from a thread that exit does not wait for, so a tool's last lines are
+# now and then lost (llama.cpp issue 22142; upstream flushes before exit tool by tool, PR 25504).
+# The same one-line flush for llama-perplexity, whose closing summary the evaluate stage reads;
+# {file: (text, text with the flush)}, applied to a copy of the source.
+PATCHES = {"tools/perplexity/perplexity.cpp": ("\n    llama_backend_free();\n\n    return 0;\n}\n",
+                                               "\n    common_log_flush(common_log_main());\n    llama_backend_free();\n\n"
+                                               "    return 0;\n}\n")}
 
 
 def build_cache() -> Path:
@@ -104,7 +111,8 @@ def build_cache() -> Path:
     cpu = ""
     with contextlib.suppress(OSError):
         cpu = next((line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")), "")
-    key = hashlib.sha256(json.dumps([CMAKE_FLAGS, TOOLS, platform.machine(), cpu, os.environ.get(SOURCE_ENV)]).encode())
+    key = hashlib.sha256(json.dumps([CMAKE_FLAGS, TOOLS, PATCHES, platform.machine(), cpu,
+                                     os.environ.get(SOURCE_ENV)]).encode())
     cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "precision-pipeline"
     return cache / f"llama.cpp-{metadata.version('llama-cpp-python')}-{key.hexdigest()[:12]}"
 
@@ -125,10 +133,15 @@ def build() -> Path:
     installs them into the environment's bin directory."""
     cache = build_cache()
     if not all((cache / name).is_file() for name in TOOLS):
-        source = fetch()
         cache.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=cache.parent) as tmp:
-            build_dir = Path(tmp) / "build"
+            source, build_dir = Path(tmp) / "source", Path(tmp) / "build"
+            shutil.copytree(fetch(), source)
+            for name, (text, patched) in PATCHES.items():
+                code = (source / name).read_text()
+                if code.count(text) != 1:
+                    raise RuntimeError(f"{source / name} has changed: update pipeline/llamacpp.py's PATCHES for it.")
+                (source / name).write_text(code.replace(text, patched))
             generator = ["-G", "Ninja"] if shutil.which("ninja") else []
             subprocess.run(["cmake", "-S", str(source), "-B", str(build_dir), *generator, *CMAKE_FLAGS], check=True,
                            stdout=subprocess.DEVNULL)
@@ -304,19 +317,16 @@ def perplexity(model: Path, text: Path, n_ctx: int, chunks: int, kl_base: Path, 
                "--chunks", str(chunks), "--threads", str(len(os.sched_getaffinity(0))), "--kl-divergence-base", str(kl_base)]
     if not kl_base.exists():
         _run_logged([*command, "--file", str(text)], log)
-    # Its logger writes from a thread that exit does not wait for, so the summary at the end of its
-    # output is now and then lost (llama.cpp issue 22142): the pass is run again then.
-    for _ in range(3):
-        output = _run_logged([*command, "--kl-divergence"], log)
-        found = {}
-        for key, label in (("perplexity", r"Mean PPL\(Q\)\s*"), ("kl", r"Mean\s+KLD"), ("top1", r"Same top p")):
-            if match := re.search(label + r":\s*([-\d.eE+]+)\s*±\s*([-\d.eE+]+)", output):
-                scale = 100 if key == "top1" else 1  # printed in percent
-                found[key], found[f"{key}_se"] = float(match[1]) / scale, float(match[2]) / scale
-        if len(found) == 6:
-            return found
-    raise RuntimeError(f"llama-perplexity printed no complete summary for {model} (its log: {log}):\n"
-                       + "\n".join(output.splitlines()[-15:]))
+    output = _run_logged([*command, "--kl-divergence"], log)
+    found = {}
+    for key, label in (("perplexity", r"Mean PPL\(Q\)\s*"), ("kl", r"Mean\s+KLD"), ("top1", r"Same top p")):
+        if match := re.search(label + r":\s*([-\d.eE+]+)\s*±\s*([-\d.eE+]+)", output):
+            scale = 100 if key == "top1" else 1  # printed in percent
+            found[key], found[f"{key}_se"] = float(match[1]) / scale, float(match[2]) / scale
+    if len(found) != 6:  # it prints none under 100 scored tokens
+        raise RuntimeError(f"llama-perplexity printed no summary for {model} (its log: {log}); it needs 100 scored "
+                           "tokens, half of each window. Raise evaluate.max_sequences.\n" + "\n".join(output.splitlines()[-15:]))
+    return found
 
 
 def _run_logged(command: list[str], log: Path) -> str:

@@ -112,7 +112,7 @@ def server_command(cfg: DictConfig, chosen: str, name: str, path: Path, port: in
         parallel = slots(cfg)
         return [str(llamacpp.tool("llama-server", s.llamacpp.server)), "--model", str(path), "--alias", name,
                 "--host", "127.0.0.1", "--port", str(port), "--threads", str(s.llamacpp.threads),
-                "--threads-http", str(parallel + 1), "--parallel", str(parallel), "--cont-batching",
+                "--parallel", str(parallel), "--cont-batching",
                 # The context is shared by the slots: each gets room for a prompt and its answer.
                 "--ctx-size", str(cfg.data.seq_len * 2 * parallel), "--no-webui"]
     command = [*s.vllm.command, "serve", str(path), "--served-model-name", name, "--host", "127.0.0.1",
@@ -282,6 +282,7 @@ def benchmark(cfg, chosen, name, path, tokenizer_dir, requests, direct: list[str
 
 
 def run(cfg: DictConfig, tracker) -> None:
+    import httpx
     from transformers import AutoTokenizer
 
     chosen = engine(cfg)
@@ -305,7 +306,7 @@ def run(cfg: DictConfig, tracker) -> None:
             (tmp / name).mkdir()
             try:
                 results[name] = benchmark(cfg, chosen, name, path, tokenizer_dir, requests, direct, tmp / name)
-            except (ServerError, RuntimeError) as error:
+            except (ServerError, RuntimeError, httpx.HTTPError) as error:
                 # No partial numbers: a failed artifact keeps only the reason and the server's log.
                 results[name] = {"status": "failed", "error": str(error),
                                  "log_tail": log_tail(tmp / name / "server.log")}
