@@ -105,15 +105,26 @@ class Server:
                 self.peak_gpu_mb = max(self.peak_gpu_mb or 0.0, _gpu_memory_mb(gpus, {p.pid for p in tree}))
 
     def stop(self) -> None:
+        import psutil
+
         self._stop_polling.set()
         if self.process is None:
             return
-        group = self.process.pid  # the session leader's pid is the group id
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(group, signal.SIGTERM)
-            with contextlib.suppress(subprocess.TimeoutExpired):
+        if self.process.poll() is None:
+            family = []
+            with contextlib.suppress(psutil.Error):
+                family = psutil.Process(self.process.pid).children(recursive=True)
+            # While the server runs its pid is its group's id; once it is reaped, that number may name
+            # another process (pids wrap at 32768 on many machines), so signals go out only now.
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.process.pid, signal.SIGTERM)
+            try:
                 self.process.wait(10)
-            os.killpg(group, signal.SIGKILL)  # whatever ignored SIGTERM, children included
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+            for child in family:  # whatever ignored SIGTERM; psutil checks it is still the same process
+                with contextlib.suppress(psutil.Error):
+                    child.kill()
         self.process.wait()
 
 

@@ -207,20 +207,31 @@ def summarize(report: dict, slo: DictConfig) -> dict:
 def stream(client, url: str, model: str, prompt, max_tokens: int) -> tuple[float, dict | None]:
     """One streamed completion (chat completion, for messages) as GuideLLM sends it: the time to
     its first generated text in ms, and the token counts the server streamed (None: none)."""
+    import httpx
+
     chat = isinstance(prompt, list)
     body = {"model": model, "max_tokens": max_tokens, "stream": True, "ignore_eos": True,
             "stream_options": {"include_usage": True}, **({"messages": prompt} if chat else {"prompt": prompt})}
-    started, ttft, usage = time.perf_counter(), None, None
-    with client.stream("POST", f"{url}/v1/chat/completions" if chat else f"{url}/v1/completions", json=body) as response:
-        response.raise_for_status()
-        for line in response.iter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            chunk = json.loads(line[6:])
-            usage = chunk.get("usage") or usage
-            choice = (chunk.get("choices") or [{}])[0]
-            if ttft is None and ((choice.get("delta") or {}).get("content") if chat else choice.get("text")):
-                ttft = (time.perf_counter() - started) * 1000
+    for attempt in range(2):
+        started, ttft, usage = time.perf_counter(), None, None
+        try:
+            with client.stream("POST", f"{url}/v1/chat/completions" if chat else f"{url}/v1/completions",
+                               json=body) as response:
+                response.raise_for_status()
+                for line in response.iter_lines():
+                    if not line.startswith("data: ") or line == "data: [DONE]":
+                        continue
+                    chunk = json.loads(line[6:])
+                    usage = chunk.get("usage") or usage
+                    choice = (chunk.get("choices") or [{}])[0]
+                    if ttft is None and ((choice.get("delta") or {}).get("content") if chat else choice.get("text")):
+                        ttft = (time.perf_counter() - started) * 1000
+            break
+        except httpx.RemoteProtocolError:
+            # A server may close a kept-alive connection as the next request arrives (llama-server
+            # now and then does after a load): nothing came back, so it is sent once more, on a new one.
+            if attempt or ttft is not None:
+                raise
     if ttft is None:
         raise RuntimeError(f"{url} streamed no text.")
     return ttft, usage
