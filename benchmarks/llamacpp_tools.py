@@ -92,7 +92,7 @@ def scoring(cfg, folder: Path) -> dict:
     from pipeline import llamacpp
     from pipeline.artifacts import stage_dir
     from pipeline.data import load_sequences, pad_id
-    from stages.evaluate import second_half
+    from stages.evaluate import base_reference, second_half
 
     tokenizer = AutoTokenizer.from_pretrained(stage_dir(cfg, "train"))
     files = dict(llamacpp.gguf_files(stage_dir(cfg, "export")))
@@ -110,9 +110,10 @@ def scoring(cfg, folder: Path) -> dict:
     tool_s = time.perf_counter() - started
 
     started = time.perf_counter()
-    base_logits = llamacpp.logits_fn(llamacpp.load(files[base], n_ctx))
+    # As the stage does for one file: the base's log-probabilities, then the file's, compared.
+    reference = base_reference(llamacpp.load(files[base], n_ctx), windows, cfg.evaluate.batch_size)
     artifact_logits = llamacpp.logits_fn(llamacpp.load(files[FILE], n_ctx))
-    ours = second_half(base_logits, artifact_logits, windows, cfg.evaluate.batch_size)
+    ours = second_half(reference, artifact_logits, windows, cfg.evaluate.batch_size)
     ours_s = time.perf_counter() - started
     return {"tokens": int(windows.numel()), "ours_s": ours_s, "llama_perplexity_s": tool_s, "ours": ours,
             "llama_perplexity": theirs}

@@ -161,18 +161,20 @@ def measure(logits_fn, ids, ref_logprobs, masks, prompts, ref_continuation, e: D
     return result
 
 
-def second_half(base_logits, logits_fn, windows, batch_size: int) -> dict:
+def second_half(reference, logits_fn, windows, batch_size: int) -> dict:
     """Our perplexity, KL against the base and top-1 agreement with it, each with its standard
-    error, on the positions llama-perplexity scores: the second half of each window."""
+    error, on the positions llama-perplexity scores: the second half of each window.
+    `reference(i)`: the base's log-probabilities on windows[i : i + batch_size] from that half on."""
     import torch
 
     first = windows.shape[1] // 2
     per_token = {"nll": [], "kl": [], "top1": []}
     for i in range(0, len(windows), batch_size):
         batch = windows[i : i + batch_size]
-        metrics = token_metrics(torch.log_softmax(base_logits(batch), -1), logits_fn(batch), batch)
+        # logits at first.. predict the tokens at first + 1..
+        metrics = token_metrics(reference(i), logits_fn(batch)[:, first:], batch[:, first:])
         for key, value in metrics.items():
-            per_token[key].append(value[:, first:].reshape(-1).double())  # logits at first.. predict first+1..
+            per_token[key].append(value.reshape(-1).double())
     result = {}
     for key, values in per_token.items():
         values = torch.cat(values)
@@ -181,6 +183,21 @@ def second_half(base_logits, logits_fn, windows, batch_size: int) -> dict:
             key, mean, se = "perplexity", float(np.exp(mean)), float(np.exp(mean)) * se
         result[key], result[f"{key}_se"] = mean, se
     return result
+
+
+def base_reference(llm, windows, batch_size: int, keep_bytes: int = 2**28):
+    """`reference` for second_half from the base file's model: kept in memory where it is small
+    (the offline default's), else computed again for each file."""
+    import torch
+
+    logits, first = llamacpp.logits_fn(llm), windows.shape[1] // 2
+
+    def reference(i):
+        return torch.log_softmax(logits(windows[i : i + batch_size])[:, first:].float(), -1)
+
+    if len(windows) * (windows.shape[1] - first) * llm.n_vocab() * 4 > keep_bytes:
+        return reference
+    return {i: reference(i) for i in range(0, len(windows), batch_size)}.__getitem__
 
 
 def agreement(ours: dict, theirs: dict, tolerance: DictConfig) -> dict:
@@ -215,9 +232,9 @@ def second_opinions(cfg: DictConfig, found: list, held_out, tokenizer, folder: P
     windows = torch.from_numpy(llamacpp.kl_base_tokens(kl_base)).long()
     if (bos := llamacpp.perplexity_bos(base_llm)) is not None:
         windows[:, 0] = bos
-    results = {}
+    reference, results = base_reference(base_llm, windows, cfg.evaluate.batch_size), {}
     for name, path in files.items():
-        ours = second_half(llamacpp.logits_fn(base_llm), gguf_logits(path, n_ctx), windows, cfg.evaluate.batch_size)
+        ours = second_half(reference, gguf_logits(path, n_ctx), windows, cfg.evaluate.batch_size)
         results[name] = {"ours": ours, "llama_perplexity": theirs[name],
                          **agreement(ours, theirs[name], cfg.evaluate.second_opinion)}
     return results
