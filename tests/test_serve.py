@@ -220,3 +220,44 @@ def test_guidellm_report_parsing_on_a_saved_report():
     assert ttft[0] <= level["ttft_ms_p50"] <= level["ttft_ms_p90"] <= level["ttft_ms_p99"] <= ttft[-1]
     assert level["output_tokens"] == pytest.approx(sum(r["output_tokens"] for r in requests) / len(requests))
     assert level["goodput_fraction"] == 1.0 and summarize(report, tight)["c1"]["goodput_fraction"] == 0.0
+
+
+def test_a_request_dropped_on_a_kept_alive_connection_is_sent_again_once(tmp_path):
+    """A server that closes the connection instead of answering (as llama-server now and then does
+    with a kept-alive one after a load): the request goes again on a new connection, once."""
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    drops = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self):
+            self.rfile.read(int(self.headers["Content-Length"]))
+            if len(drops) < Handler.drop:
+                drops.append(1)
+                self.close_connection = True  # no status line, no body
+                return
+            events = [{"choices": [{"text": "x"}]}, {"choices": [], "usage": {"completion_tokens": 3}}]
+            body = "".join(f"data: {json.dumps(e)}\n\n" for e in events) + "data: [DONE]\n\n"
+            self.send_response(200)
+            self.send_header("Content-Type", "text/event-stream")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body.encode())
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        Handler.drop = 1
+        with httpx.Client(timeout=10) as client:
+            ttft, usage = stream(client, url, "m", "hello", 3)
+        assert ttft > 0 and usage == {"completion_tokens": 3} and len(drops) == 1
+        Handler.drop, drops[:] = 2, []  # dropped twice: not hidden
+        with httpx.Client(timeout=10) as client, pytest.raises(httpx.RemoteProtocolError):
+            stream(client, url, "m", "hello", 3)
+        assert len(drops) == 2
+    finally:
+        server.shutdown()
