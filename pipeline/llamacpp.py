@@ -247,6 +247,12 @@ def tensor_types(path: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
         raise GGUFError(f"{path} is not a valid GGUF file (truncated or corrupted?): {error}") from error
 
 
+def cpu_threads() -> int:
+    """Threads for llama.cpp's own computing: OMP_NUM_THREADS where it is set (several processes
+    sharing the cores, as the tests do), else every core this process may use."""
+    return int(os.environ.get("OMP_NUM_THREADS") or 0) or len(os.sched_getaffinity(0))
+
+
 def load(path: Path, n_ctx: int, threads: int = 1):
     """A llama.cpp model with per-position logits. The file is checked first: llama.cpp itself
     may crash the process on a damaged file rather than raise."""
@@ -314,7 +320,7 @@ def perplexity(model: Path, text: Path, n_ctx: int, chunks: int, kl_base: Path, 
     import re
 
     command = [str(tool("llama-perplexity")), "--model", str(model), "--ctx-size", str(n_ctx), "--batch-size", str(n_ctx),
-               "--chunks", str(chunks), "--threads", str(len(os.sched_getaffinity(0))), "--kl-divergence-base", str(kl_base)]
+               "--chunks", str(chunks), "--threads", str(cpu_threads()), "--kl-divergence-base", str(kl_base)]
     if not kl_base.exists():
         _run_logged([*command, "--file", str(text)], log)
     output = _run_logged([*command, "--kl-divergence"], log)

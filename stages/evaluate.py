@@ -76,7 +76,7 @@ def hf_logits(path: Path, seq_len: int):
 
 
 def gguf_logits(path: Path, seq_len: int):
-    return llamacpp.logits_fn(llamacpp.load(path, n_ctx=seq_len))
+    return llamacpp.logits_fn(llamacpp.load(path, n_ctx=seq_len, threads=llamacpp.cpu_threads()))
 
 
 # Artifact kind -> loader(path, seq_len) returning a function from token ids [batch, seq] to logits [batch, seq, vocab].
@@ -227,7 +227,7 @@ def second_opinions(cfg: DictConfig, found: list, held_out, tokenizer, folder: P
     kl_base = folder / "base.kld"
     theirs = {name: llamacpp.perplexity(files[name], text, n_ctx, len(held_out), kl_base, log)
               for name in [base, *(n for n in files if n != base)]}
-    base_llm = llamacpp.load(files[base], n_ctx)
+    base_llm = llamacpp.load(files[base], n_ctx, threads=llamacpp.cpu_threads())
     # Our logits on the very ids the tool read from the text, with the BOS it puts first in each window.
     windows = torch.from_numpy(llamacpp.kl_base_tokens(kl_base)).long()
     if (bos := llamacpp.perplexity_bos(base_llm)) is not None:
