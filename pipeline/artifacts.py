@@ -26,11 +26,13 @@ def _select(cfg: DictConfig, dotted: str):
 
 @functools.lru_cache(maxsize=None)
 def code_files(stage: str) -> tuple[Path, ...]:
-    """The stage module and every project module it imports, transitively (lazy imports too)."""
+    """The stage module (or package) and every project module it imports, transitively (lazy imports too)."""
     seen, todo = {}, [f"stages.{stage}"]
     while todo:
         module = todo.pop()
         path = ROOT / (module.replace(".", "/") + ".py")
+        if "." in module and not path.is_file():  # a package of modules, such as stages.report
+            path = path.with_suffix("") / "__init__.py"
         if module in seen or not path.is_file():
             continue
         seen[module] = path
@@ -113,6 +115,12 @@ def stage_dir(cfg: DictConfig, stage: str) -> Path:
     if cfg.paths.fixed:
         return Path(cfg.paths.fixed).resolve() / stage / label(cfg, stage)
     return Path(cfg.paths.artifacts).resolve() / stage / f"{label(cfg, stage)}-{stage_key(cfg, stage)}"
+
+
+def machine_cache() -> Path:
+    """Where what is built once per machine and shared by every checkout is kept: llama.cpp's tools
+    and the offline default's base model."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "precision-pipeline"
 
 
 def scratch_dir(final: Path) -> Path:

@@ -13,6 +13,7 @@ the filesystem or the hardware.
 from __future__ import annotations
 
 import dataclasses
+import typing
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -23,8 +24,9 @@ from pipeline.chat import FORMATS
 from pipeline.hardware import PRECISIONS
 
 # Where prepare reads documents from (conf/data/<source>.yaml); stdlib: questions about the
-# standard library answered by its docstrings (chat).
-DATA_SOURCES = ("pydoc", "stdlib", "text", "hf")
+# standard library answered by its docstrings (chat); docstrings: the other docstrings, the base
+# model's pretraining text.
+DATA_SOURCES = ("pydoc", "stdlib", "docstrings", "text", "hf")
 # What to do with a chat example longer than data.seq_len (it is counted either way).
 TOO_LONG = ("drop", "truncate")
 # Which tokens training learns to predict: every token, or only the answers of chat data.
@@ -40,32 +42,15 @@ LOAD_LEVELS = {"concurrent": "streams", "constant": "rate", "poisson": "rate", "
 
 
 def setting(*, choices: tuple | None = None, each: tuple | None = None, low=None, high=None, factory=None,
-            default=MISSING):
+            default=MISSING, nested: bool = False):
     """A field with the constraints beyond its type: `choices` for a name, `each` for every item
-    of a list, `low` / `high` inclusive bounds. Without a default the YAML must give the value."""
-    metadata = {k: v for k, v in (("choices", choices), ("each", each), ("low", low), ("high", high)) if v is not None}
+    of a list, `low` / `high` inclusive bounds, `nested` for an optional section whose own fields
+    have constraints. Without a default the YAML must give the value."""
+    metadata = {k: v for k, v in (("choices", choices), ("each", each), ("low", low), ("high", high),
+                                  ("nested", nested or None)) if v is not None}
     if factory is not None:
         return field(default_factory=factory, metadata=metadata)
     return field(default=default, metadata=metadata)
-
-
-@dataclass
-class Lora:
-    enabled: bool = MISSING
-    r: int = setting(low=1)
-    alpha: float = setting(low=0)
-    dropout: float = setting(low=0, high=1)
-    target_modules: list[str] = setting(factory=list)
-
-
-@dataclass
-class Model:
-    name: str = MISSING
-    # A local checkpoint directory (or a hub id where reachable); null: build from `arch`.
-    name_or_path: Optional[str] = None
-    # A transformers config (model_type and its keys) to build a model from, or null.
-    arch: Optional[dict[str, Any]] = None
-    lora: Lora = field(default_factory=Lora)
 
 
 @dataclass
@@ -161,6 +146,37 @@ class Train:
     threads: Optional[int] = setting(low=1)
     # auto: the answers for chat data, every token for plain text.
     loss_on: str = setting(choices=LOSS_ON, default="auto")
+
+
+@dataclass
+class Pretrain:
+    """A base model's recipe: the prepare and train stages run on these settings, from random
+    initialisation, and their output is what the fine-tune starts from."""
+    seed: int = MISSING
+    data: Data = field(default_factory=Data)
+    train: Train = field(default_factory=Train)
+
+
+@dataclass
+class Lora:
+    enabled: bool = MISSING
+    r: int = setting(low=1)
+    alpha: float = setting(low=0)
+    dropout: float = setting(low=0, high=1)
+    target_modules: list[str] = setting(factory=list)
+
+
+@dataclass
+class Model:
+    name: str = MISSING
+    # A local checkpoint directory (or a hub id where reachable); null: build from `arch`.
+    name_or_path: Optional[str] = None
+    # A transformers config (model_type and its keys) to build a model from, or null.
+    arch: Optional[dict[str, Any]] = None
+    lora: Lora = field(default_factory=Lora)
+    # How a base model is pretrained (from random initialisation on `arch`) before the train stage
+    # fine-tunes it; null: the train stage starts from name_or_path, or from random initialisation.
+    pretrain: Optional[Pretrain] = setting(nested=True, default=None)
 
 
 @dataclass
@@ -286,6 +302,11 @@ class Serve:
     load: Load = field(default_factory=Load)
     slo: SLO = field(default_factory=SLO)
     crosscheck: Crosscheck = field(default_factory=Crosscheck)
+    # Rounds of every format, each round in a newly shuffled order; bootstrap resamples (of rounds,
+    # then requests) and confidence of every served figure's interval.
+    rounds: int = setting(low=1, default=2)
+    bootstrap: int = setting(low=1, default=1000)
+    confidence: float = setting(low=0.5, high=0.999, default=0.95)
 
 
 @dataclass
@@ -318,6 +339,9 @@ def problems(value, schema, path: str) -> list[str]:
         item, where, rule = value.get(f.name), f"{path}.{f.name}", f.metadata
         if dataclasses.is_dataclass(f.default_factory):
             found += problems(item or {}, f.default_factory, where)
+        if rule.get("nested") and item is not None:
+            found += problems(item, typing.get_args(typing.get_type_hints(schema)[f.name])[0], where)
+            continue
         if item is None or not rule:
             continue
         if "choices" in rule and item not in rule["choices"]:

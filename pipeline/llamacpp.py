@@ -25,6 +25,8 @@ import tarfile
 import tempfile
 from pathlib import Path
 
+from pipeline.artifacts import machine_cache
+
 # Another llama.cpp source tree (for example a newer checkout) instead of the fetched one.
 SOURCE_ENV = "LLAMA_CPP_SOURCE"
 # Pre-tokenizer regexes of byte-level BPE tokenizers -> llama.cpp's name for them, for tokenizers
@@ -113,8 +115,7 @@ def build_cache() -> Path:
         cpu = next((line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")), "")
     key = hashlib.sha256(json.dumps([CMAKE_FLAGS, TOOLS, PATCHES, platform.machine(), cpu,
                                      os.environ.get(SOURCE_ENV)]).encode())
-    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "precision-pipeline"
-    return cache / f"llama.cpp-{metadata.version('llama-cpp-python')}-{key.hexdigest()[:12]}"
+    return machine_cache() / f"llama.cpp-{metadata.version('llama-cpp-python')}-{key.hexdigest()[:12]}"
 
 
 def tool(name: str, configured: str | None = None) -> Path:

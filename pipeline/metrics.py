@@ -5,17 +5,23 @@ from __future__ import annotations
 import numpy as np
 
 
+# KL percentiles over tokens, as llama-perplexity's --kl-divergence prints them.
+KL_PERCENTILES = {"kl_median": 50, "kl_p95": 95, "kl_p99": 99, "kl_p999": 99.9}
+
+
 def token_metrics(ref_logprobs, logits, input_ids) -> dict:
-    """Per-token [batch, seq_len - 1] next-token NLL, KL(reference || model) and top-1 agreement."""
+    """Per-token [batch, seq_len - 1] next-token NLL, KL(reference || model), top-1 agreement and
+    dp, the change in the probability of the token that came (llama-perplexity's Δp)."""
     import torch
 
     logprobs = torch.log_softmax(logits[:, :-1].float(), dim=-1)
     ref = ref_logprobs[:, :-1]
-    targets = input_ids[:, 1:]
+    targets = input_ids[:, 1:].unsqueeze(-1)
     return {
-        "nll": -logprobs.gather(-1, targets.unsqueeze(-1)).squeeze(-1),
+        "nll": -logprobs.gather(-1, targets).squeeze(-1),
         "kl": (ref.exp() * (ref - logprobs)).sum(-1),
         "top1": (ref.argmax(-1) == logprobs.argmax(-1)).float(),
+        "dp": (logprobs.gather(-1, targets).exp() - ref.gather(-1, targets).exp()).squeeze(-1),
     }
 
 
@@ -39,8 +45,53 @@ def bootstrap_ci(numerators: np.ndarray, denominators: np.ndarray, resamples: in
     return float(low), float(high)
 
 
+def binomial_ci(successes: int, trials: int, confidence: float) -> tuple[float, float]:
+    """Wilson score interval of a rate: it stays inside [0, 1] and is not degenerate at 0 or 1."""
+    from statistics import NormalDist
+
+    z = NormalDist().inv_cdf(0.5 + confidence / 2)
+    rate, denominator = successes / trials, 1 + z * z / trials
+    centre = (rate + z * z / (2 * trials)) / denominator
+    half = z * ((rate * (1 - rate) + z * z / (4 * trials)) / trials) ** 0.5 / denominator
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def round_replicates(rounds: list[dict], statistics: dict, resamples: int, seed: int = 0) -> dict:
+    """Bootstrap replicates of each statistic of measurements made in rounds (a served format's
+    requests, measured in several interleaved rounds): each replicate draws the rounds with
+    replacement, then each drawn round's items with replacement, so that the drift between rounds
+    widens an interval as well as the spread between requests. `rounds`: {name: per-item values}
+    each; `statistics`: {name: function of the drawn [(round index, {name: values})]}."""
+    rng = np.random.default_rng(seed)
+    rounds = [{k: np.asarray(v, dtype=float) for k, v in r.items()} for r in rounds]
+    out = {name: np.empty(resamples) for name in statistics}
+    for b in range(resamples):
+        drawn = []
+        for i in rng.integers(0, len(rounds), len(rounds)):
+            n = len(next(iter(rounds[i].values())))
+            pick = rng.integers(0, n, n)
+            drawn.append((int(i), {k: v[pick] for k, v in rounds[i].items()}))
+        for name, statistic in statistics.items():
+            out[name][b] = statistic(drawn)
+    return out
+
+
+def round_rate(rounds: list[dict]):
+    """The statistic for round_replicates of a served rate measured in rounds ({"rate", "output_tokens",
+    "latency_s"} each): a drawn round's resampled sum(output tokens) / sum(latency), scaled to that
+    round's measured rate (which counts the requests in flight together), averaged over the draw."""
+    scale = [r["rate"] * sum(r["latency_s"]) / sum(r["output_tokens"]) for r in rounds]
+    return lambda drawn: float(np.mean([scale[i] * x["output_tokens"].sum() / x["latency_s"].sum() for i, x in drawn]))
+
+
+def percentile_interval(replicates, confidence: float) -> list[float]:
+    tail = (1 - confidence) / 2 * 100
+    return [float(v) for v in np.percentile(replicates, [tail, 100 - tail])]
+
+
 def summarize(per_token: dict, mask, resamples: int, confidence: float) -> dict:
-    """Perplexity, KL and top-1 agreement over the tokens in `mask`, with bootstrap intervals."""
+    """Perplexity, KL and top-1 agreement over the tokens in `mask`, with bootstrap intervals; the
+    KL percentiles, RMS Δp and the same-top-token rate's binomial interval where they were measured."""
     mask = mask.float()
     counts = mask.sum(1).double().numpy()
     sums = {k: (v.double() * mask).sum(1).numpy() for k, v in per_token.items()}
@@ -54,6 +105,12 @@ def summarize(per_token: dict, mask, resamples: int, confidence: float) -> dict:
     out["kl_ci"] = bootstrap_ci(sums["kl"], counts, resamples, confidence)
     out["top1"] = float(sums["top1"].sum() / total)
     out["top1_ci"] = bootstrap_ci(sums["top1"], counts, resamples, confidence)
+    if "dp" in per_token:
+        chosen = mask.bool()
+        kl = per_token["kl"][chosen].double().numpy()
+        out.update({key: float(np.percentile(kl, q)) for key, q in KL_PERCENTILES.items()})
+        out["rms_dp"] = float(np.sqrt((per_token["dp"][chosen].double() ** 2).mean().item()))
+        out["same_top_ci"] = binomial_ci(int(round(sums["top1"].sum())), out["tokens"], confidence)
     return out
 
 

@@ -27,6 +27,47 @@ def pretrained_source(cfg: DictConfig) -> str | None:
     return str(source)  # a hub id: only reachable where the machine can download
 
 
+# The base trains every weight: its LoRA settings are unused, and fixed so that the fine-tune's do
+# not give the base another address.
+NO_LORA = {"enabled": False, "r": 8, "alpha": 16.0, "dropout": 0.0, "target_modules": []}
+
+
+def base_config(cfg: DictConfig) -> DictConfig | None:
+    """The settings that pretrain the base model of `model.pretrain` (the prepare and train stages on
+    its data and train recipe, from random initialisation on model.arch, into the machine cache),
+    or None where the model has no such recipe. Nothing of the fine-tune's own settings enters it,
+    so every fine-tune of one recipe starts from the same base."""
+    from omegaconf import OmegaConf, open_dict
+
+    from pipeline.artifacts import machine_cache
+
+    recipe = OmegaConf.select(cfg, "model.pretrain")
+    if recipe is None:
+        return None
+    base = cfg.copy()
+    with open_dict(base):
+        base.model = {"name": cfg.model.name, "name_or_path": None, "arch": cfg.model.arch, "pretrain": None,
+                      "lora": NO_LORA}
+        base.data, base.train, base.seed = recipe.data, recipe.train, recipe.seed
+        if base.train.precision == "auto":  # as the runner resolves the fine-tune's: by this machine
+            from pipeline.hardware import detect, resolve_precision
+
+            base.train.precision = resolve_precision("auto", detect())[0]
+        base.accelerate.num_processes = 1
+        base.paths = {"artifacts": str(machine_cache() / "base"), "fixed": None}
+        base.tracking.log_model = False
+    return base
+
+
+def starting_checkpoint(cfg: DictConfig) -> str | None:
+    """What the train stage fine-tunes: the pretrained base of `model.pretrain`, the checkpoint in
+    `model.name_or_path`, or None (random initialisation on `model.arch`)."""
+    from pipeline.artifacts import stage_dir
+
+    base = base_config(cfg)
+    return str(stage_dir(base, "train")) if base is not None else pretrained_source(cfg)
+
+
 def save_tokenizer(tokenizer, directory: Path) -> None:
     """The tokenizer's files as llama.cpp's converter reads them. transformers 5 saves tokenizer.json
     alone; the converter reads a SentencePiece vocabulary (scores, byte pieces) from tokenizer.model,

@@ -17,9 +17,13 @@ from pipeline import distributed, hardware
 from pipeline.artifacts import stage_dir
 from pipeline.config import validate
 from pipeline.graph import STAGES, downstream, selected_stages
+from pipeline.models import base_config
 from pipeline.tracking import NoTracker, Tracker, flatten, installed_packages, quiet_libraries, run_tags
 
 log = logging.getLogger(__name__)
+# The stages that make a base model (model.pretrain), and that read it: prepare its tokenizer,
+# train its weights.
+BASE_STAGES = ("prepare", "train")
 
 
 def forced(rerun, stages: list[str]) -> set[str]:
@@ -75,9 +79,39 @@ def preflight(cfg: DictConfig) -> dict:
     log.info("precision: %s (requested %s: %s)", precision, requested, reason)
     distributed.resolve(cfg, stages)
     require_writable(cfg)
+    base = base_config(cfg) if set(stages) & set(BASE_STAGES) else None
+    for name in BASE_STAGES if base is not None else ():
+        try:
+            STAGES[name].check(base)
+        except ValueError as error:  # its keys are model.pretrain.<data|train>.*, not the fine-tune's
+            raise ValueError(f"model.pretrain (the base model's recipe, keys under model.pretrain.data and "
+                             f"model.pretrain.train): {error}") from None
     for name in stages:
         STAGES[name].check(cfg)
-    return {"stages": stages, "again": again, "hardware": hw, "requested": requested, "reason": reason}
+    return {"stages": stages, "again": again, "hardware": hw, "requested": requested, "reason": reason, "base": base}
+
+
+def pretrain(base: DictConfig, tags: dict, tracker) -> None:
+    """The base model of model.pretrain, made by the prepare and train stages on its recipe in the
+    machine cache, or reused from there (by every checkout on this machine) in a child run "base".
+    Parallel jobs wait for the one that builds it."""
+    from filelock import FileLock
+
+    root = Path(base.paths.artifacts)
+    root.mkdir(parents=True, exist_ok=True)
+    with FileLock(root / "build.lock"):
+        reuse = all(stage_dir(base, name).is_dir() for name in BASE_STAGES)
+        with tracker.run("base", {**tags, "stage": "base", "reused": str(reuse).lower(),
+                                  "output": str(stage_dir(base, "train"))}):
+            tracker.log_params(flatten(base))
+            for name in BASE_STAGES:
+                out = stage_dir(base, name)
+                if out.is_dir():
+                    log.info("base model: reusing its %s output %s (delete it to build it again)", name, out)
+                    STAGES[name].record(base, tracker)
+                else:
+                    log.info("base model: %s, once for this machine, into %s", name, out)
+                    STAGES[name].run(base, tracker)
 
 
 def run(cfg: DictConfig) -> None:
@@ -92,6 +126,8 @@ def run(cfg: DictConfig) -> None:
         tracker.log_params(flatten(cfg))
         tracker.log_text(OmegaConf.to_yaml(cfg, resolve=True), "resolved_config.yaml")
         tracker.log_text(installed_packages(), "environment.txt")
+        if plan["base"] is not None:
+            pretrain(plan["base"], tags, tracker)
         for name in plan["stages"]:
             module, out = STAGES[name], stage_dir(cfg, name)
             reuse = module.STAGE.reusable and name not in plan["again"] and out.is_dir()

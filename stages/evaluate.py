@@ -141,7 +141,7 @@ def measure(logits_fn, ids, ref_logprobs, masks, prompts, ref_continuation, e: D
     per-sequence NLL sums let the report test differences between artifacts pairwise."""
     import torch
 
-    per_token, vs_fp32 = {k: [] for k in ("nll", "kl", "top1")}, {k: [] for k in ("nll", "kl", "top1")}
+    per_token, vs_fp32 = {k: [] for k in ("nll", "kl", "top1", "dp")}, {k: [] for k in ("nll", "kl", "top1")}
     for i in range(0, len(ids), e.batch_size):
         batch_ids = ids[i : i + e.batch_size]
         logits = logits_fn(batch_ids)
@@ -149,7 +149,8 @@ def measure(logits_fn, ids, ref_logprobs, masks, prompts, ref_continuation, e: D
             per_token[key].append(value)
         if fp32_logprobs is not None:
             for key, value in token_metrics(fp32_logprobs[i : i + e.batch_size], logits, batch_ids).items():
-                vs_fp32[key].append(value)
+                if key in vs_fp32:
+                    vs_fp32[key].append(value)
     per_token = {k: torch.cat(v) for k, v in per_token.items()}
     result = {name: summarize(per_token, mask, e.bootstrap, e.confidence) for name, mask in masks.items()}
     result["sequence_nll"] = (per_token["nll"].double() * masks["all"]).sum(1).tolist()
@@ -173,8 +174,8 @@ def second_half(reference, logits_fn, windows, batch_size: int) -> dict:
         batch = windows[i : i + batch_size]
         # logits at first.. predict the tokens at first + 1..
         metrics = token_metrics(reference(i), logits_fn(batch)[:, first:], batch[:, first:])
-        for key, value in metrics.items():
-            per_token[key].append(value.reshape(-1).double())
+        for key in per_token:
+            per_token[key].append(metrics[key].reshape(-1).double())
     result = {}
     for key, values in per_token.items():
         values = torch.cat(values)

@@ -23,10 +23,10 @@ from omegaconf import DictConfig
 from pipeline.artifacts import atomic_dir, read_json, sha256_dir, sha256_file, stage_dir, write_json
 from pipeline.chat import (CHATML, CHATML_TOKENS, ChatDataError, conversation, is_chat, render, template_for,
                            tokenize_answers)
-from pipeline.models import pretrained_source, save_tokenizer
+from pipeline.models import pretrained_source, save_tokenizer, starting_checkpoint
 from pipeline.contract import Stage
 
-STAGE = Stage("prepare", settings=("data", "model.name_or_path", "model.arch.vocab_size"), scope="data")
+STAGE = Stage("prepare", settings=("data", "model.name_or_path", "model.arch.vocab_size", "model.pretrain"), scope="data")
 
 TEXT_SUFFIXES = (".txt", ".jsonl")
 END_OF_TEXT = "<|endoftext|>"
@@ -39,6 +39,11 @@ STDLIB_MODULES = ("builtins", "os", "os.path", "json", "re", "string", "textwrap
                   "unicodedata", "pprint", "traceback", "warnings", "argparse", "logging", "sqlite3", "zipfile")
 QUESTIONS = ("What does {} do?", "Explain {} briefly.", "What is {} for?", "Describe {}.")
 SYSTEM = "You answer questions about the Python standard library in a sentence or two."
+# data.source=docstrings: standard-library source folders left out (tests, demos, GUI and tooling code).
+DOCSTRING_SKIP = {"test", "tests", "idlelib", "tkinter", "turtledemo", "lib2to3", "ensurepip", "site-packages",
+                  "pydoc_data", "__pycache__"}
+# A docstring sharing a passage this long with the pydoc topics is left out of data.source=docstrings.
+SHARED_PASSAGE = 80
 
 
 def check(cfg: DictConfig) -> None:
@@ -49,9 +54,9 @@ def check(cfg: DictConfig) -> None:
         text_files(data.files)
     if data.source == "hf" and str(data.path).startswith(("/", ".", "~")) and not Path(data.path).expanduser().exists():
         raise FileNotFoundError(f"data.path={data.path!r} does not exist.")
-    if data.source == "pydoc" and is_chat(data):
-        raise ValueError(f"data.format={data.format} does not fit data.source=pydoc (plain text); data=stdlib is "
-                         "the offline chat data.")
+    if data.source in ("pydoc", "docstrings") and is_chat(data):
+        raise ValueError(f"data.format={data.format} does not fit data.source={data.source} (plain text); data=stdlib "
+                         "is the offline chat data.")
     if data.source == "stdlib" and data.format != "messages":
         raise ValueError(f"data.source=stdlib holds conversations: data.format must be messages, not {data.format}.")
     source = pretrained_source(cfg)
@@ -103,6 +108,47 @@ def stdlib_questions() -> list[dict]:
     return rows
 
 
+def normalized(text: str) -> str:
+    return " ".join(text.split())
+
+
+def stdlib_docstrings() -> list[tuple[str, str]]:
+    """(where, text) of the standard library's docstrings, read from its source files with ast (no
+    module is imported), each once, less every one that holds an answer of stdlib_questions() or
+    shares a passage of SHARED_PASSAGE characters with a pydoc topic: the text the offline data
+    sets measure a fine-tune on is never in it."""
+    import ast
+    import sysconfig
+
+    from pydoc_data.topics import topics
+
+    root = Path(sysconfig.get_paths()["stdlib"])
+    found, seen = [], set()
+    for path in sorted(root.rglob("*.py")):
+        relative = path.relative_to(root)
+        if DOCSTRING_SKIP & set(relative.parts):
+            continue
+        try:
+            tree = ast.parse(path.read_text(encoding="utf-8"))
+        except (SyntaxError, UnicodeDecodeError, ValueError):
+            continue
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+                doc = ast.get_docstring(node)
+                if doc and len(doc) >= 40 and doc not in seen:
+                    seen.add(doc)
+                    found.append((f"{relative}:{getattr(node, 'lineno', 1)}", doc))
+    texts = [normalized(doc) for _, doc in found]
+    joined = "\n".join(texts)
+    answers = {m["content"] for row in stdlib_questions() for m in row["messages"] if m["role"] == "assistant"}
+    answers = [a for a in answers if a in joined]  # the few that occur at all, searched for doc by doc
+    passages = {t[i : i + SHARED_PASSAGE] for t in map(normalized, topics.values()) for i in range(len(t) - SHARED_PASSAGE + 1)}
+    step = SHARED_PASSAGE // 2  # a shared passage of 1.5 x SHARED_PASSAGE holds one of these windows whole
+    return [(where, doc) for (where, doc), text in zip(found, texts)
+            if not any(a in text for a in answers)
+            and not any(text[i : i + SHARED_PASSAGE] in passages for i in range(0, len(text) - SHARED_PASSAGE + 1, step))]
+
+
 def records(data: DictConfig) -> list[tuple[str, object]]:
     """(where, record) of every document: a string of plain text or a dict (a JSON line, a dataset row)."""
     if data.source == "pydoc":
@@ -111,6 +157,8 @@ def records(data: DictConfig) -> list[tuple[str, object]]:
         return [(f"pydoc topic {key}", topics[key]) for key in sorted(topics)]
     if data.source == "stdlib":
         return [(f"stdlib question {i}", row) for i, row in enumerate(stdlib_questions())]
+    if data.source == "docstrings":
+        return [(f"docstring {where}", text) for where, text in stdlib_docstrings()]
     if data.source == "hf":
         dataset = _hf_dataset(data)
         # Plain text reads one column, far faster than whole rows on a large dataset.
@@ -185,8 +233,8 @@ def split(docs: list[str], heldout_fraction: float, seed: int) -> tuple[list[str
 
 def train_tokenizer(docs: list[str], vocab_size: int, chat: bool = False):
     """Byte-level BPE with GPT-2's pre-tokenizer, so llama.cpp reads it as the `gpt-2` pre-tokenizer.
-    For chat data it also holds ChatML's special tokens and template, and ends a turn (its EOS) at
-    `<|im_end|>`, where generation must stop."""
+    It holds ChatML's special tokens and template, so that a model pretrained on plain text with it
+    can be instruction-tuned; for chat data its EOS is `<|im_end|>`, where a turn and generation end."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -195,7 +243,7 @@ def train_tokenizer(docs: list[str], vocab_size: int, chat: bool = False):
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
-        special_tokens=[END_OF_TEXT, *(CHATML_TOKENS if chat else ())],
+        special_tokens=[END_OF_TEXT, *CHATML_TOKENS],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
@@ -203,8 +251,7 @@ def train_tokenizer(docs: list[str], vocab_size: int, chat: bool = False):
     eos = CHATML_TOKENS[1] if chat else END_OF_TEXT
     trained = PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token=END_OF_TEXT, eos_token=eos,
                                       pad_token=END_OF_TEXT)
-    if chat:
-        trained.chat_template = CHATML
+    trained.chat_template = CHATML
     return trained
 
 
@@ -255,7 +302,7 @@ def encode_chat(tokenizer, conversations: list[list[dict]], split_name: str, dat
 
 
 def load_tokenizer(cfg: DictConfig, train_docs: list):
-    source = pretrained_source(cfg)
+    source = starting_checkpoint(cfg)
     chat = is_chat(cfg.data)
     if source is None:
         texts = [m["content"] for c in train_docs for m in c] if chat else train_docs

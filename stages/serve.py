@@ -10,13 +10,21 @@ length (ignore_eos). Per artifact and load level: TTFT, ITL, TPOT, end-to-end la
 p90, p99), request and output-token throughput, goodput under the SLOs, errors; the server's peak
 memory and the file size. Streamed requests timed directly keep GuideLLM's TTFT honest.
 
-Outputs: <artifact>/guidellm.json (the raw report), <artifact>/server.log, summary.json.
+Every format is measured in serve.rounds rounds, each in a newly shuffled order, and every figure
+carries a bootstrap interval that draws rounds and then their requests.
+
+Outputs: <artifact>/guidellm-r<round>.json (the raw reports), <artifact>/server-r<round>.log,
+summary.json.
 """
 
 from __future__ import annotations
 
+import fnmatch
+import functools
 import json
+import math
 import os
+import random
 import shutil
 import signal
 import statistics
@@ -32,6 +40,7 @@ from pipeline.artifacts import atomic_dir, disk_bytes, read_json, require_stage_
 from pipeline.chat import heldout_chat_prompts, is_chat, prompt_ids
 from pipeline import llamacpp
 from pipeline.data import load_blocks
+from pipeline.metrics import percentile_interval, round_rate, round_replicates
 from pipeline.server import Server, ServerError, free_port, log_tail, port_is_free
 from pipeline.config import LOAD_LEVELS
 from pipeline.contract import PipelineError, Stage
@@ -40,6 +49,9 @@ STAGE = Stage("serve", settings=("serve",), reads=("prepare", "train", "quantize
 
 LATENCIES = {"ttft_ms": "time_to_first_token_ms", "itl_ms": "inter_token_latency_ms",
              "tpot_ms": "time_per_output_token_ms", "latency_s": "request_latency"}
+PERCENTILES = (50, 90, 99)
+# Per-level rates GuideLLM reports; over several rounds, their mean.
+RATES = ("requests_per_s", "output_tokens_per_s", "goodput_requests_per_s")
 
 
 def guidellm_command() -> str:
@@ -90,11 +102,11 @@ def targets(cfg: DictConfig, chosen: str) -> list[tuple[str, Path | None]]:
     files = dict(llamacpp.gguf_files(stage_dir(cfg, "export")))
     if not files:
         raise FileNotFoundError("serve: the export stage has made no GGUF file for these settings; run stage=export first.")
-    wanted = files if s.llamacpp.files is None else list(s.llamacpp.files)
-    missing = [n for n in wanted if n not in files]
+    patterns = ["*"] if s.llamacpp.files is None else list(s.llamacpp.files)
+    missing = [p for p in patterns if not fnmatch.filter(files, p)]
     if missing:
         raise FileNotFoundError(f"serve.llamacpp.files: {', '.join(missing)} not exported; available: {', '.join(files)}.")
-    return [(name, files[name]) for name in wanted]
+    return [(name, files[name]) for name in files if any(fnmatch.fnmatchcase(name, p) for p in patterns)]
 
 
 def slots(cfg: DictConfig) -> int:
@@ -176,7 +188,8 @@ def run_guidellm(url: str, model: str, cfg: DictConfig, tokenizer_dir: Path, req
 
 
 def summarize(report: dict, slo: DictConfig) -> dict:
-    """Per load level: latency statistics, throughput, goodput and errors from GuideLLM's report."""
+    """Per load level: latency statistics, throughput, goodput and errors from GuideLLM's report of
+    one round, and the per-request values they come from."""
     levels = {}
     for benchmark in report["benchmarks"]:
         strategy = benchmark["config"]["strategy"]
@@ -194,14 +207,55 @@ def summarize(report: dict, slo: DictConfig) -> dict:
             values = np.array([r[key] for r in ok if r[key] is not None])
             if len(values):
                 level[f"{name}_mean"] = float(values.mean())
-                for q in (50, 90, 99):
+                for q in PERCENTILES:
                     level[f"{name}_p{q}"] = float(np.percentile(values, q))
         good = [r for r in ok if r["time_to_first_token_ms"] <= slo.ttft_ms and (r["inter_token_latency_ms"] or 0) <= slo.itl_ms]
         duration = benchmark["duration"]
         level["goodput_fraction"] = len(good) / max(1, len(ok) + level["errors"])
         level["goodput_requests_per_s"] = len(good) / duration if duration else 0.0
+        level["samples"] = {"output_tokens": [r["output_tokens"] for r in ok],
+                            # A request without a value (no ITL for a one-token answer) counts as NaN, left out.
+                            **{name: [math.nan if r[key] is None else r[key] for r in ok] for name, key in LATENCIES.items()}}
         levels[label] = level
     return levels
+
+
+def merge_rounds(rounds: list[dict], resamples: int, confidence: float) -> dict:
+    """One format's load levels over its rounds: rates are the rounds' mean, latency statistics
+    those of every request, each with a bootstrap interval that draws rounds and then their
+    requests (so that a difference between rounds widens it). The rounds' samples stay, for the
+    report to compare formats with."""
+    levels = {}
+    for label in rounds[0]:
+        parts = [r[label] for r in rounds]
+        samples = [p["samples"] for p in parts]
+        rates = {key: [p[key] for p in parts] for key in RATES}
+        level = {key: float(np.mean(v)) for key, v in rates.items()}
+        level.update(requests=sum(p["requests"] for p in parts), errors=sum(p["errors"] for p in parts),
+                     concurrency=float(np.mean([p["concurrency"] for p in parts])),
+                     prompt_tokens=float(np.mean([p["prompt_tokens"] for p in parts])),
+                     output_tokens=float(np.mean([p["output_tokens"] for p in parts])),
+                     goodput_fraction=float(np.mean([p["goodput_fraction"] for p in parts])))
+        level["rounds"] = [{"rate": rate, "output_tokens": x["output_tokens"], "latency_s": x["latency_s"]}
+                           for rate, x in zip(rates["output_tokens_per_s"], samples)]
+        statistics = {"output_tokens_per_s": round_rate(level["rounds"])}
+        for name in LATENCIES:
+            for stat, q in (("mean", None), *((f"p{q}", q) for q in PERCENTILES)):
+                pooled = np.concatenate([np.asarray(x[name], dtype=float) for x in samples])
+                if np.isnan(pooled).all():
+                    continue
+                level[f"{name}_{stat}"] = float(np.nanmean(pooled) if q is None else np.nanpercentile(pooled, q))
+                statistics[f"{name}_{stat}"] = functools.partial(pooled_statistic, name=name, q=q)
+        if level["requests"] > 1:
+            replicates = round_replicates(samples, statistics, resamples)
+            level.update({f"{key}_ci": percentile_interval(v, confidence) for key, v in replicates.items()})
+        levels[label] = level
+    return levels
+
+
+def pooled_statistic(drawn: list, name: str, q: float | None) -> float:
+    values = np.concatenate([x[name] for _, x in drawn])
+    return float(np.nanmean(values) if q is None else np.nanpercentile(values, q))
 
 
 def stream(client, url: str, model: str, prompt, max_tokens: int) -> tuple[float, dict | None]:
@@ -267,9 +321,11 @@ def crosscheck(url: str, model: str, prompts: list, api_key, guidellm_ttft_ms: f
             "agrees": abs(direct - guidellm_ttft_ms) <= allowed}
 
 
-def benchmark(cfg, chosen, name, path, tokenizer_dir, requests, direct: list[str], folder: Path) -> dict:
+def benchmark(cfg, chosen, name, path, tokenizer_dir, requests, direct: list[str], folder: Path, round: int) -> dict:
+    """One round of one artifact: its server started, checked, loaded by GuideLLM and stopped. The
+    first round also times streamed requests directly against GuideLLM's TTFT."""
     s = cfg.serve
-    report = folder / "guidellm.json"
+    report = folder / f"guidellm-r{round}.json"
     api_key = s.external.api_key if chosen == "external" else None
 
     def measure(url, model, server):
@@ -277,6 +333,8 @@ def benchmark(cfg, chosen, name, path, tokenizer_dir, requests, direct: list[str
             check_streaming(http, url, model, direct[0], s.load.output_tokens)
         run_guidellm(url, model, cfg, tokenizer_dir, requests, report, server)
         levels = summarize(json.loads(report.read_text()), s.slo)
+        if round:
+            return {"status": "ok", "levels": levels}
         lowest = levels[min(levels, key=lambda k: levels[k]["concurrency"])]
         check = crosscheck(url, model, direct, api_key, lowest["ttft_ms_p50"], s.crosscheck)
         return {"status": "ok", "levels": levels, "crosscheck": check}
@@ -284,7 +342,8 @@ def benchmark(cfg, chosen, name, path, tokenizer_dir, requests, direct: list[str
     if chosen == "external":
         return measure(s.external.url.rstrip("/"), name, None)
     port = s.port or free_port()
-    with Server(server_command(cfg, chosen, name, path, port), port, folder / "server.log", s.ready_timeout_s) as server:
+    with Server(server_command(cfg, chosen, name, path, port), port, folder / f"server-r{round}.log",
+                s.ready_timeout_s) as server:
         result = measure(server.url, name, server)
     result.update(peak_rss_mb=server.peak_rss_mb, size_mb=disk_bytes(path) / 2**20)
     if server.peak_gpu_mb is not None:
@@ -313,15 +372,33 @@ def run(cfg: DictConfig, tracker) -> None:
                 for p in held_out_prompts(cfg, tokenizer, load.requests)]
         rows = [row | {"output_tokens_count": load.output_tokens} for row in rows]
         requests.write_text("".join(json.dumps(row) + "\n" for row in rows))
-        for name, path in targets(cfg, chosen):
+        found, orders = targets(cfg, chosen), []
+        for name, _ in found:
             (tmp / name).mkdir()
-            try:
-                results[name] = benchmark(cfg, chosen, name, path, tokenizer_dir, requests, direct, tmp / name)
-            except (ServerError, RuntimeError, httpx.HTTPError) as error:
-                # No partial numbers: a failed artifact keeps only the reason and the server's log.
-                results[name] = {"status": "failed", "error": str(error),
-                                 "log_tail": log_tail(tmp / name / "server.log")}
-        write_json(tmp / "summary.json", {"engine": chosen, "api": api(cfg), "results": results})
+        # Every format once a round, in an order shuffled anew each round: a machine that slows down
+        # or speeds up over the stage favours no format, and widens the intervals of all of them.
+        for round in range(cfg.serve.rounds):
+            order = random.Random(round).sample(found, len(found))
+            orders.append([n for n, _ in order])
+            for name, path in order:
+                if results.get(name, {}).get("status") == "failed":
+                    continue
+                try:
+                    measured = benchmark(cfg, chosen, name, path, tokenizer_dir, requests, direct, tmp / name, round)
+                except (ServerError, RuntimeError, httpx.HTTPError) as error:
+                    # No partial numbers: a failed artifact keeps only the reason and the server's log.
+                    results[name] = {"status": "failed", "error": str(error),
+                                     "log_tail": log_tail(tmp / name / f"server-r{round}.log")}
+                    continue
+                kept = results.setdefault(name, {**measured, "levels": []})
+                kept["levels"].append(measured["levels"])
+                for key in ("peak_rss_mb", "peak_gpu_mb"):
+                    if key in measured:
+                        kept[key] = max(kept[key], measured[key])
+        for result in results.values():
+            if result["status"] == "ok":
+                result["levels"] = merge_rounds(result["levels"], cfg.serve.bootstrap, cfg.serve.confidence)
+        write_json(tmp / "summary.json", {"engine": chosen, "api": api(cfg), "rounds": orders, "results": results})
     record(cfg, tracker)
 
 
@@ -337,7 +414,11 @@ def record(cfg: DictConfig, tracker) -> None:
         if result["status"] != "ok":
             continue
         for label, level in result["levels"].items():
-            metrics.update({f"serve/{name}/{label}/{k}": v for k, v in level.items()})
+            for key, value in level.items():
+                if key.endswith("_ci"):
+                    metrics[f"serve/{name}/{label}/{key[:-3]}_low"], metrics[f"serve/{name}/{label}/{key[:-3]}_high"] = value
+                elif key != "rounds":
+                    metrics[f"serve/{name}/{label}/{key}"] = value
         metrics[f"serve/{name}/crosscheck_direct_ttft_ms"] = result["crosscheck"]["direct_ttft_ms"]
         for key in ("peak_rss_mb", "peak_gpu_mb", "size_mb"):
             if key in result:

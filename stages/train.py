@@ -28,7 +28,7 @@ from pipeline.chat import is_chat
 from pipeline.data import load_sequences, pad_id
 from pipeline.distributed import SHARDED
 from pipeline.hardware import expected_compute_dtype, peak_memory_mb
-from pipeline.models import model_config, pretrained_source, save_tokenizer, shape_only_model
+from pipeline.models import model_config, pretrained_source, save_tokenizer, shape_only_model, starting_checkpoint
 from pipeline.contract import Stage
 
 STAGE = Stage("train", settings=("model", "train", "seed", "accelerate.num_processes"), reads=("prepare",),
@@ -72,11 +72,12 @@ def lora_targets(cfg: DictConfig) -> None:
 
 
 def build_model(cfg: DictConfig, tokenizer):
-    """fp32 model: from the checkpoint in model.name_or_path, or freshly initialised from model.arch."""
+    """fp32 model: from the pretrained base or the checkpoint in model.name_or_path, or freshly
+    initialised from model.arch."""
     import torch
     from transformers import AutoModelForCausalLM
 
-    source = pretrained_source(cfg)
+    source = starting_checkpoint(cfg)
     if source is not None:
         return AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
     if len(tokenizer) > cfg.model.arch.vocab_size:
@@ -360,6 +361,7 @@ def finish(cfg: DictConfig, model, accelerator, tokenizer, progress: Progress, e
         "precision": t.precision, "compute_dtype": progress.compute_dtype, "master_dtype": "float32",
         "steps": t.max_steps, "resumed_from_step": progress.resumed_from, "skipped_steps": progress.skipped,
         "heldout_loss": final_loss, "heldout_perplexity": math.exp(final_loss),
+        "start_heldout_loss": next((v for step, v in progress.history["eval_loss"] if step == 0), None),
         "train_seconds": time.perf_counter() - started, "peak_memory_mb": peak_memory_mb(accelerator.device.type),
         "step_time_s": step_time, "tokens_per_s": progress.tokens / progress.seconds if progress.seconds else None,
         "loss_on": "all" if loss_on_all(cfg) else "assistant",
@@ -424,6 +426,10 @@ def run(cfg: DictConfig, tracker) -> None:
         checkpoints = Path(cfg.paths.artifacts).resolve() / "checkpoints" / stage_dir(cfg, "train").name
 
         progress, started = restore(accelerator, checkpoints, t.resume), time.perf_counter()
+        if progress.step == 0:  # where the model starts: what the fine-tune gains is measured from here
+            loss = heldout_loss(model, eval_blocks, t.micro_batch_size, accelerator, loss_on_all(cfg))
+            tracker.log_metrics({"eval/loss": loss, "eval/perplexity": math.exp(loss)}, step=0)
+            progress.history["eval_loss"].append([0, loss])
         bar = tqdm(total=t.max_steps, initial=progress.step, desc=f"train {t.precision}", disable=not main)
         while progress.step < t.max_steps:
             step = optimizer_step(model, optimizer, trainable, accelerator, train_blocks, progress.step, cfg)
@@ -455,7 +461,8 @@ def record(cfg: DictConfig, tracker) -> None:
     out = stage_dir(cfg, "train")
     summary = read_json(out / "summary.json")
     tracker.set_tags({"train.output": str(out), "train.compute_dtype": summary["compute_dtype"]})
-    tracker.log_metrics({"final/heldout_loss": summary["heldout_loss"],
+    start = {"final/start_heldout_loss": summary["start_heldout_loss"]} if summary.get("start_heldout_loss") else {}
+    tracker.log_metrics({**start, "final/heldout_loss": summary["heldout_loss"],
                          "final/heldout_perplexity": summary["heldout_perplexity"],
                          "final/skipped_steps": summary["skipped_steps"]}, step=summary["steps"])
     tracker.log_artifact(out / "summary.json")

@@ -24,6 +24,9 @@ GROUPS = {g.name: sorted(p.stem for p in g.glob("*.yaml")) for g in CONF.iterdir
 # The whole chain, small but real (conf/profile/smoke.yaml), at fp32 so that it runs at one speed
 # on every CPU; FAST trains for only a handful of steps.
 SMALL_CHAIN = ["profile=smoke", "train.precision=fp32"]
+# The tests train the tiny model from random initialisation unless they name a model: the offline
+# default, a fine-tune of the pretrained base (model=base), has tests of its own (tests/test_base.py).
+TEST_MODEL = "model=tiny"
 FAST = ["profile=smoke", "train.max_steps=8"]
 
 
@@ -37,12 +40,17 @@ def pytest_collection_modifyitems(items):
     items.sort(key=lambda item: rank.get(item.path.name, len(LONGEST_FIRST)))
 
 
+def with_test_model(overrides) -> list[str]:
+    overrides = list(overrides)
+    return overrides if any(o.startswith("model=") for o in overrides) else [TEST_MODEL, *overrides]
+
+
 def compose_with(*overrides):
-    """The composed config, as `python -m pipeline` with these overrides would see it."""
+    """The composed config, as `python -m pipeline` with these overrides would see it in a test."""
     from hydra import compose, initialize_config_dir
 
     with initialize_config_dir(str(CONF), version_base="1.3"):
-        return compose("config", overrides=list(overrides))
+        return compose("config", overrides=with_test_model(overrides))
 
 
 def refused(tmp_path: Path, *overrides: str) -> str:
@@ -92,7 +100,7 @@ def pipeline(cwd: Path, *overrides: str, check: bool = True, multirun: bool = Fa
     import runpy
     import tempfile
 
-    args = [*(["-m"] if multirun else []), *overrides]
+    args = [*(["-m"] if multirun else []), *with_test_model(overrides)]
     env = {**os.environ, "PYTHONPATH": str(root)}
     cmd = [sys.executable, "-m", "pipeline", *args]
     if fork:

@@ -13,8 +13,9 @@ import pytest
 from omegaconf import OmegaConf
 
 from pipeline.artifacts import read_json, stage_dir
-from stages.report import (NOISE, compare, decide, fmt, gate_line, gate_results, lookup, paired_ratio, pareto_front, plot_data,
-                           verdict)
+from stages.report.render import NOISE, plot_data
+from stages.report.stats import compare, decide, gate_results, paired_ratio, pareto_front, verdict
+from stages.report.text import fmt, gate_line, lookup
 from tests.conftest import SMALL_CHAIN, compose_with, mlflow_client, only_dir, pipeline, refused, replace, runs
 
 CHAIN = SMALL_CHAIN
@@ -45,25 +46,27 @@ def reports(chain, tmp_path_factory):
 def assert_every_value_has_its_source(data):
     """Each number in a table cell or a plot is the measurement its source path names."""
     for table in data["tables"]:
-        labels = 2 if table["header"][1] == "format" else 1
+        labels = {"format": 2, "artifact": 4}.get(table["header"][1], 1)  # leading cells that name, not measure
         for row in table["rows"]:
             for i, c in enumerate(row):
                 if c["source"] is not None:
                     value = lookup(data, c["source"])
-                    assert value is not None and fmt(value) in c["text"], (table["title"], c)
+                    shown = (fmt(value), f"{value:.4f}") if isinstance(value, float) else (fmt(value),)
+                    assert value is not None and any(v in c["text"] for v in shown), (table["title"], c)
                 else:  # a label, or a value that was not measured: empty, never a placeholder
                     assert i < labels or c["text"] == "", (table["title"], c)
     for plot in data["plots"].values():
         for s in plot.get("series", []):
             assert s["points"] and lookup(data, s["source"]) == s["points"]
-        for point in plot.get("points", []):
+        for point in plot.get("points", []) + plot.get("bars", []):
             assert lookup(data, point["source_y"]) == point["y"]
             if "source_x" in point:
                 assert lookup(data, point["source_x"]) == point["x"]
 
 
 def plotted_precisions(data):
-    return {q["precision"] for plot in data["plots"].values() for q in plot.get("points", []) + plot.get("series", [])}
+    return {q["precision"] for plot in data["plots"].values()
+            for q in plot.get("points", []) + plot.get("series", []) + plot.get("bars", [])}
 
 
 def table_precisions(data):
@@ -96,8 +99,8 @@ def test_one_precision_report_shows_only_that_precision(reports):
     data = read_json(reports.single / "report.json")
     assert set(data["rows"]) == {"fp32"} and data["noise"] is None
     assert plotted_precisions(data) == {"fp32"} and table_precisions(data) == {"fp32"}
-    assert set(data["plots"]) == {"loss_curves", "quality_vs_throughput", "perplexity_by_format"}
-    assert all(plot.get("points") or plot.get("series") for plot in data["plots"].values())
+    assert set(data["plots"]) == {"loss_curves", "quality_vs_throughput", "perplexity_by_format", "waterfall"}
+    assert all(plot.get("points") or plot.get("series") or plot.get("bars") for plot in data["plots"].values())
     assert_every_value_has_its_source(data)
     assert_plots_embedded(reports.single, data)
     # Quality against the run's own trained model, speed per served format, a Pareto front.
@@ -267,9 +270,11 @@ def test_paired_ratio_matches_the_perplexity_ratio_and_its_interval_narrows_with
     assert paired_ratio(b, "trained", a, "trained", 500, 0.95) is None  # different sequences never pair
 
 
-def test_verdict_counts_the_noise_floor():
+def test_verdict_counts_the_noise_floor_and_says_which_side_of_1_it_is():
     assert verdict({"ratio_ci": [1.02, 1.04]}, 0) == "worse"
-    assert verdict({"ratio_ci": [1.02, 1.04]}, 0.05) == "no significant difference"
+    # The interval excludes 1 but lies inside the noise band: not "no significant difference".
+    assert verdict({"ratio_ci": [1.02, 1.04]}, 0.05) == "within the seed-to-seed difference (±5.0%)"
+    assert verdict({"ratio_ci": [0.98, 1.03]}, 0.05) == "no significant difference"
     assert verdict({"ratio_ci": [0.90, 0.95]}, 0.01) == "better"
 
 
@@ -300,18 +305,22 @@ def test_decision_refuses_with_the_numbers_when_the_data_cannot_support_one():
 def test_plot_data_holds_only_measured_values():
     rows = {"bf16": fake_row({"trained": 3.0, "q4": 3.1}, 0.2)}
     rows["bf16"]["artifacts"]["q4"]["output_tokens_per_s"] = 900.0
-    data = {"rows": rows, "noise": None, "serve_level": "c1", "comparisons": compare(rows, None, ["trained", "q4"], 100, 0.95)}
-    plots = plot_data(data, ["trained", "q4"], "kl")
+    data = {"rows": rows, "noise": None, "serve_level": "c1", "waterfall": {},
+            "comparisons": compare(rows, None, ["trained", "q4"], 100, 0.95)}
+    plots = plot_data(data, ["trained", "q4"], "kl", lambda a, b: False)
     assert set(plots) == {"loss_curves", "quality_vs_throughput", "perplexity_by_format"}
     assert [(q["format"], q["x"]) for q in plots["quality_vs_throughput"]["points"]] == [("q4", 900.0)]
     rows["bf16"]["train"]["history"] = {}
     del rows["bf16"]["artifacts"]["q4"]["output_tokens_per_s"]
-    assert set(plot_data(data, ["trained", "q4"], "kl")) == {"perplexity_by_format"}  # nothing drawn empty
+    assert set(plot_data(data, ["trained", "q4"], "kl", lambda a, b: False)) == {"perplexity_by_format"}  # nothing drawn empty
 
 
-def test_pareto_front():
-    points = [(10, 0.5), (20, 0.6), (5, 0.1), (8, 0.7), (20, 0.9)]
-    assert pareto_front(points) == [(5, 0.1), (10, 0.5), (20, 0.6)]
+def test_pareto_front_moves_only_on_significant_speed_differences():
+    points = [{"x": x, "y": y} for x, y in [(10, 0.5), (20, 0.6), (5, 0.1), (8, 0.7), (20, 0.9)]]
+    front = pareto_front(points, lambda a, b: a["x"] > b["x"])  # every speed difference significant
+    assert [(p["x"], p["y"]) for p in front] == [(5, 0.1), (10, 0.5), (20, 0.6)]
+    # No speed difference significant: the lowest quality loss beats every other point.
+    assert [(p["x"], p["y"]) for p in pareto_front(points, lambda a, b: False)] == [(5, 0.1)]
 
 
 def test_gates_pass_fail_and_skip_what_was_not_run():

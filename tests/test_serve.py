@@ -1,6 +1,7 @@
 """serve: a real llama-server on loopback, real GuideLLM load."""
 
 import json
+import shutil
 import signal
 import socket
 import subprocess
@@ -13,20 +14,18 @@ import httpx
 import psutil
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from pipeline import llamacpp
-from pipeline.artifacts import read_json
+from pipeline.artifacts import read_json, stage_dir, write_json
 from pipeline.server import Server, ServerError, free_port
-from stages.serve import server_command, stream, summarize, targets
-from tests.conftest import ROOT, SMALL_CHAIN, only_dir, pipeline, runs
+from stages.report.stats import fastest_within, speed_ratio
+from stages.serve import merge_rounds, server_command, stream, summarize, targets
+from tests.conftest import SMALL_CHAIN, compose_with, only_dir, pipeline, runs
 
 
 def config(cwd, *overrides):
-    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose("config", overrides=[*SMALL_CHAIN, f"paths.artifacts={cwd}/artifacts", *overrides])
-    return cfg
+    return compose_with(*SMALL_CHAIN, f"paths.artifacts={cwd}/artifacts", *overrides)
 
 
 def gguf(chain, name="trained.q8_0"):
@@ -57,15 +56,19 @@ def test_serving_numbers_of_the_served_file_are_sane(chain):
     for key in ("c1/ttft_ms_p50", "c2/itl_ms_p90", "c1/latency_s_p99", "c2/output_tokens_per_s", "c1/goodput_fraction",
                 "peak_rss_mb", "size_mb"):
         assert f"serve/trained.q4_k_m/{key}" in serve.data.metrics, key
-    report = json.loads((only_dir(chain / "artifacts" / "serve") / "trained.q4_k_m" / "guidellm.json").read_text())
+    report = json.loads((only_dir(chain / "artifacts" / "serve") / "trained.q4_k_m" / "guidellm-r0.json").read_text())
     assert report["benchmarks"][0]["requests"]["successful"]
 
 
 @pytest.mark.slow
-def test_default_serves_every_exported_file(chain):
-    cfg = config(chain, "serve.llamacpp.files=null")
-    assert sorted(name for name, _ in targets(cfg, "llamacpp")) == sorted(
-        f"{s}.{t}" for s in ("trained", "awq_smoothed") for t in ("f16", "q8_0", "q4_k_m"))
+def test_files_to_serve_by_name_or_pattern(chain):
+    every = sorted(f"{s}.{t}" for s in ("trained", "awq_smoothed") for t in ("f16", "q8_0", "q4_k_m"))
+    assert sorted(name for name, _ in targets(config(chain, "serve.llamacpp.files=null"), "llamacpp")) == every
+    # The default: the trained model's files (the AWQ-smoothed ones have the same formats and sizes).
+    default = config(chain, "serve.llamacpp.files=[trained.*]")
+    assert sorted(name for name, _ in targets(default, "llamacpp")) == [n for n in every if n.startswith("trained.")]
+    with pytest.raises(FileNotFoundError, match=r"serve.llamacpp.files: rtn\.\* not exported"):
+        targets(config(chain, "serve.llamacpp.files=[trained.*,rtn.*]"), "llamacpp")
 
 
 @pytest.mark.slow
@@ -182,7 +185,7 @@ def test_a_server_without_what_guidellm_needs_fails_loudly(own_chain, tmp_path):
         assert result.returncode != 0 and message in result.stderr, result.stderr[-2000:]
     external = [p.parent for p in (own_chain / "artifacts" / "serve").glob("*/summary.json")
                 if read_json(p)["engine"] == "external"]
-    assert len(external) == 2 and not any(list(e.rglob("guidellm.json")) for e in external)
+    assert len(external) == 2 and not any(list(e.rglob("guidellm-*.json")) for e in external)
     assert all(read_json(e / "summary.json")["results"]["x"]["status"] == "failed" for e in external)
 
 
@@ -208,6 +211,27 @@ def test_vllm_serves_the_chain(own_chain):
     assert summary["engine"] == "vllm" and all(r["status"] == "ok" for r in summary["results"].values())
 
 
+@pytest.mark.slow
+def test_one_file_served_under_two_names_is_not_ranked(own_chain):
+    """No ranking from noise: the same GGUF file, served twice under two names over interleaved
+    rounds, is reported as ≈ in speed, and the report names either rather than a faster one."""
+    export = only_dir(own_chain / "artifacts" / "export")
+    manifest = read_json(export / "manifest.json")
+    shutil.copytree(export / "trained", export / "twin")
+    write_json(export / "manifest.json", {**manifest, "twin": manifest["trained"]})
+    overrides = ["serve.llamacpp.files=[trained.q4_k_m,twin.q4_k_m]", "serve.rounds=2", "serve.load.levels=[1]",
+                 "serve.load.requests=12"]
+    pipeline(own_chain, "stage=serve", *SMALL_CHAIN, *overrides)
+    summary = read_json(stage_dir(config(own_chain, *overrides), "serve") / "summary.json")
+    assert sorted(map(sorted, summary["rounds"])) == [["trained.q4_k_m", "twin.q4_k_m"]] * 2
+    cells = {name: {**result["levels"]["c1"], "speed_rounds": result["levels"]["c1"]["rounds"], "kl": 0.0,
+                    "size_mb": result["size_mb"]} for name, result in summary["results"].items()}
+    ratio = speed_ratio(cells["trained.q4_k_m"], cells["twin.q4_k_m"], 1000, 0.95)
+    assert ratio["ratio_ci"][0] <= 1 <= ratio["ratio_ci"][1], ratio
+    found = fastest_within({"artifacts": cells}, 1.0, 1000, 0.95)
+    assert sorted(found["same_speed"]) == ["trained.q4_k_m", "twin.q4_k_m"]
+
+
 def test_guidellm_report_parsing_on_a_saved_report():
     """A real GuideLLM 0.8.1 report (trimmed to the fields the stage reads) becomes one level's numbers."""
     report = json.loads((Path(__file__).parent / "data" / "guidellm-report.json").read_text())
@@ -220,6 +244,14 @@ def test_guidellm_report_parsing_on_a_saved_report():
     assert ttft[0] <= level["ttft_ms_p50"] <= level["ttft_ms_p90"] <= level["ttft_ms_p99"] <= ttft[-1]
     assert level["output_tokens"] == pytest.approx(sum(r["output_tokens"] for r in requests) / len(requests))
     assert level["goodput_fraction"] == 1.0 and summarize(report, tight)["c1"]["goodput_fraction"] == 0.0
+    # Over rounds (here the same one twice), every figure's interval comes from drawing rounds and
+    # their requests, and holds the figure.
+    merged = merge_rounds([summarize(report, loose)] * 2, 300, 0.95)["c1"]
+    assert merged["requests"] == 2 * len(requests) and merged["output_tokens_per_s"] == level["output_tokens_per_s"]
+    for key in ("ttft_ms_p50", "ttft_ms_mean", "itl_ms_p50", "latency_s_p50", "output_tokens_per_s"):
+        low, high = merged[f"{key}_ci"]
+        assert low <= merged[key] <= high and low < high, key
+    assert [len(r["latency_s"]) for r in merged["rounds"]] == [len(requests)] * 2
 
 
 def test_a_request_dropped_on_a_kept_alive_connection_is_sent_again_once(tmp_path):
