@@ -41,8 +41,10 @@ def pytest_collection_modifyitems(items):
 
 
 def with_test_model(overrides) -> list[str]:
+    """The overrides with TEST_MODEL first, unless they name a model or a composed config of their own."""
     overrides = list(overrides)
-    return overrides if any(o.startswith("model=") for o in overrides) else [TEST_MODEL, *overrides]
+    own = any(o.startswith(("model=", "--config-name")) for o in overrides)
+    return overrides if own else [TEST_MODEL, *overrides]
 
 
 def compose_with(*overrides):

@@ -7,6 +7,7 @@ import pytest
 from transformers import AutoTokenizer
 
 from pipeline.artifacts import read_json, stage_dir
+from pipeline.hardware import detect, resolve_precision
 from pipeline.models import base_config, starting_checkpoint
 from stages.prepare import SHARED_PASSAGE, load_documents, normalized, split, stdlib_docstrings
 from stages.report.collect import assemble
@@ -48,6 +49,7 @@ def test_the_base_is_addressed_by_its_recipe_not_by_the_fine_tune():
 def test_the_default_fine_tune_learns_and_quantization_costs_quality(tmp_path):
     pipeline(tmp_path, MEASURED, BASE)
     cfg = compose_with(BASE, f"paths.artifacts={tmp_path}/artifacts")
+    cfg.train.precision = resolve_precision(cfg.train.precision, detect())[0]  # as the run resolved `auto`
     train = read_json(stage_dir(cfg, "train") / "summary.json")
     # Fine-tuning on the pydoc text lowers the held-out loss of the base, which never saw it.
     assert train["heldout_loss"] < train["start_heldout_loss"] - 0.3, train

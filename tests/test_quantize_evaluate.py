@@ -95,7 +95,9 @@ def test_gguf_numbers_agree_with_llama_perplexity(chain):
         assert opinion["perplexity"]["agrees"] and opinion["kl"]["agrees"], opinion
         # The same file, token ids and positions: far closer than the stage's tolerance.
         assert ours["perplexity"] == pytest.approx(theirs["perplexity"], rel=1e-3)
-        assert ours["top1"] == pytest.approx(theirs["top1"], abs=1e-4)
+        # Near-ties between the two best tokens break differently in the two programs' batch shapes:
+        # a few of some 7,500 tokens (an off-by-one position would disagree on most).
+        assert ours["top1"] == pytest.approx(theirs["top1"], abs=1e-3)
         assert metrics[f"eval/{name}/llama_perplexity/kl"] == theirs["kl"]
         assert metrics[f"eval/{name}/llama_perplexity/ours_kl"] == ours["kl"]
     q4 = read_json(evaluation / "metrics" / "trained.q4_k_m.json")["second_opinion"]

@@ -97,8 +97,8 @@ def run(cfg: DictConfig, tracker) -> None:
             "rule": RULE.format(level=level) if len(rows) > 1 else
             f"Quality of each format is measured against the {ran[0]}-trained model on the same held-out sequences "
             f"({level} bootstrap intervals; perplexity ratios paired by sequence). Served figures carry {level} "
-            "intervals over their requests, and one format is called faster than another only where the interval of "
-            "their throughput ratio excludes 1.",
+            "intervals over their rounds and requests, and one format is called faster than another only where the "
+            "interval of their throughput ratio over the serving rounds excludes 1.",
             "gates": gate_results(rows, r.precisions, r.gates)}
     data["headline"] = headline(rows, comparisons, decision, columns, r, e.confidence, e.bootstrap)
     data["tables"] = tables(data, columns, e.confidence)

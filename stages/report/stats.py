@@ -116,17 +116,24 @@ def waterfall(rows: dict, columns: list[str], resamples: int, confidence: float)
 
 
 def speed_ratio(a: dict, b: dict, resamples: int, confidence: float) -> dict | None:
-    """a's served output-token rate over b's, with an interval from bootstrap replicates of each
-    (rounds drawn, then their requests, as the serve stage's intervals are); None where either has
-    no per-request values."""
-    found = [cell.get("speed_rounds") for cell in (a, b)]
-    if not all(found) or any(sum(len(r["latency_s"]) for r in rounds) < 2 for rounds in found):
+    """a's served output-token rate over b's, with an interval; None where either lacks per-round
+    values. Over several rounds, a t interval of the rounds' log ratios (round r of one beside round r
+    of the other, measured close in time): what varies between rounds, a machine's load included,
+    is what decides, and few rounds make the interval wide, as they should. From one round, a
+    bootstrap over each one's requests, which no change of load between the two runs widens."""
+    from scipy.stats import t
+
+    rounds = [cell.get("speed_rounds") or [] for cell in (a, b)]
+    if not rounds[0] or len(rounds[0]) != len(rounds[1]) or any(len(r["latency_s"]) < 2 for r in rounds[0] + rounds[1]):
         return None
-    replicates = [round_replicates([{k: r[k] for k in ("output_tokens", "latency_s")} for r in rounds],
-                                   {"rate": round_rate(rounds)}, resamples, seed)["rate"]
-                  for seed, rounds in enumerate(found)]
-    return {"ratio": a["output_tokens_per_s"] / b["output_tokens_per_s"],
-            "ratio_ci": percentile_interval(replicates[0] / replicates[1], confidence)}
+    point = a["output_tokens_per_s"] / b["output_tokens_per_s"]
+    if len(rounds[0]) > 1:
+        logs = np.log([ra["rate"] / rb["rate"] for ra, rb in zip(*rounds)])
+        half = t.ppf(0.5 + confidence / 2, len(logs) - 1) * logs.std(ddof=1) / np.sqrt(len(logs))
+        return {"ratio": point, "ratio_ci": [float(np.exp(logs.mean() - half)), float(np.exp(logs.mean() + half))]}
+    replicates = [round_replicates([{k: r[k] for k in ("output_tokens", "latency_s")} for r in found],
+                                   {"rate": round_rate(found)}, resamples, seed)["rate"] for seed, found in enumerate(rounds)]
+    return {"ratio": point, "ratio_ci": percentile_interval(replicates[0] / replicates[1], confidence)}
 
 
 def faster(a: dict, b: dict, resamples: int, confidence: float) -> bool:

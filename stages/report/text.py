@@ -22,8 +22,8 @@ RULE = ("Rule: a training precision passes at a deployed format when its held-ou
         "of the ratio (same held-out sequences) does not lie wholly above 1 + the seed-to-seed difference of two "
         "fp32 runs at that format (0 where that was not measured). The recommendation is the passing precision with "
         "the lowest measured training step time that passes at every format. A served format is faster than another "
-        "only where the {level} interval of their throughput ratio (requests resampled) excludes 1; otherwise they "
-        "are ≈ in speed and the smaller file is named.")
+        "only where the {level} interval of their throughput ratio (over the serving rounds) excludes 1; otherwise "
+        "they are ≈ in speed and the smaller file is named.")
 UNDERTRAINED = ("lower than its trained model's: a sign of an undertrained model, whose predictions quantization "
                 "noise flattens, not a gain")
 
