@@ -240,10 +240,10 @@ def merge_rounds(rounds: list[dict], resamples: int, confidence: float) -> dict:
                            for rate, x in zip(rates["output_tokens_per_s"], samples)]
         statistics = {"output_tokens_per_s": round_rate(level["rounds"])}
         for name in LATENCIES:
+            pooled = np.concatenate([np.asarray(x[name], dtype=float) for x in samples])
+            if np.isnan(pooled).all():
+                continue
             for stat, q in (("mean", None), *((f"p{q}", q) for q in PERCENTILES)):
-                pooled = np.concatenate([np.asarray(x[name], dtype=float) for x in samples])
-                if np.isnan(pooled).all():
-                    continue
                 level[f"{name}_{stat}"] = float(np.nanmean(pooled) if q is None else np.nanpercentile(pooled, q))
                 statistics[f"{name}_{stat}"] = functools.partial(pooled_statistic, name=name, q=q)
         if level["requests"] > 1:
