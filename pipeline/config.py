@@ -229,6 +229,7 @@ class SecondOpinion:
     sigmas: float = setting(low=0)
     rel: float = setting(low=0)
     kl_abs: float = setting(low=0)
+    windows: Optional[int] = setting(low=1)
 
 
 @dataclass

@@ -9,7 +9,7 @@ stages whose outputs it reads, whether it may run in several processes) and prov
 from __future__ import annotations
 
 import importlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
@@ -49,6 +49,9 @@ class Stage:
     # Stages whose outputs it also reads at the fp32 reference settings (fp32 at
     # evaluate.reference_seed), where those exist: whether they do is part of its address.
     references: tuple[str, ...] = ()
+    # Names in its output that other stages read ({role: name}): declared by the writer, so that no
+    # reader spells them.
+    names: dict[str, str] = field(default_factory=dict, hash=False, compare=False)
 
     def __post_init__(self):
         # Declaring is registering: a stage's address needs the declarations of what it reads.

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import ast
 import contextlib
+import functools
 import hashlib
 import json
 import os
@@ -239,10 +240,21 @@ class GGUFError(ValueError):
 
 def tensor_types(path: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
     """{tensor name: (GGML type name, shape)} read from the file's header."""
+    try:
+        stat = os.stat(path)
+    except OSError as error:
+        raise GGUFError(f"{path} is not a valid GGUF file: {error}") from error
+    return dict(_tensor_types(str(path), stat.st_size, stat.st_mtime_ns))
+
+
+# gguf-py parses the whole header in Python (the vocabulary is most of it: about 0.3 s a file), and
+# a stage reads the same file's header again for every load; a file rewritten since is read anew.
+@functools.lru_cache(maxsize=64)
+def _tensor_types(path: str, size: int, mtime_ns: int) -> dict[str, tuple[str, tuple[int, ...]]]:
     import gguf
 
     try:
-        reader = gguf.GGUFReader(str(path))
+        reader = gguf.GGUFReader(path)
         return {t.name: (t.tensor_type.name, tuple(int(d) for d in t.shape)) for t in reader.tensors}
     except (ValueError, IndexError, KeyError, OSError) as error:
         raise GGUFError(f"{path} is not a valid GGUF file (truncated or corrupted?): {error}") from error
@@ -281,6 +293,27 @@ def logits_fn(llm):
         return torch.from_numpy(np.stack(rows))
 
     return logits
+
+
+def greedy_fn(llm):
+    """Greedy continuations [n, count] of prompts [n, p], each decoded a token a step on llama.cpp's
+    KV cache, as a server decodes (not the whole sequence again for every token)."""
+    import numpy as np
+    import torch
+
+    def greedy(prompts, count: int):
+        rows = []
+        for row in prompts.tolist():
+            llm.reset()
+            llm.eval(row)
+            new = [int(np.argmax(llm.scores[llm.n_tokens - 1]))]
+            while len(new) < count:
+                llm.eval(new[-1:])
+                new.append(int(np.argmax(llm.scores[llm.n_tokens - 1])))
+            rows.append(new)
+        return torch.tensor(rows)
+
+    return greedy
 
 
 def tokenize(llm, text: str) -> list[int]:
@@ -332,7 +365,7 @@ def perplexity(model: Path, text: Path, n_ctx: int, chunks: int, kl_base: Path, 
             found[key], found[f"{key}_se"] = float(match[1]) / scale, float(match[2]) / scale
     if len(found) != 6:  # it prints none under 100 scored tokens
         raise RuntimeError(f"llama-perplexity printed no summary for {model} (its log: {log}); it needs 100 scored "
-                           "tokens, half of each window. Raise evaluate.max_sequences.\n" + "\n".join(output.splitlines()[-15:]))
+                           "tokens, half of each window. Raise evaluate.max_sequences and evaluate.second_opinion.windows.\n" + "\n".join(output.splitlines()[-15:]))
     return found
 
 

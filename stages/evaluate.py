@@ -22,7 +22,9 @@ from __future__ import annotations
 
 import string
 import tempfile
+from functools import partial
 from pathlib import Path
+from typing import Callable, NamedTuple
 
 import numpy as np
 from omegaconf import DictConfig
@@ -34,9 +36,11 @@ from pipeline.data import load_sequences, pad_id
 from pipeline.metrics import greedy, prefix_agreement, summarize, token_metrics
 from pipeline.models import load_causal_lm
 from pipeline.config import BASE_TYPES
-from pipeline.contract import PipelineError, Stage
+from pipeline.contract import PipelineError, Stage, declared
 
-STAGE = Stage("evaluate", settings=("evaluate",), reads=("prepare", "train", "quantize", "export"), references=("train",))
+STAGE = Stage("evaluate", settings=("evaluate",), reads=("prepare", "train", "quantize", "export"), references=("train",),
+              # The artifact name of a LoRA fine-tune's model before its adapter was merged (not a deployed one).
+              names={"unmerged": "lora"})
 
 SLICES = ("all", "rare", "late", "digits_punct")
 HEADLINE = ("perplexity", "kl", "top1")
@@ -63,10 +67,15 @@ def check(cfg: DictConfig) -> None:
                 "with the same settings first, or drop evaluate.reference_seed.")
 
 
-def hf_logits(path: Path, seq_len: int):
-    import torch
+class Scorer(NamedTuple):
+    """A loaded artifact: `logits` maps token ids [batch, seq] to logits [batch, seq, vocab];
+    `greedy` maps prompts [n, p] and a count to the greedy continuations [n, count]."""
+    logits: Callable
+    greedy: Callable
 
-    model = load_causal_lm(path)
+
+def model_logits(model):
+    import torch
 
     def logits(ids):
         with torch.no_grad():
@@ -75,17 +84,43 @@ def hf_logits(path: Path, seq_len: int):
     return logits
 
 
+def hf_logits(path: Path, seq_len: int):
+    return model_logits(load_causal_lm(path))
+
+
+def hf_scorer(path: Path, seq_len: int) -> Scorer:
+    logits = hf_logits(path, seq_len)
+    return Scorer(logits, partial(greedy, logits))
+
+
+def peft_scorer(path: Path, seq_len: int) -> Scorer:
+    """A LoRA adapter on its base, unmerged: the model as it was trained."""
+    from peft import PeftModel
+
+    base = read_json(path / "adapter_config.json")["base_model_name_or_path"]
+    logits = model_logits(PeftModel.from_pretrained(load_causal_lm(base), path).eval())
+    return Scorer(logits, partial(greedy, logits))
+
+
 def gguf_logits(path: Path, seq_len: int):
     return llamacpp.logits_fn(llamacpp.load(path, n_ctx=seq_len, threads=llamacpp.cpu_threads()))
 
 
-# Artifact kind -> loader(path, seq_len) returning a function from token ids [batch, seq] to logits [batch, seq, vocab].
-LOADERS = {"hf": hf_logits, "gguf": gguf_logits}
+def gguf_scorer(path: Path, seq_len: int) -> Scorer:
+    llm = llamacpp.load(path, n_ctx=seq_len, threads=llamacpp.cpu_threads())
+    return Scorer(llamacpp.logits_fn(llm), llamacpp.greedy_fn(llm))
+
+
+# Artifact kind -> loader(path, seq_len) returning its Scorer.
+LOADERS = {"hf": hf_scorer, "peft": peft_scorer, "gguf": gguf_scorer}
 
 
 def artifacts(cfg: DictConfig) -> list[tuple[str, str, Path]]:
     """(name, kind, path) of everything this run produced, the trained model first."""
     found = [("trained", "hf", require_stage_output(cfg, "train"))]
+    adapter = found[0][2] / declared("train").names["adapter"]
+    if adapter.is_dir():
+        found.append((STAGE.names["unmerged"], "peft", adapter))
     quantized = stage_dir(cfg, "quantize")
     found += [(m, "hf", quantized / m) for m in ("awq", "rtn") if (quantized / m).is_dir()]
     found += [(name, "gguf", path) for name, path in llamacpp.gguf_files(stage_dir(cfg, "export"))]
@@ -129,13 +164,21 @@ def greedy_prompts(cfg: DictConfig, prepared: Path, ids, tokenizer) -> list:
     return prompts
 
 
-def continuations(logits_fn, prompts: list, new_tokens: int):
+def continuations(generate, prompts: list, new_tokens: int):
+    """`generate`'s continuations of `prompts`, in their order; prompts of one length go together."""
     import torch
 
-    return torch.cat([greedy(logits_fn, prompt.unsqueeze(0), new_tokens) for prompt in prompts])
+    out = [None] * len(prompts)
+    by_length = {}
+    for i, prompt in enumerate(prompts):
+        by_length.setdefault(len(prompt), []).append(i)
+    for rows in by_length.values():
+        for i, continuation in zip(rows, generate(torch.stack([prompts[i] for i in rows]), new_tokens)):
+            out[i] = continuation
+    return torch.stack(out)
 
 
-def measure(logits_fn, ids, ref_logprobs, masks, prompts, ref_continuation, e: DictConfig, fp32_logprobs=None) -> dict:
+def measure(scorer: Scorer, ids, ref_logprobs, masks, prompts, ref_continuation, e: DictConfig, fp32_logprobs=None) -> dict:
     """Metrics of one artifact; with `fp32_logprobs`, also its KL and top-1 against the
     fp32-trained reference model, which puts every training precision on one scale. The
     per-sequence NLL sums let the report test differences between artifacts pairwise."""
@@ -144,7 +187,7 @@ def measure(logits_fn, ids, ref_logprobs, masks, prompts, ref_continuation, e: D
     per_token, vs_fp32 = {k: [] for k in ("nll", "kl", "top1", "dp")}, {k: [] for k in ("nll", "kl", "top1")}
     for i in range(0, len(ids), e.batch_size):
         batch_ids = ids[i : i + e.batch_size]
-        logits = logits_fn(batch_ids)
+        logits = scorer.logits(batch_ids)
         for key, value in token_metrics(ref_logprobs[i : i + e.batch_size], logits, batch_ids).items():
             per_token[key].append(value)
         if fp32_logprobs is not None:
@@ -157,7 +200,7 @@ def measure(logits_fn, ids, ref_logprobs, masks, prompts, ref_continuation, e: D
     if fp32_logprobs is not None:
         vs_fp32 = summarize({k: torch.cat(v) for k, v in vs_fp32.items()}, masks["all"], e.bootstrap, e.confidence)
         result["all"].update({f"{k}_vs_fp32": vs_fp32[k] for k in ("kl", "kl_ci", "top1", "top1_ci")})
-    result["all"]["greedy_agreement"] = prefix_agreement(ref_continuation, continuations(logits_fn, prompts,
+    result["all"]["greedy_agreement"] = prefix_agreement(ref_continuation, continuations(scorer.greedy, prompts,
                                                                                         e.continuation_tokens))
     return result
 
@@ -222,6 +265,7 @@ def second_opinions(cfg: DictConfig, found: list, held_out, tokenizer, folder: P
     base = next((n for n in files if n.split(".")[0] == "trained" and n.split(".")[1] in BASE_TYPES), None)
     if not cfg.evaluate.second_opinion.enabled or base is None:
         return {}
+    held_out = held_out[: cfg.evaluate.second_opinion.windows]
     n_ctx = held_out.ids.shape[1]
     text = folder / "heldout.txt"
     text.write_text(tokenizer.decode(held_out.ids[held_out.real]))
@@ -267,7 +311,7 @@ def run(cfg: DictConfig, tracker) -> None:
     # The references, once each, in fp32: this run's trained model and, unless this run is it,
     # the fp32-trained model of otherwise identical settings (at evaluate.reference_seed) where it exists.
     reference, ref_logprobs = reference_logprobs(trained, ids, e.batch_size, cfg.data.seq_len)
-    ref_continuation = continuations(reference, prompts, e.continuation_tokens)
+    ref_continuation = continuations(partial(greedy, reference), prompts, e.continuation_tokens)
     fp32_logprobs = None
     fp32_trained = stage_dir(fp32_reference(cfg), "train")
     if fp32_trained != trained and fp32_trained.is_dir():

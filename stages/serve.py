@@ -13,23 +13,20 @@ memory and the file size. Streamed requests timed directly keep GuideLLM's TTFT 
 Every format is measured in serve.rounds rounds, each in a newly shuffled order, and every figure
 carries a bootstrap interval that draws rounds and then their requests.
 
-Outputs: <artifact>/guidellm-r<round>.json (the raw reports), <artifact>/server-r<round>.log,
-summary.json.
+Outputs: <artifact>/guidellm-r<round>.json (the raw reports) and .log (GuideLLM's log),
+<artifact>/server-r<round>.log, summary.json.
 """
 
 from __future__ import annotations
 
 import fnmatch
 import functools
+import importlib.util
 import json
 import math
-import os
 import random
 import shutil
-import signal
 import statistics
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -52,14 +49,6 @@ LATENCIES = {"ttft_ms": "time_to_first_token_ms", "itl_ms": "inter_token_latency
 PERCENTILES = (50, 90, 99)
 # Per-level rates GuideLLM reports; over several rounds, their mean.
 RATES = ("requests_per_s", "output_tokens_per_s", "goodput_requests_per_s")
-
-
-def guidellm_command() -> str:
-    beside_python = Path(sys.executable).with_name("guidellm")
-    found = str(beside_python) if beside_python.exists() else shutil.which("guidellm")
-    if found is None:
-        raise FileNotFoundError("serve: the guidellm command is not installed (pip install guidellm==0.8.1).")
-    return found
 
 
 def engine(cfg: DictConfig) -> str:
@@ -88,7 +77,8 @@ def check(cfg: DictConfig) -> None:
         raise ValueError("serve.engine=external needs serve.external.url and serve.external.model.")
     if s.port is not None and not port_is_free(s.port):
         raise ValueError(f"serve.port={s.port} is already in use on 127.0.0.1; pick another or leave it null.")
-    guidellm_command()
+    if importlib.util.find_spec("guidellm") is None:
+        raise ModuleNotFoundError("serve: GuideLLM is not installed in this environment (pip install guidellm==0.8.1).")
 
 
 def targets(cfg: DictConfig, chosen: str) -> list[tuple[str, Path | None]]:
@@ -160,31 +150,50 @@ def held_out_prompts(cfg: DictConfig, tokenizer, count: int, skip: int = 0) -> l
 
 def run_guidellm(url: str, model: str, cfg: DictConfig, tokenizer_dir: Path, requests: Path, report: Path,
                  server: Server | None) -> None:
+    """One GuideLLM run, through its own command-line parser but in this process: importing it takes
+    about 8 s on 2 cores, once a stage rather than once a run. Its log lines go to a file beside the
+    report (<report>.log), not to the console. A server that dies fails its requests at once, and
+    so ends the run; the caller then says that it died."""
+    import multiprocessing
+
+    import click
+    from datasets.utils.logging import disable_progress_bar
+    from guidellm.cli.run import run as guidellm_run
+    from guidellm.logger import logger
+    from guidellm.settings import settings
+
     load, s = cfg.serve.load, cfg.serve
     endpoint = "/v1/chat/completions" if api(cfg) == "chat" else "/v1/completions"
     backend = f"kind=openai_http,target={url},model={model},request_format={endpoint},validate_backend=false"
     if s.engine == "external" and s.external.api_key:
         backend += f",api_key={s.external.api_key}"
-    command = [guidellm_command(), "run", "--backend", backend, "--profile", f"kind={load.profile}",
-               "--constraint", f"kind=max_requests,count={load.requests}",
-               "--data", f"kind=json_file,path={requests}", "--tokenizer", f"kind=huggingface_auto,model={tokenizer_dir}",
-               "--output", f"kind=json,path={report}", "--disable-console"]
+    args = ["--backend", backend, "--profile", f"kind={load.profile}",
+            "--constraint", f"kind=max_requests,count={load.requests}",
+            "--data", f"kind=json_file,path={requests}", "--tokenizer", f"kind=huggingface_auto,model={tokenizer_dir}",
+            "--output", f"kind=json,path={report}", "--disable-console"]
     if LOAD_LEVELS[load.profile]:
-        command += ["--override", f"profile.{LOAD_LEVELS[load.profile]}", ",".join(str(v) for v in load.levels)]
-    # A session of its own, so that stopping it stops its worker processes too.
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+        args += ["--override", f"profile.{LOAD_LEVELS[load.profile]}", ",".join(str(v) for v in load.levels)]
+    log = report.with_suffix(".log")
+    disable_progress_bar()  # the bar of reading the requests file into a dataset
+    # Every sink of the process's loguru logger goes, GuideLLM's console and llm-compressor's too (an
+    # earlier stage of the chain added it): GuideLLM hands the logger to its worker processes, which
+    # cannot take a console stream. Its one sink, a file, is queued as its own are for that reason.
+    logger.remove()
+    sink = logger.add(log, level="INFO", format="{time:HH:mm:ss.SSS} {level: <7} {name}: {message}", enqueue=True,
+                      context=multiprocessing.get_context(settings.mp_context_type))
     try:
-        while process.poll() is None and (server is None or server.process.poll() is None):
-            time.sleep(0.2)
-    finally:  # also on Ctrl-C, which no longer reaches its session
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
-    output = process.stdout.read()
+        guidellm_run.main(args=args, standalone_mode=False)
+    except (click.ClickException, click.exceptions.Exit, Exception) as error:
+        if server is not None:
+            server.raise_if_dead("died during the benchmark")
+        logger.complete()
+        raise RuntimeError(f"GuideLLM failed: {error}\n{log_tail(log, 20)}") from error
+    finally:
+        logger.remove(sink)
     if server is not None:
         server.raise_if_dead("died during the benchmark")
-    if process.returncode != 0 or not report.exists():
-        raise RuntimeError(f"GuideLLM failed (exit code {process.returncode}):\n{output[-3000:]}")
+    if not report.exists():
+        raise RuntimeError(f"GuideLLM wrote no report:\n{log_tail(log, 20)}")
 
 
 def summarize(report: dict, slo: DictConfig) -> dict:

@@ -2,7 +2,9 @@
 
 Weights and optimizer states stay fp32 in every mode; the precision only changes the compute
 (autocast). The output directory holds the final model in Hugging Face format (config,
-safetensors, tokenizer) and summary.json: the input of every later stage.
+safetensors, tokenizer) and summary.json: the input of every later stage. With LoRA the model is
+the merged one, and adapter/ holds the adapter as PEFT saved it before the merge (where its base
+is a checkpoint that can be loaded again).
 
 With `accelerate=ddp|fsdp|deepspeed_*` the same function runs in every launched process
 (pipeline.distributed): each takes its share of the global batch, and only the main process
@@ -32,7 +34,9 @@ from pipeline.models import model_config, pretrained_source, save_tokenizer, sha
 from pipeline.contract import Stage
 
 STAGE = Stage("train", settings=("model", "train", "seed", "accelerate.num_processes"), reads=("prepare",),
-              ignores=("train.resume", "train.log_every", "train.checkpoint_every"), launchable=True)
+              ignores=("train.resume", "train.log_every", "train.checkpoint_every"), launchable=True,
+              # The LoRA adapter's folder inside the output.
+              names={"adapter": "adapter"})
 
 log = logging.getLogger(__name__)
 
@@ -370,9 +374,13 @@ def finish(cfg: DictConfig, model, accelerator, tokenizer, progress: Progress, e
     }
     if accelerator.is_main_process:
         unwrapped = accelerator.unwrap_model(model)
-        if cfg.model.lora.enabled:
-            unwrapped = unwrapped.merge_and_unload()
         with atomic_dir(out) as tmp:
+            if cfg.model.lora.enabled:
+                # The adapter too, before merging it, where its base can be loaded again: evaluate
+                # measures what the merge costs (the unmerged model against the merged one).
+                if starting_checkpoint(cfg) is not None:
+                    unwrapped.save_pretrained(tmp / STAGE.names["adapter"], safe_serialization=True)
+                unwrapped = unwrapped.merge_and_unload()
             unwrapped.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
             save_tokenizer(tokenizer, tmp)
             write_json(tmp / "summary.json", summary)

@@ -57,11 +57,10 @@ def test_the_default_fine_tune_learns_and_quantization_costs_quality(tmp_path):
     row = assemble(train, read_json(evaluation / "summary.json"), read_json(evaluation / "per_sequence.json"), None, "c1")
     kl = {name: row["artifacts"][name]["kl"] for name in ("trained.16bit", "trained.q8_0", "trained.q4_k_m")}
     assert kl["trained.16bit"] < kl["trained.q8_0"] < kl["trained.q4_k_m"], kl
-    # 4-bit costs perplexity. Its 95% interval lies above 1 on some runs and not on others: with 8
-    # held-out topics (about 8,000 tokens) and a KL near 2e-3 the cost is about 3 standard errors
-    # (benchmarks/RESULTS.md), so the test holds the point estimate to it.
+    # 4-bit costs perplexity, measurably: on a quarter of the pydoc topics (about 15,000 held-out
+    # tokens) its cost, near 0.2%, is over 3 standard errors (benchmarks/RESULTS.md).
     q4 = paired_ratio(row, "trained.q4_k_m", row, "trained", 1000, 0.95)
-    assert q4["ratio"] > 1 and q4["ratio_ci"][1] > 1, q4
+    assert q4["ratio_ci"][0] > 1, q4
 
     (base_run,) = runs(tmp_path, "base")
     assert base_run.data.tags["output"] == starting_checkpoint(cfg)

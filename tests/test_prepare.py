@@ -19,7 +19,9 @@ def test_pydoc_prepare_writes_hashed_split(run_pipeline, tmp_path):
     assert manifest["hashes"]["train_ids"] == sha256_file(out / "train.npy")
     assert manifest["hashes"]["heldout_ids"] == sha256_file(out / "heldout.npy")
     train, heldout = np.load(out / "train.npy"), np.load(out / "heldout.npy")
-    assert len(train) == manifest["tokens"]["train"] > 10 * len(heldout) > 0
+    assert len(train) == manifest["tokens"]["train"] > len(heldout) == manifest["tokens"]["heldout"] > 0
+    # data.heldout_fraction of the documents (a quarter of the 79 pydoc topics), whole
+    assert manifest["documents"] == {"heldout": 20, "train": 59}
 
     tokenizer = AutoTokenizer.from_pretrained(out / "tokenizer")
     assert len(tokenizer) == manifest["vocab_size"] == 4096

@@ -56,8 +56,11 @@ def test_serving_numbers_of_the_served_file_are_sane(chain):
     for key in ("c1/ttft_ms_p50", "c2/itl_ms_p90", "c1/latency_s_p99", "c2/output_tokens_per_s", "c1/goodput_fraction",
                 "peak_rss_mb", "size_mb"):
         assert f"serve/trained.q4_k_m/{key}" in serve.data.metrics, key
-    report = json.loads((only_dir(chain / "artifacts" / "serve") / "trained.q4_k_m" / "guidellm-r0.json").read_text())
+    served = only_dir(chain / "artifacts" / "serve") / "trained.q4_k_m"
+    report = json.loads((served / "guidellm-r0.json").read_text())
     assert report["benchmarks"][0]["requests"]["successful"]
+    # GuideLLM runs in the stage's process; its log goes beside its report, not to the console.
+    assert "concurrent@2): completed" in (served / "guidellm-r0.log").read_text()
 
 
 @pytest.mark.slow
@@ -214,21 +217,23 @@ def test_vllm_serves_the_chain(own_chain):
 @pytest.mark.slow
 def test_one_file_served_under_two_names_is_not_ranked(own_chain):
     """No ranking from noise: the same GGUF file, served twice under two names over interleaved
-    rounds, is reported as ≈ in speed, and the report names either rather than a faster one."""
+    rounds, is reported as ≈ in speed, and the report names either rather than a faster one. At 99%:
+    a correct 95% interval of two equal rates excludes 1 in one run of twenty, and on a machine
+    running another test at the same time rounds differ by tens of percent."""
     export = only_dir(own_chain / "artifacts" / "export")
     manifest = read_json(export / "manifest.json")
     shutil.copytree(export / "trained", export / "twin")
     write_json(export / "manifest.json", {**manifest, "twin": manifest["trained"]})
-    overrides = ["serve.llamacpp.files=[trained.q4_k_m,twin.q4_k_m]", "serve.rounds=2", "serve.load.levels=[1]",
-                 "serve.load.requests=12"]
+    overrides = ["serve.llamacpp.files=[trained.q4_k_m,twin.q4_k_m]", "serve.rounds=3", "serve.load.levels=[1]",
+                 "serve.load.requests=40"]
     pipeline(own_chain, "stage=serve", *SMALL_CHAIN, *overrides)
     summary = read_json(stage_dir(config(own_chain, *overrides), "serve") / "summary.json")
-    assert sorted(map(sorted, summary["rounds"])) == [["trained.q4_k_m", "twin.q4_k_m"]] * 2
+    assert sorted(map(sorted, summary["rounds"])) == [["trained.q4_k_m", "twin.q4_k_m"]] * 3
     cells = {name: {**result["levels"]["c1"], "speed_rounds": result["levels"]["c1"]["rounds"], "kl": 0.0,
                     "size_mb": result["size_mb"]} for name, result in summary["results"].items()}
-    ratio = speed_ratio(cells["trained.q4_k_m"], cells["twin.q4_k_m"], 1000, 0.95)
+    ratio = speed_ratio(cells["trained.q4_k_m"], cells["twin.q4_k_m"], 1000, 0.99)
     assert ratio["ratio_ci"][0] <= 1 <= ratio["ratio_ci"][1], ratio
-    found = fastest_within({"artifacts": cells}, 1.0, 1000, 0.95)
+    found = fastest_within({"artifacts": cells}, 1.0, 1000, 0.99)
     assert sorted(found["same_speed"]) == ["trained.q4_k_m", "twin.q4_k_m"]
 
 

@@ -199,6 +199,17 @@ def test_hf_checkpoint_fine_tunes_with_lora_merged(run_pipeline, tmp_path, local
     assert set(tuned) == set(base)  # LoRA merged away: a plain checkpoint again
     assert not torch.equal(tuned["model.layers.0.self_attn.q_proj.weight"], base["model.layers.0.self_attn.q_proj.weight"])
     assert torch.equal(tuned["model.layers.0.mlp.up_proj.weight"], base["model.layers.0.mlp.up_proj.weight"])
+    # The adapter as trained, saved before the merge, is measured against the merged model: the
+    # first step of the report's waterfall, which merging in fp32 makes all but free.
+    assert read_json(out / "adapter" / "adapter_config.json")["base_model_name_or_path"] == str(local_checkpoint)
+    run_pipeline("stage=[quantize,evaluate,report]", "model=hf", f"model.name_or_path={local_checkpoint}",
+                 "model.lora.enabled=true", "train.precision=fp32", *FAST, "train.lr=1e-2", "quantize.methods=[rtn]",
+                 "quantize.group_size=32")
+    measured = read_json(only_dir(tmp_path / "artifacts" / "evaluate") / "summary.json")
+    assert abs(measured["lora"]["kl"]) < 1e-6 and measured["lora"]["tokens"] == measured["trained"]["tokens"]
+    report = read_json(only_dir(tmp_path / "artifacts" / "report") / "report.json")
+    steps = [step["step"] for step in report["waterfall"]["fp32"]["rtn"]]
+    assert steps == ["LoRA merge", "RTN (4-bit)"] and "lora" not in report["columns"]
 
 
 @pytest.mark.slow

@@ -31,7 +31,7 @@ import re
 from omegaconf import DictConfig
 
 from pipeline.artifacts import atomic_dir, read_json, stage_dir, write_json
-from pipeline.contract import PipelineError, Stage
+from pipeline.contract import PipelineError, Stage, declared
 from stages.report.collect import add_ratios, collect, collect_runs
 from stages.report.render import TITLES, plot_data, render
 from stages.report.stats import GATE_METRICS, compare, decide, faster, gate_results, ordered, waterfall
@@ -76,7 +76,10 @@ def run(cfg: DictConfig, tracker) -> None:
         raise FileNotFoundError(f"report: no training precision of {list(r.precisions)} has been run with these settings; "
                                 f"run e.g. python -m pipeline -m train.precision={','.join(r.precisions)} stage=all first.")
     add_ratios(rows)
-    columns = sorted({n for row in rows.values() for n in row["artifacts"]}, key=lambda n: (n != "trained", "." in n, n))
+    # The deployed formats (the unmerged LoRA model is measured for the waterfall's merge step only).
+    unmerged = declared("evaluate").names["unmerged"]
+    columns = sorted({n for row in rows.values() for n in row["artifacts"] if n != unmerged},
+                     key=lambda n: (n != "trained", "." in n, n))
     comparisons = compare(rows, noise, columns, e.bootstrap, e.confidence)
     decision = decide(rows, comparisons, r, cfg)
     level = f"{e.confidence:.0%}"

@@ -11,6 +11,7 @@ from omegaconf import DictConfig
 
 from pipeline.hardware import PRECISIONS
 from pipeline.metrics import bootstrap_ci, percentile_interval, round_rate, round_replicates
+from pipeline.contract import declared
 from stages.report.collect import column
 
 GATE_METRICS = ("perplexity", "kl", "kl_vs_fp32", "top1", "perplexity_ratio_to_fp32", "size_mb",
@@ -78,15 +79,19 @@ def compare(rows: dict, noise: dict | None, columns: list[str], resamples: int, 
 
 
 def lineage(name: str) -> list[tuple[str, str, str]]:
-    """(step, from, to) that made a deployed artifact from the run's trained model, each a pair of
-    artifacts measured on the same held-out sequences; empty for one made elsewhere (evaluate.extra)."""
+    """(step, from, to) that made a deployed artifact from the model as trained, each a pair of
+    artifacts measured on the same held-out sequences (a step whose ends were not both measured,
+    such as the LoRA merge of a full fine-tune, is left out by the caller); empty for one made
+    elsewhere (evaluate.extra)."""
     source, _, kind = column(name).rpartition(".")
+    # With LoRA, the trained model is the merged one: the model with its adapter unmerged came first.
+    merge = [("LoRA merge", declared("evaluate").names["unmerged"], "trained")]
     if not source:
-        return {"awq": [("AWQ (smoothing and 4-bit)", "trained", "awq")],
-                "rtn": [("RTN (4-bit)", "trained", "rtn")]}.get(name, [])
+        return {"awq": [*merge, ("AWQ (smoothing and 4-bit)", "trained", "awq")],
+                "rtn": [*merge, ("RTN (4-bit)", "trained", "rtn")]}.get(name, [])
     if source not in ("trained", "awq_smoothed"):
         return []
-    steps = [("conversion to GGUF", "trained", "trained.16bit")]
+    steps = [*merge, ("conversion to GGUF", "trained", "trained.16bit")]
     if source == "awq_smoothed":
         steps.append(("AWQ smoothing", "trained.16bit", "awq_smoothed.16bit"))
     if kind != "16bit":
