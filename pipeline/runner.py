@@ -86,9 +86,19 @@ def preflight(cfg: DictConfig) -> dict:
         except ValueError as error:  # its keys are model.pretrain.<data|train>.*, not the fine-tune's
             raise ValueError(f"model.pretrain (the base model's recipe, keys under model.pretrain.data and "
                              f"model.pretrain.train): {error}") from None
+    # A stage whose output is reused does no work: its settings passed its check when it ran, and
+    # its check may cost seconds (llm-compressor's import) of a run that otherwise only looks.
+    unchecked = {name for name in stages if reused(cfg, name, again)}
     for name in stages:
-        STAGES[name].check(cfg)
-    return {"stages": stages, "again": again, "hardware": hw, "requested": requested, "reason": reason, "base": base}
+        if name not in unchecked:
+            STAGES[name].check(cfg)
+    return {"stages": stages, "again": again, "hardware": hw, "requested": requested, "reason": reason, "base": base,
+            "unchecked": unchecked}
+
+
+def reused(cfg: DictConfig, name: str, again: set) -> bool:
+    """Whether stage `name` finds its finished output at its address and is not to run again."""
+    return STAGES[name].STAGE.reusable and name not in again and stage_dir(cfg, name).is_dir()
 
 
 def pretrain(base: DictConfig, tags: dict, tracker) -> None:
@@ -130,9 +140,12 @@ def run(cfg: DictConfig) -> None:
             pretrain(plan["base"], tags, tracker)
         for name in plan["stages"]:
             module, out = STAGES[name], stage_dir(cfg, name)
-            reuse = module.STAGE.reusable and name not in plan["again"] and out.is_dir()
+            reuse = reused(cfg, name, plan["again"])
             with tracker.run(name, {**tags, "stage": name, "reused": str(reuse).lower(), "output": str(out)}):
                 tracker.log_params(flatten(cfg))
+                if not reuse and name in plan["unchecked"]:
+                    # Its address moved since the checks (a reference an earlier stage just made).
+                    module.check(cfg)
                 if reuse:
                     log.info("stage %s: reusing %s (rerun=[%s] runs it again)", name, out, name)
                     module.record(cfg, tracker)
