@@ -88,9 +88,14 @@ def hf_logits(path: Path, seq_len: int):
     return model_logits(load_causal_lm(path))
 
 
-def hf_scorer(path: Path, seq_len: int) -> Scorer:
-    logits = hf_logits(path, seq_len)
+def model_scorer(model) -> Scorer:
+    """A torch model's Scorer: greedy continuations from its logits, a batch of prompts at a time."""
+    logits = model_logits(model)
     return Scorer(logits, partial(greedy, logits))
+
+
+def hf_scorer(path: Path, seq_len: int) -> Scorer:
+    return model_scorer(load_causal_lm(path))
 
 
 def peft_scorer(path: Path, seq_len: int) -> Scorer:
@@ -98,8 +103,7 @@ def peft_scorer(path: Path, seq_len: int) -> Scorer:
     from peft import PeftModel
 
     base = read_json(path / "adapter_config.json")["base_model_name_or_path"]
-    logits = model_logits(PeftModel.from_pretrained(load_causal_lm(base), path).eval())
-    return Scorer(logits, partial(greedy, logits))
+    return model_scorer(PeftModel.from_pretrained(load_causal_lm(base), path).eval())
 
 
 def gguf_logits(path: Path, seq_len: int):

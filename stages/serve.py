@@ -156,7 +156,6 @@ def run_guidellm(url: str, model: str, cfg: DictConfig, tokenizer_dir: Path, req
     so ends the run; the caller then says that it died."""
     import multiprocessing
 
-    import click
     from datasets.utils.logging import disable_progress_bar
     from guidellm.cli.run import run as guidellm_run
     from guidellm.logger import logger
@@ -183,7 +182,7 @@ def run_guidellm(url: str, model: str, cfg: DictConfig, tokenizer_dir: Path, req
                       context=multiprocessing.get_context(settings.mp_context_type))
     try:
         guidellm_run.main(args=args, standalone_mode=False)
-    except (click.ClickException, click.exceptions.Exit, Exception) as error:
+    except Exception as error:  # click's usage errors and exits too: it runs with standalone_mode=False
         if server is not None:
             server.raise_if_dead("died during the benchmark")
         logger.complete()
