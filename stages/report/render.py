@@ -29,6 +29,7 @@ def plot_data(data: dict, columns: list[str], quality: str, is_faster) -> dict:
     if curves:
         out["loss_curves"] = {"xlabel": "step", "ylabel": "loss", "series": curves}
     points = [{"precision": p, "format": n, "x": c["output_tokens_per_s"], "y": c[quality], "x_ci": c.get("output_tokens_per_s_ci"),
+               "served_by": c.get("served_by"),
                "source_x": f"rows/{p}/artifacts/{n}/output_tokens_per_s", "source_y": f"rows/{p}/artifacts/{n}/{quality}"}
               for p in ordered(rows) for n, c in rows[p]["artifacts"].items()
               if c.get("output_tokens_per_s") and c.get(quality) is not None]
@@ -129,7 +130,9 @@ def render(plots: dict, folder: Path, noise_seed: int) -> list[Path]:
                 ax.set_yscale("symlog", linthresh=10 ** math.floor(math.log10(min(positive))) if positive else 1e-6)
                 ax.set_ylim(0, max(positive) * 3 if positive else 1)
             handles = [Line2D([], [], color=COLOURS[p], lw=6, label=name.get(p, p)) for p in precisions]
-            handles += [Line2D([], [], color="black", marker=marker[f], ls="", label=f) for f in formats]
+            served_by = {q["format"]: q["served_by"] for q in plot["points"] if q.get("served_by")}
+            handles += [Line2D([], [], color="black", marker=marker[f], ls="",
+                               label=f"{f} on {served_by[f]}" if f in served_by else f) for f in formats]
             if plot.get("fronts"):
                 handles.append(Line2D([], [], color="black", ls=":", label="Pareto front (significant differences only)"))
             ax.legend(handles=handles, fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))

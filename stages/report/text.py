@@ -48,8 +48,10 @@ def ratio(c: dict) -> str:
 def served_text(c: dict) -> str:
     if not c.get("output_tokens_per_s"):
         return ""
-    return (f", {fmt(c['output_tokens_per_s'])}{interval(c.get('output_tokens_per_s_ci'))} tokens/s served, "
-            f"TTFT p50 {fmt(c['ttft_ms_p50'])}{interval(c.get('ttft_ms_p50_ci'))} ms")
+    checked = (f", served perplexity ×{c['served_perplexity_ratio']:.4f} of the checkpoint's"
+               if "served_perplexity_ratio" in c else "")
+    return (f", {fmt(c['output_tokens_per_s'])}{interval(c.get('output_tokens_per_s_ci'))} tokens/s served by "
+            f"{c['served_by']}, TTFT p50 {fmt(c['ttft_ms_p50'])}{interval(c.get('ttft_ms_p50_ci'))} ms{checked}")
 
 
 def budget_line(found: dict | None, budget: float) -> str:
@@ -154,11 +156,12 @@ def tables(data: dict, columns: list[str], confidence: float) -> list[dict]:
                          value_cell(data, f"{base}/perplexity", f"{base}/perplexity_ci"),
                          value_cell(data, f"comparisons/own/{p}/{n}/ratio", f"comparisons/own/{p}/{n}/ratio_ci", "×"),
                          value_cell(data, f"{base}/kl", f"{base}/kl_ci"), value_cell(data, f"{base}/top1"),
-                         value_cell(data, f"{base}/size_mb"), *(value_cell(data, f"{base}/{k}", f"{base}/{k}_ci") for k in SERVED)])
+                         value_cell(data, f"{base}/size_mb"), value_cell(data, f"{base}/served_by"),
+                         *(value_cell(data, f"{base}/{k}", f"{base}/{k}_ci") for k in SERVED)])
     out.append({"title": f"Deployed formats against their own trained model ({level} intervals; serving columns "
                          "empty where the format was not served)",
                 "header": ["training precision", "format", "perplexity", "perplexity / trained", "KL from trained",
-                           "top-1 agreement", "size (MB)", "output tokens/s", "TTFT p50 (ms)", "TTFT p99 (ms)",
+                           "top-1 agreement", "size (MB)", "served by", "output tokens/s", "TTFT p50 (ms)", "TTFT p99 (ms)",
                            "ITL p50 (ms)"], "rows": body})
     body = []
     for p in ordered(rows):

