@@ -358,6 +358,8 @@ def benchmark(cfg, engine, name, path, tokenizer_dir, requests, direct: list[str
     """One round of one artifact: its server started, checked, loaded by GuideLLM and stopped. The
     first round also times streamed requests directly against GuideLLM's TTFT, and scores held-out
     tokens through a vLLM server against its checkpoint (a disagreement fails the artifact)."""
+    import httpx
+
     s = cfg.serve
     report = folder / f"guidellm-r{round}.json"
     api_key = s.external.api_key if engine == "external" else None
@@ -379,7 +381,12 @@ def benchmark(cfg, engine, name, path, tokenizer_dir, requests, direct: list[str
     port = s.port or free_port()
     with Server(server_command(cfg, engine, name, path, port), port, folder / f"server-r{round}.log",
                 s.ready_timeout_s, env=vllm.environment(cfg) if engine == "vllm" else None) as server:
-        result = measure(server.url, name, server)
+        try:
+            result = measure(server.url, name, server)
+        except httpx.HTTPError as error:
+            # A server can answer /health and fail its first request (vLLM's engine, on a head size
+            # its CPU kernels lack): the reason is in its log.
+            raise RuntimeError(f"{error}\nLast lines of {server.log}:\n{log_tail(server.log)}") from error
     result.update(engine=engine, peak_rss_mb=server.peak_rss_mb, size_mb=disk_bytes(path) / 2**20)
     if server.peak_gpu_mb is not None:
         result["peak_gpu_mb"] = server.peak_gpu_mb
