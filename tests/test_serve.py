@@ -20,7 +20,7 @@ from pipeline.artifacts import read_json, stage_dir, write_json
 from pipeline.server import Server, ServerError, free_port
 from stages.report.stats import fastest_within, speed_ratio
 from stages.serve import merge_rounds, server_command, stream, summarize, targets
-from tests.conftest import SMALL_CHAIN, compose_with, only_dir, pipeline, runs
+from tests.conftest import SMALL_CHAIN, compose_with, only_dir, pipeline, refused, runs
 
 
 def config(cwd, *overrides):
@@ -303,3 +303,12 @@ def test_a_request_dropped_on_a_kept_alive_connection_is_sent_again_once(tmp_pat
         assert len(drops) == 2
     finally:
         server.shutdown()
+
+
+def test_engines_that_cannot_go_together_are_refused(tmp_path):
+    assert "serve.engines=['auto', 'vllm']: auto stands alone" in refused(tmp_path, "serve.engines=[auto,vllm]")
+    assert "serve.engines=['external', 'llamacpp']: external stands alone" in refused(
+        tmp_path, "serve.engines=[external,llamacpp]")
+    assert "names an engine twice" in refused(tmp_path, "serve.engines=[llamacpp,llamacpp]")
+    assert "serve.engines=['gpu'] must be a non-empty list of auto, llamacpp, vllm, external" in refused(
+        tmp_path, "serve.engines=[gpu]")
