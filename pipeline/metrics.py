@@ -25,6 +25,13 @@ def token_metrics(ref_logprobs, logits, input_ids) -> dict:
     }
 
 
+def batched_logprobs(logits_fn, ids, batch_size: int):
+    """Next-token log-probabilities [n, seq, vocab] of ids [n, seq], `batch_size` rows at a time."""
+    import torch
+
+    return torch.cat([torch.log_softmax(logits_fn(ids[i : i + batch_size]), -1) for i in range(0, len(ids), batch_size)])
+
+
 def mean_kl(ref_logits, logits) -> float:
     import torch
 

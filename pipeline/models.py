@@ -115,6 +115,17 @@ def shape_only_model(cfg: DictConfig):
         return AutoModelForCausalLM.from_config(model_config(cfg))
 
 
+def model_logits(model):
+    """`model` as a function of token ids [batch, seq] to fp32 logits [batch, seq, vocab]."""
+    import torch
+
+    def logits(ids):
+        with torch.no_grad():
+            return model(input_ids=ids).logits.float()
+
+    return logits
+
+
 def load_causal_lm(path: Path):
     """An fp32 model from a Hugging Face directory; compressed-tensors checkpoints are unpacked."""
     import torch

@@ -98,15 +98,12 @@ def compare(local, ids, served: list[list[dict]], q: DictConfig) -> dict:
 def served_quality(cfg: DictConfig, url: str, model: str, path: Path, blocks) -> dict:
     """`compare` on held-out blocks [n, seq] of the checkpoint at `path`, served at `url` as `model`."""
     import httpx
-    import torch
 
-    from pipeline.models import load_causal_lm
+    from pipeline.metrics import batched_logprobs
+    from pipeline.models import load_causal_lm, model_logits
 
     q = cfg.serve.vllm.quality
-    checkpoint = load_causal_lm(path)
-    with torch.no_grad():
-        local = torch.cat([torch.log_softmax(checkpoint(input_ids=blocks[i : i + 4]).logits.float(), -1)
-                           for i in range(0, len(blocks), 4)])
+    local = batched_logprobs(model_logits(load_causal_lm(path)), blocks, batch_size=4)
     with httpx.Client(timeout=120) as client:
         served = [served_logprobs(client, url, model, row.tolist(), q.top_k) for row in blocks]
     return compare(local, blocks, served, q)

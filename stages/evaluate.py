@@ -33,8 +33,8 @@ from pipeline.artifacts import atomic_dir, disk_bytes, fp32_reference, read_json
 from pipeline import llamacpp
 from pipeline.chat import heldout_chat_prompts, is_chat, prompt_ids
 from pipeline.data import load_sequences, pad_id
-from pipeline.metrics import greedy, prefix_agreement, summarize, token_metrics
-from pipeline.models import load_causal_lm
+from pipeline.metrics import batched_logprobs, greedy, prefix_agreement, summarize, token_metrics
+from pipeline.models import load_causal_lm, model_logits
 from pipeline.config import BASE_TYPES
 from pipeline.contract import PipelineError, Stage, declared
 
@@ -72,16 +72,6 @@ class Scorer(NamedTuple):
     `greedy` maps prompts [n, p] and a count to the greedy continuations [n, count]."""
     logits: Callable
     greedy: Callable
-
-
-def model_logits(model):
-    import torch
-
-    def logits(ids):
-        with torch.no_grad():
-            return model(input_ids=ids).logits.float()
-
-    return logits
 
 
 def hf_logits(path: Path, seq_len: int):
@@ -290,11 +280,8 @@ def second_opinions(cfg: DictConfig, found: list, held_out, tokenizer, folder: P
 
 
 def reference_logprobs(path: Path, ids, batch_size: int, seq_len: int):
-    import torch
-
     reference = hf_logits(path, seq_len)
-    return reference, torch.cat([torch.log_softmax(reference(ids[i : i + batch_size]), -1)
-                                 for i in range(0, len(ids), batch_size)])
+    return reference, batched_logprobs(reference, ids, batch_size)
 
 
 def run(cfg: DictConfig, tracker) -> None:

@@ -46,11 +46,11 @@ SWA_PERIODS = {"Gemma2ForCausalLM": 2, "Gemma3ForCausalLM": 6}
 LAYER_TYPES = {False: "sliding_attention", True: "full_attention"}
 
 
-# Text every tokenizer check includes: accents, CJK, emoji, symbols, code and whitespace runs.
 # llama.cpp rounds a matmul's activations to its weights' 16-bit type, and bf16 keeps 3 mantissa bits
 # fewer than f16: a bf16 base file's logits may move 2**3 times as far from the source model's (a
 # bf16 fine-tune of the offline default's base: 0.051, where f16 files of fp32 models stay near 0.001).
 LOGIT_TOLERANCE_SCALE = {"f16": 1, "f32": 1, "bf16": 8}
+# Text every tokenizer check includes: accents, CJK, emoji, symbols, code and whitespace runs.
 PROBE = "Grüße, naïve café: 東京 🦙 x² → ∞\n\tdef f(x):\n        return x  # 12345\n\n"
 
 

@@ -160,7 +160,7 @@ def held_out_prompts(cfg: DictConfig, tokenizer, count: int, skip: int = 0) -> l
 
 
 def run_guidellm(url: str, model: str, cfg: DictConfig, tokenizer_dir: Path, requests: Path, report: Path,
-                 server: Server | None) -> None:
+                 server: Server | None, api_key: str | None = None) -> None:
     """One GuideLLM run, through its own command-line parser but in this process: importing it takes
     about 8 s on 2 cores, once a stage rather than once a run. Its log lines go to a file beside the
     report (<report>.log), not to the console. A server that dies fails its requests at once, and
@@ -172,11 +172,11 @@ def run_guidellm(url: str, model: str, cfg: DictConfig, tokenizer_dir: Path, req
     from guidellm.logger import logger
     from guidellm.settings import settings
 
-    load, s = cfg.serve.load, cfg.serve
+    load = cfg.serve.load
     endpoint = "/v1/chat/completions" if api(cfg) == "chat" else "/v1/completions"
     backend = f"kind=openai_http,target={url},model={model},request_format={endpoint},validate_backend=false"
-    if list(s.engines) == ["external"] and s.external.api_key:
-        backend += f",api_key={s.external.api_key}"
+    if api_key:
+        backend += f",api_key={api_key}"
     args = ["--backend", backend, "--profile", f"kind={load.profile}",
             "--constraint", f"kind=max_requests,count={load.requests}",
             "--data", f"kind=json_file,path={requests}", "--tokenizer", f"kind=huggingface_auto,model={tokenizer_dir}",
@@ -368,7 +368,7 @@ def benchmark(cfg, engine, name, path, tokenizer_dir, requests, direct: list[str
         with client(api_key) as http:
             check_streaming(http, url, model, direct[0], s.load.output_tokens)
         quality = served_quality(cfg, url, model, path) if engine == "vllm" and not round else None
-        run_guidellm(url, model, cfg, tokenizer_dir, requests, report, server)
+        run_guidellm(url, model, cfg, tokenizer_dir, requests, report, server, api_key)
         levels = summarize(json.loads(report.read_text()), s.slo)
         if round:
             return {"status": "ok", "levels": levels}
