@@ -67,6 +67,7 @@ benchmark: install
 	$(PY) benchmarks/train_overhead.py
 	$(PY) benchmarks/gguf_export.py
 	$(PY) benchmarks/llamacpp_tools.py
+	$(PY) benchmarks/dry_run.py
 
 # vLLM against llama-server on the same fine-tune's AWQ checkpoint and q4_k_m file.
 benchmark-serving: install install-vllm

@@ -29,7 +29,7 @@ sys.path.insert(0, str(ROOT))
 from hydra import compose, initialize_config_dir  # noqa: E402
 
 from pipeline.config import register  # noqa: E402
-from pipeline.runner import preflight  # noqa: E402
+from pipeline.preflight import preflight  # noqa: E402
 
 SETTINGS = ["export.sources=[trained]", "export.types=[q8_0]", "serve.llamacpp.files=[trained.q8_0]",
             "serve.load.levels=[1,2,4]"]

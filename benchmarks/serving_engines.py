@@ -25,7 +25,7 @@ from hydra import compose, initialize_config_dir  # noqa: E402
 
 from pipeline.artifacts import read_json, stage_dir  # noqa: E402
 from pipeline.config import register  # noqa: E402
-from pipeline.runner import preflight  # noqa: E402
+from pipeline.preflight import preflight  # noqa: E402
 from stages.report.stats import speed_ratio  # noqa: E402
 
 SETTINGS = ["quantize.methods=[awq]", "export.sources=[trained]", "export.types=[q4_k_m]",

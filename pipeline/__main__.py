@@ -29,7 +29,13 @@ def main(cfg: DictConfig) -> None:
         # change, and a traceback would only bury it.
         if os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise
-        print(f"error: {error}", file=sys.stderr)
+        # One line, always: where a message brings more (a tool's output), the rest is kept in a file.
+        first, *rest = str(error).strip().splitlines() or [type(error).__name__]
+        if rest:
+            from pipeline.artifacts import keep_log
+
+            first += f" (the rest of this message: {keep_log('error', str(error))})"
+        print(f"error: {first}", file=sys.stderr)
         sys.exit(1)
 
 

@@ -13,10 +13,13 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from pipeline.contract import declared
+from pipeline.contract import PipelineError, declared
 
 ROOT = Path(__file__).resolve().parent.parent
 PROJECT_PACKAGES = ("pipeline", "stages")
+# Every file of a finished output, with its size, modification time and sha256, written last: what
+# a later reader compares the files with before trusting them.
+FILES = "files.json"
 
 
 def _select(cfg: DictConfig, dotted: str):
@@ -123,6 +126,24 @@ def machine_cache() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "precision-pipeline"
 
 
+def keep_log(name: str, text: str) -> Path:
+    """Keeps a tool's whole output (or a traceback) where a one-line error can point to it: the Hydra
+    run's output folder, else a folder under the system's temporary directory."""
+    import tempfile
+    import time
+
+    folder = Path(tempfile.gettempdir()) / "precision-pipeline"
+    with contextlib.suppress(ImportError, ValueError):
+        from hydra.core.hydra_config import HydraConfig
+
+        if HydraConfig.initialized():
+            folder = Path(HydraConfig.get().runtime.output_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
+    path.write_text(text)
+    return path
+
+
 def scratch_dir(final: Path) -> Path:
     """Where atomic_dir builds `final` before renaming it into place."""
     return Path(final).with_name(f".{Path(final).name}.partial")
@@ -141,6 +162,7 @@ def atomic_dir(final: Path):
     except BaseException:
         shutil.rmtree(scratch, ignore_errors=True)
         raise
+    record_files(scratch)
     old = final.with_name(f".{final.name}.old")
     shutil.rmtree(old, ignore_errors=True)
     if final.exists():
@@ -176,18 +198,79 @@ def sha256_dir(path: Path, pattern: str = "*") -> str:
     return digest.hexdigest()
 
 
+def record_files(directory: Path) -> None:
+    """Writes FILES for every file under `directory` (renaming the directory keeps their times)."""
+    directory = Path(directory)
+    entries = {}
+    for file in sorted(p for p in directory.rglob("*") if p.is_file() and p.name != FILES):
+        stat = file.stat()
+        entries[str(file.relative_to(directory))] = {"bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns,
+                                                      "sha256": sha256_file(file)}
+    write_json(directory / FILES, entries)
+
+
+class ChangedOutput(PipelineError):
+    """A stage output whose files are no longer the ones the stage wrote."""
+
+
+# Outputs this process has hashed in full, with every file's (size, modification time) then: a stage
+# reads its upstream outputs again and again, and hashing them each time would cost more than reading.
+_hashed: set[tuple] = set()
+
+
+def verify_output(path: Path, stage: str, full: bool = False, rebuild: str | None = None) -> Path:
+    """`path` (an output of `stage`) if each file FILES lists is still the one the stage wrote:
+    the same size and modification time, or else (and always when `full`) the same sha256. A file
+    that changed, went missing or was never recorded stops the run, in one line naming it, both
+    hashes and how to rebuild it (`rebuild`; default: rerun=[stage])."""
+    path = Path(path)
+    how = rebuild or f"rerun=[{stage}] writes it again"
+    record = path / FILES
+    if not record.is_file():
+        raise ChangedOutput(f"{path} has no {FILES}, so its files cannot be checked: it is not a finished {stage} "
+                            f"output of this version; {how}.")
+    files, seen = read_json(record), []
+    for name, expected in files.items():
+        file = path / name
+        try:
+            stat = file.stat()
+        except FileNotFoundError:
+            raise ChangedOutput(f"{file} is missing from the {stage} output it belongs to (expected sha256 "
+                                f"{expected['sha256']}); {how}.") from None
+        seen.append((name, stat.st_size, stat.st_mtime_ns))
+    hashed = (path, tuple(seen))
+    if full and hashed in _hashed:
+        return path
+    for (name, size, mtime_ns), expected in zip(seen, files.values()):
+        if not full and (size, mtime_ns) == (expected["bytes"], expected["mtime_ns"]):
+            continue
+        file = path / name
+        found = sha256_file(file)
+        if found != expected["sha256"]:
+            raise ChangedOutput(f"{file} changed after the {stage} stage wrote it (sha256 expected {expected['sha256']}, "
+                                f"found {found}; {size} bytes, {expected['bytes']} written); {how}.")
+    if full:
+        _hashed.add(hashed)
+    return path
+
+
 def disk_bytes(path: Path) -> int:
     """Size of a file, or of every file under a directory."""
     path = Path(path)
     return path.stat().st_size if path.is_file() else sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
 
+def verify_stage_output(cfg: DictConfig, stage: str, rebuild: str | None = None) -> Path:
+    """verify_output on `stage`'s output at these settings, as `verify` asks."""
+    return verify_output(stage_dir(cfg, stage), stage, full=OmegaConf.select(cfg, "verify") == "full", rebuild=rebuild)
+
+
 def require_stage_output(cfg: DictConfig, stage: str) -> Path:
-    """The output directory of an upstream stage, or a clear error saying how to produce it."""
+    """The output directory of an upstream stage, verified, or a clear error saying how to produce it."""
     path = stage_dir(cfg, stage)
     if not path.is_dir():
         raise FileNotFoundError(
             f"No {stage} output for these settings at {path}. "
             f"Run `python -m pipeline stage={stage}` with the same settings first (or stage=all)."
         )
-    return path
+    return verify_stage_output(cfg, stage)

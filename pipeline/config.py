@@ -40,6 +40,9 @@ BASE_TYPES = ("f16", "bf16", "f32")
 # Serving engines: llama-server on GGUF files, vLLM on checkpoints, an endpoint already running; auto
 # picks by hardware.
 ENGINES = ("auto", "llamacpp", "vllm", "external")
+# How stage outputs are checked before they are read (`verify`): each file's size and modification
+# time, and its hash only where either moved ("quick"), or every file's hash ("full").
+VERIFY = ("quick", "full")
 # GuideLLM load profiles, and the option each one's load levels set (none: no levels).
 LOAD_LEVELS = {"concurrent": "streams", "constant": "rate", "poisson": "rate", "synchronous": None, "throughput": None}
 
@@ -374,5 +377,7 @@ def problems(value, schema, path: str) -> list[str]:
 def validate(cfg: DictConfig) -> None:
     """Every constraint of every group's schema, all reported at once."""
     found = [p for group, schema in SCHEMAS.items() if group in cfg for p in problems(cfg[group], schema, group)]
+    if cfg.get("verify") not in VERIFY:
+        found.append(f"verify={cfg.get('verify')!r} is not one of {', '.join(VERIFY)}.")
     if found:
         raise ValueError(" ".join(found))

@@ -9,6 +9,7 @@ stages whose outputs it reads, whether it may run in several processes) and prov
 from __future__ import annotations
 
 import importlib
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -27,6 +28,21 @@ class PipelineError(RuntimeError):
 # paths (OSError), numbers a precision cannot hold (FloatingPointError) and the explained
 # failures. Anything else is a bug, and keeps its traceback.
 USER_ERRORS = (ValueError, OSError, FloatingPointError, PipelineError)
+
+
+def last_words(text: str) -> str:
+    """What in a process's output says why it stopped, for a one-line error (the whole output stays
+    in its log): a Python traceback's exception line; else the first line naming an error (a C++
+    tool's root cause) and the last (what it then did), or the last line."""
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    if "Traceback (most recent call last)" in text:
+        raised = [line for line in lines if re.match(r"^[\w.]+(Error|Exception|Exit|Interrupt)\b", line)]
+        if raised:
+            return raised[-1]
+    named = [line for line in lines if re.search(r"error|exception|fatal|failed|abort", line, re.IGNORECASE)]
+    if not named:
+        return lines[-1] if lines else "(no output)"
+    return named[0] if len(named) == 1 else f"{named[0]} … {named[-1]}"
 
 
 @dataclass(frozen=True)
@@ -83,8 +99,9 @@ class Tracking(Protocol):
 class StageModule(Protocol):
     STAGE: Stage
 
-    def check(self, cfg: DictConfig) -> None:
-        """Refuses bad settings, missing files or unsuitable hardware before any stage works."""
+    def check(self, cfg: DictConfig) -> list[str] | str | None:
+        """Refuses bad settings, missing files or unsuitable hardware before any stage works, in one
+        line; returns what it verified, for the pre-flight report (stage=check)."""
 
     def run(self, cfg: DictConfig, tracker: Tracking) -> None:
         """Writes the output at its address (atomically), then records it."""

@@ -26,7 +26,8 @@ import tarfile
 import tempfile
 from pathlib import Path
 
-from pipeline.artifacts import machine_cache
+from pipeline.artifacts import keep_log, machine_cache
+from pipeline.contract import PipelineError, last_words
 
 # Another llama.cpp source tree (for example a newer checkout) instead of the fetched one.
 SOURCE_ENV = "LLAMA_CPP_SOURCE"
@@ -176,20 +177,31 @@ def pre_tokenizer(tokenizer_json: dict, override: str = "auto") -> str:
     return PRE_TOKENIZERS[key]
 
 
-def convert(checkpoint: Path, out: Path, outtype: str, name: str, pre: str, metadata: dict[str, str]) -> None:
-    """A GGUF file of `checkpoint` written by llama.cpp's converter, in a process of its own (it
-    brings its own gguf-py). `pre`: "auto" (the converter's own recognition, else ours) or a name.
-    `metadata` goes into the file as precision_pipeline.<key> strings."""
+class ConverterError(PipelineError):
+    """llama.cpp's converter refused a checkpoint; `reason` is its own last word, `log` its whole output."""
+
+    def __init__(self, message: str, reason: str, log: Path):
+        super().__init__(message)
+        self.reason, self.log = reason, log
+
+
+def convert(checkpoint: Path, out: Path, outtype: str, name: str, pre: str, metadata: dict[str, str],
+            vocab_only: bool = False) -> None:
+    """A GGUF file of `checkpoint` (its vocabulary alone where `vocab_only`) written by llama.cpp's
+    converter, in a process of its own (it brings its own gguf-py). `pre`: "auto" (the converter's
+    own recognition, else ours) or a name. `metadata` goes into the file as precision_pipeline.<key>
+    strings. A failure is one line with the converter's reason; its whole output is kept in a log."""
     converter()
     command = [sys.executable, "-m", "pipeline.llamacpp", "convert", str(checkpoint), str(out), outtype, name, pre,
-               json.dumps(metadata)]
+               json.dumps(metadata), "vocab-only" if vocab_only else "all"]
     result = subprocess.run(command, capture_output=True, text=True)
     if result.returncode != 0 or not out.is_file():
-        raise RuntimeError(f"llama.cpp's converter failed on {checkpoint} (exit status {result.returncode}):\n"
-                           f"{result.stderr[-3000:]}")
+        reason = last_words(result.stderr)  # a traceback's last line: "SomeError: what went wrong"
+        log = keep_log(f"convert-{Path(checkpoint).name}", " ".join(command) + "\n" + result.stdout + result.stderr)
+        raise ConverterError(f"llama.cpp's converter failed on {checkpoint}: {reason} (its output: {log})", reason, log)
 
 
-def _convert(checkpoint: str, out: str, outtype: str, name: str, pre: str, metadata: str) -> None:
+def _convert(checkpoint: str, out: str, outtype: str, name: str, pre: str, metadata: str, parts: str) -> None:
     """convert_hf_to_gguf.py's own main(), with two additions: a pre-tokenizer it does not recognise
     is named as `pre_tokenizer` finds it (or as configured), and our metadata is written too."""
     source = converter().parent
@@ -218,7 +230,8 @@ def _convert(checkpoint: str, out: str, outtype: str, name: str, pre: str, metad
             self.gguf_writer.add_string(f"precision_pipeline.{key}", str(value))
 
     TextModel.get_vocab_base_pre, TextModel.prepare_metadata = vocab_base_pre, with_metadata
-    sys.argv = ["convert_hf_to_gguf.py", checkpoint, "--outfile", out, "--outtype", outtype, "--model-name", name]
+    sys.argv = ["convert_hf_to_gguf.py", checkpoint, "--outfile", out, "--outtype", outtype, "--model-name", name,
+                *(["--vocab-only"] if parts == "vocab-only" else [])]
     convert_hf_to_gguf.main()
 
 
@@ -264,6 +277,16 @@ def cpu_threads() -> int:
     """Threads for llama.cpp's own computing: OMP_NUM_THREADS where it is set (several processes
     sharing the cores, as the tests do), else every core this process may use."""
     return int(os.environ.get("OMP_NUM_THREADS") or 0) or len(os.sched_getaffinity(0))
+
+
+def load_vocabulary(path: Path):
+    """The vocabulary of a GGUF file (as `--vocab-only` writes it) loaded in llama.cpp, to tokenize."""
+    import llama_cpp
+
+    try:
+        return llama_cpp.Llama(model_path=str(path), vocab_only=True, verbose=False)
+    except ValueError as error:
+        raise GGUFError(f"llama.cpp could not load the vocabulary in {path}: {error}") from error
 
 
 def load(path: Path, n_ctx: int, threads: int = 1):
@@ -364,8 +387,8 @@ def perplexity(model: Path, text: Path, n_ctx: int, chunks: int, kl_base: Path, 
             scale = 100 if key == "top1" else 1  # printed in percent
             found[key], found[f"{key}_se"] = float(match[1]) / scale, float(match[2]) / scale
     if len(found) != 6:  # it prints none under 100 scored tokens
-        raise RuntimeError(f"llama-perplexity printed no summary for {model} (its log: {log}); it needs 100 scored "
-                           "tokens, half of each window. Raise evaluate.max_sequences and evaluate.second_opinion.windows.\n" + "\n".join(output.splitlines()[-15:]))
+        raise PipelineError(f"llama-perplexity printed no summary for {model} (its log: {log}); it needs 100 scored "
+                            "tokens, half of each window. Raise evaluate.max_sequences and evaluate.second_opinion.windows.")
     return found
 
 
@@ -376,8 +399,8 @@ def _run_logged(command: list[str], log: Path) -> str:
     with open(log, "a") as out:
         out.write(f"$ {' '.join(command)}\n{output}\n")
     if result.returncode != 0:
-        raise RuntimeError(f"{Path(command[0]).name} failed (exit status {result.returncode}; its log: {log}):\n"
-                           + "\n".join(output.splitlines()[-15:]))
+        raise PipelineError(f"{Path(command[0]).name} failed (exit status {result.returncode}): {last_words(output)} "
+                            f"(its log: {log})")
     return output
 
 

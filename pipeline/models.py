@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import re
 import warnings
 from pathlib import Path
 
@@ -25,6 +27,40 @@ def pretrained_source(cfg: DictConfig) -> str | None:
                                     f"checkpoint directory (config.json, weights, tokenizer files).")
         return str(path.resolve())
     return str(source)  # a hub id: only reachable where the machine can download
+
+
+# Weight files transformers loads with pickle (torch.load), which can run code as it loads.
+PICKLE_WEIGHTS = ("*.bin", "*.pt", "*.pth")
+
+
+def safe_weights(source: str) -> str:
+    """A local checkpoint's weights checked before any work: safetensors, or pickles that torch's safe
+    loader (weights_only) accepts. A pickle naming anything else (code it would run) is refused in
+    one line, with the command that converts a trusted one; the pickle is never executed here."""
+    import torch
+
+    path = Path(source)
+    if not path.is_dir():
+        return f"{source} is not a local directory; transformers fetches and checks its weights"
+    if any(path.glob("*.safetensors")):
+        return f"the weights in {source} are safetensors"
+    pickles = sorted(f for pattern in PICKLE_WEIGHTS for f in path.glob(pattern))
+    if not pickles:
+        raise FileNotFoundError(f"model.name_or_path={source!r} holds no weights (*.safetensors, or pickled *.bin / *.pt "
+                                "files); point it at a checkpoint saved with save_pretrained.")
+    for file in pickles:
+        try:
+            unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(str(file))
+        except Exception as error:  # a legacy (non-zip) pickle, or no pickle at all: torch.load cannot vouch for it
+            unsafe = [f"an unreadable pickle ({type(error).__name__})"]
+        if unsafe:
+            convert = (f"python -c \"import torch, safetensors.torch as s; d = torch.load('{file}', weights_only=False); "
+                       f"s.save_file({{k: v.contiguous().clone() for k, v in d.items()}}, '{path}/model.safetensors', "
+                       f"metadata={{'format': 'pt'}})\"")
+            raise ValueError(f"model.name_or_path: {file} is a pickle that names {', '.join(unsafe[:3])}, which torch's "
+                             "safe loader (weights_only) refuses, since loading it would run code; where you trust the "
+                             f"file, convert it to safetensors ({convert}) and remove {file.name}.")
+    return f"the pickled weights in {source} hold only what torch's safe loader accepts"
 
 
 # The base trains every weight: its LoRA settings are unused, and fixed so that the fine-tune's do
@@ -73,8 +109,8 @@ def save_tokenizer(tokenizer, directory: Path) -> None:
     alone; the converter reads a SentencePiece vocabulary (scores, byte pieces) from tokenizer.model,
     which added tokens are special from tokenizer_config.json's added_tokens_decoder (without it,
     <start_of_turn> and the like become plain text to llama.cpp), and which vocabulary reader to
-    use from the tokenizer_class the checkpoint declared (Phi-4-mini's GPT2Tokenizer)."""
-    import json
+    use from the tokenizer_class the checkpoint declared (Phi-4-mini's GPT2Tokenizer). A checkpoint that
+    brought a SentencePiece vocabulary in tokenizer.json alone gets the tokenizer.model it stands for."""
     import shutil
 
     directory = Path(directory)
@@ -86,11 +122,79 @@ def save_tokenizer(tokenizer, directory: Path) -> None:
     source = Path(str(tokenizer.name_or_path)) if tokenizer.name_or_path else None
     if source is not None and (source / "tokenizer.model").is_file():
         shutil.copy(source / "tokenizer.model", directory / "tokenizer.model")
+    elif not (directory / "tokenizer.model").is_file() and (model := sentencepiece_model(tokenizer)) is not None:
+        (directory / "tokenizer.model").write_bytes(model)
     if source is not None and (source / "tokenizer_config.json").is_file():
         declared = json.loads((source / "tokenizer_config.json").read_text())
         if "tokenizer_class" in declared:
             config["tokenizer_class"] = declared["tokenizer_class"]
     config_file.write_text(json.dumps(config, indent=2, ensure_ascii=False))
+
+
+BYTE_PIECE = re.compile(r"<0x[0-9A-F]{2}>")
+
+
+def sentencepiece_model(tokenizer) -> bytes | None:
+    """tokenizer.model for a SentencePiece vocabulary that only tokenizer.json holds (a byte-fallback
+    BPE, as transformers 5 saves Llama 2, Mistral, Gemma and Phi-3 tokenizers), or None for any
+    other vocabulary. llama.cpp's converter reads such vocabularies from tokenizer.model alone
+    (Gemma, Phi-3) or first (Llama, whose tokenizer.json fallback gives every piece one score, so
+    llama.cpp merges in another order). Pieces, ids and types are tokenizer.json's; a merged piece
+    scores minus the rank of its first merge, the order in which both tokenizers merge. The
+    export checks llama.cpp's token ids against the tokenizer's all the same."""
+    from sentencepiece import sentencepiece_model_pb2 as sp
+
+    state = json.loads(tokenizer.backend_tokenizer.to_str())
+    model = state["model"]
+    unknown = model.get("unk_token") or tokenizer.unk_token  # transformers 5 leaves Llama's out of the model
+    spaces = _spaces(state)
+    if (model.get("type") != "BPE" or not model.get("byte_fallback") or unknown not in model["vocab"]
+            or spaces is None):
+        return None
+    pieces = sorted(model["vocab"], key=model["vocab"].get)
+    if [model["vocab"][p] for p in pieces] != list(range(len(pieces))):
+        return None
+    merges = [m.split(" ") if isinstance(m, str) else m for m in model["merges"]]
+    rank = {}
+    for i, (left, right) in enumerate(merges):
+        rank.setdefault(left + right, i)
+    added = {t["id"]: t for t in state.get("added_tokens", [])}
+    kind = sp.ModelProto.SentencePiece.Type
+    proto = sp.ModelProto()
+    for i, piece in enumerate(pieces):
+        if piece == unknown:
+            type_, score = kind.UNKNOWN, 0.0
+        elif i in added:
+            type_, score = kind.CONTROL if added[i]["special"] else kind.USER_DEFINED, 0.0
+        elif BYTE_PIECE.fullmatch(piece):
+            type_, score = kind.BYTE, 0.0
+        else:  # single characters, which no merge makes, score below every merged piece
+            type_, score = kind.NORMAL, -float(rank.get(piece, len(merges) + i))
+        proto.pieces.add(piece=piece, score=score, type=type_)
+    proto.trainer_spec.model_type = sp.TrainerSpec.ModelType.BPE
+    proto.trainer_spec.vocab_size = len(pieces)
+    proto.trainer_spec.byte_fallback = True
+    proto.trainer_spec.unk_id = model["vocab"][unknown]
+    proto.normalizer_spec.name = "identity"
+    proto.normalizer_spec.add_dummy_prefix = spaces
+    proto.normalizer_spec.remove_extra_whitespaces = False
+    proto.normalizer_spec.escape_whitespaces = True
+    return proto.SerializeToString()
+
+
+def _spaces(state: dict) -> bool | None:
+    """How a tokenizer.json writes spaces, if as SentencePiece does (as "▁"): whether it also puts one
+    before the text (SentencePiece's add_dummy_prefix: a Prepend normalizer, transformers' legacy
+    Llama, or a Metaspace pre-tokenizer that prepends). None: not SentencePiece's way (byte-level)."""
+    def parts(step: dict | None, key: str) -> list[dict]:
+        return [] if step is None else step.get(key, [step])
+
+    normalizers, pre = parts(state.get("normalizer"), "normalizers"), parts(state.get("pre_tokenizer"), "pretokenizers")
+    metaspace = [p for p in pre if p.get("type") == "Metaspace"]
+    if not metaspace and not any(n.get("type") == "Replace" and n.get("content") == "\u2581" for n in normalizers):
+        return None
+    return (any(n.get("type") == "Prepend" for n in normalizers)
+            or any(p.get("prepend_scheme", "always") != "never" for p in metaspace))
 
 
 def model_config(cfg: DictConfig, **overrides):

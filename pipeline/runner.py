@@ -8,48 +8,18 @@ not run again: its stored result is logged to its child run, tagged `reused`. `r
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 
-from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, OmegaConf, open_dict
 
-from pipeline import distributed, hardware
-from pipeline.artifacts import stage_dir
-from pipeline.config import validate
-from pipeline.graph import STAGES, downstream, selected_stages
-from pipeline.models import base_config
+from pipeline import distributed
+from pipeline.artifacts import fp32_reference, stage_dir, verify_stage_output
+from pipeline.contract import PipelineError
+from pipeline.graph import STAGES, upstream
+from pipeline.preflight import BASE_STAGES, preflight, print_report, report_only, reused
 from pipeline.tracking import NoTracker, Tracker, flatten, installed_packages, quiet_libraries, run_tags
 
 log = logging.getLogger(__name__)
-# The stages that make a base model (model.pretrain), and that read it: prepare its tokenizer,
-# train its weights.
-BASE_STAGES = ("prepare", "train")
-
-
-def forced(rerun, stages: list[str]) -> set[str]:
-    """The stages `rerun` asks to run again, and the selected stages that read their outputs."""
-    names = list(rerun) if isinstance(rerun, (list, ListConfig)) else [str(rerun)] if rerun else []
-    unknown = [n for n in names if n not in STAGES and n != "all"]
-    if unknown:
-        raise ValueError(f"rerun={names}: unknown stage {', '.join(map(repr, unknown))}. "
-                         f"Valid: all, {', '.join(STAGES)} (or a list of them).")
-    return set(stages) if "all" in names else set(downstream(names)) & set(stages)
-
-
-def require_writable(cfg: DictConfig) -> None:
-    """Where outputs go must take files: checked before any work (and without writing anything),
-    not found out by a stage."""
-    for key in ("paths.artifacts", "paths.fixed"):
-        where = OmegaConf.select(cfg, key)
-        if where is None:
-            continue
-        path = Path(where).resolve()
-        existing = next(p for p in (path, *path.parents) if p.exists())
-        reason = (f"{existing} is not a directory" if not existing.is_dir() else
-                  f"{existing} is not writable by this user" if not os.access(existing, os.W_OK | os.X_OK) else None)
-        if reason:
-            raise NotADirectoryError(f"{key}={where!r} is not a writable directory ({reason}). "
-                                     f"Point {key} at a directory this user can write.")
 
 
 def _hydra_context() -> dict[str, str]:
@@ -64,41 +34,16 @@ def _hydra_context() -> dict[str, str]:
     return tags
 
 
-def preflight(cfg: DictConfig) -> dict:
-    """Everything checked before any work: the stages and reruns asked for, the precision the
-    hardware runs (written into cfg: later outputs are addressed by it, not by "auto"), the launch
-    settings, where outputs go, and every selected stage's own check. Returns what the run needs."""
-    validate(cfg)
-    stages = selected_stages(cfg.stage)
-    again = forced(cfg.rerun, stages)
-    hw = hardware.detect()
-    requested = cfg.train.precision
-    precision, reason = hardware.resolve_precision(requested, hw)
-    with open_dict(cfg):
-        cfg.train.precision = precision
-    log.info("precision: %s (requested %s: %s)", precision, requested, reason)
-    distributed.resolve(cfg, stages)
-    require_writable(cfg)
-    base = base_config(cfg) if set(stages) & set(BASE_STAGES) else None
-    for name in BASE_STAGES if base is not None else ():
-        try:
-            STAGES[name].check(base)
-        except ValueError as error:  # its keys are model.pretrain.<data|train>.*, not the fine-tune's
-            raise ValueError(f"model.pretrain (the base model's recipe, keys under model.pretrain.data and "
-                             f"model.pretrain.train): {error}") from None
-    # A stage whose output is reused does no work: its settings passed its check when it ran, and
-    # its check may cost seconds (llm-compressor's import) of a run that otherwise only looks.
-    unchecked = {name for name in stages if reused(cfg, name, again)}
-    for name in stages:
-        if name not in unchecked:
-            STAGES[name].check(cfg)
-    return {"stages": stages, "again": again, "hardware": hw, "requested": requested, "reason": reason, "base": base,
-            "unchecked": unchecked}
-
-
-def reused(cfg: DictConfig, name: str, again: set) -> bool:
-    """Whether stage `name` finds its finished output at its address and is not to run again."""
-    return STAGES[name].STAGE.reusable and name not in again and stage_dir(cfg, name).is_dir()
+def verify_inputs(cfg: DictConfig, name: str, reuse: bool) -> None:
+    """Before stage `name` reads anything: every upstream output it may read (and its own, where it
+    is reused) is still what its stage wrote, as `verify` asks. The report checks each run it
+    reads itself."""
+    for stage in [*upstream(name), *([name] if reuse else [])]:
+        if stage_dir(cfg, stage).is_dir():
+            verify_stage_output(cfg, stage)
+    for stage in STAGES[name].STAGE.references:
+        if stage_dir(fp32_reference(cfg), stage).is_dir():
+            verify_stage_output(fp32_reference(cfg), stage)
 
 
 def pretrain(base: DictConfig, tags: dict, tracker) -> None:
@@ -118,6 +63,7 @@ def pretrain(base: DictConfig, tags: dict, tracker) -> None:
                 out = stage_dir(base, name)
                 if out.is_dir():
                     log.info("base model: reusing its %s output %s (delete it to build it again)", name, out)
+                    verify_stage_output(base, name, rebuild=f"delete {out} to build it again")
                     STAGES[name].record(base, tracker)
                 else:
                     log.info("base model: %s, once for this machine, into %s", name, out)
@@ -126,6 +72,13 @@ def pretrain(base: DictConfig, tags: dict, tracker) -> None:
 
 def run(cfg: DictConfig) -> None:
     quiet_libraries()
+    only, stages = report_only(cfg.stage)
+    if only:
+        with open_dict(cfg):
+            cfg.stage = stages
+        if print_report(preflight(cfg, report=True), stages):
+            raise PipelineError("the pre-flight checks above failed; nothing was run.")
+        return
     plan = preflight(cfg)
     tags = run_tags(plan["hardware"].tags())
     # The other machines of a multi-machine training only lend their processes to rank 0's run.
@@ -146,6 +99,7 @@ def run(cfg: DictConfig) -> None:
                 if not reuse and name in plan["unchecked"]:
                     # Its address moved since the checks (a reference an earlier stage just made).
                     module.check(cfg)
+                verify_inputs(cfg, name, reuse)
                 if reuse:
                     log.info("stage %s: reusing %s (rerun=[%s] runs it again)", name, out, name)
                     module.record(cfg, tracker)

@@ -12,7 +12,7 @@ import threading
 import time
 from pathlib import Path
 
-from pipeline.contract import PipelineError
+from pipeline.contract import PipelineError, last_words
 
 
 class ServerError(PipelineError):
@@ -81,13 +81,13 @@ class Server:
             except httpx.HTTPError:
                 pass
             time.sleep(0.2)
-        raise ServerError(f"{self.command[0]} did not answer {self.url}{self.ready_path} within {self.ready_timeout_s} s.\n"
-                          f"{log_tail(self.log)}")
+        raise ServerError(f"{self.command[0]} did not answer {self.url}{self.ready_path} within {self.ready_timeout_s} s; "
+                          f"its log ({self.log}) ends: {last_words(log_tail(self.log))}")
 
     def raise_if_dead(self, what: str = "died") -> None:
         if self.process.poll() is not None:
-            raise ServerError(f"The server {what} (exit code {self.process.returncode}). Last lines of {self.log}:\n"
-                              f"{log_tail(self.log)}")
+            raise ServerError(f"The server {what} (exit code {self.process.returncode}): "
+                              f"{last_words(log_tail(self.log))} (its log: {self.log})")
 
     def _poll_memory(self) -> None:
         import psutil

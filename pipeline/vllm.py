@@ -31,6 +31,66 @@ def installed(configured) -> bool:
     return shutil.which(command(configured)[0]) is not None
 
 
+# What an installed vLLM serves, asked of it in its own environment: its model registry and, on a
+# CPU, the head sizes of its attention kernels (a model outside them fails at its first request).
+CAPABILITIES = """
+import json
+from vllm.model_executor.models.registry import ModelRegistry
+from vllm.platforms import current_platform
+found = {"architectures": sorted(ModelRegistry.get_supported_archs()), "head_sizes": None}
+if current_platform.is_cpu():
+    from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
+    found["head_sizes"] = CPUAttentionBackend.get_supported_head_sizes()
+print(json.dumps(found))
+"""
+
+
+def capabilities(configured) -> dict | None:
+    """CAPABILITIES of the vLLM that `configured` starts, or None where that is not a Python running
+    vLLM's module (a container, a script). Asked once per installation (its import takes seconds):
+    kept in the machine cache under the interpreter and its packages' folder's modification time."""
+    import glob
+    import hashlib
+    import json
+    import subprocess
+
+    from pipeline.artifacts import machine_cache, read_json, write_json
+
+    run = command(configured)
+    if len(run) < 3 or run[1] != "-m":
+        return None
+    python = Path(shutil.which(run[0]) or run[0])
+    packages = glob.glob(str(python.parent.parent / "lib" / "python*" / "site-packages"))
+    stamp = [str(python), *(str(os.stat(p).st_mtime_ns) for p in packages)]
+    cached = machine_cache() / "vllm" / f"{hashlib.sha256(json.dumps(stamp).encode()).hexdigest()[:16]}.json"
+    if cached.is_file():
+        return read_json(cached)
+    result = subprocess.run([str(python), "-c", CAPABILITIES], capture_output=True, text=True, env=os.environ)
+    if result.returncode != 0:
+        return None
+    found = json.loads(result.stdout.strip().splitlines()[-1])
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    write_json(cached, found)
+    return found
+
+
+def serves(configured, model) -> str:
+    """Refuses, in one line, a model (transformers, on the meta device) that this vLLM cannot serve."""
+    found = capabilities(configured)
+    arch, config = type(model).__name__, model.config
+    if found is None:
+        return f"vLLM's support for {arch} not checked ({command(configured)[0]} is not vLLM's Python)"
+    if arch not in found["architectures"]:
+        raise ValueError(f"serve: this vLLM does not serve {arch} (config.json architectures); serve its GGUF "
+                         "files with serve.engines=[llamacpp] instead.")
+    head = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    if found["head_sizes"] and head not in found["head_sizes"]:
+        raise ValueError(f"serve: vLLM's CPU attention takes head sizes {found['head_sizes']}, and this {arch} has "
+                         f"{head} (head_dim, or hidden_size / num_attention_heads): serve it on a GPU or with "
+                         "serve.engines=[llamacpp].")
+    return f"vLLM serves {arch} with head size {head}"
+
+
 def arguments(cfg: DictConfig, name: str, path: Path, port: int, cuda: bool) -> list[str]:
     v = cfg.serve.vllm
     args = ["--model", str(path), "--served-model-name", name, "--host", "127.0.0.1", "--port", str(port),

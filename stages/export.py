@@ -6,7 +6,9 @@ export.types. A file counts as an artifact only after it is validated: llama.cpp
 tokenizer gives the Hugging Face tokenizer's ids, every tensor has the requested type (llama.cpp
 silently falls back to other types where a row does not fill a block), and, for the base file,
 its logits match the source model. What llama.cpp cannot export, or would run differently, is
-refused from config.json and the tokenizer files before any work.
+refused from config.json and the tokenizer files before any work, and a user's checkpoint has its
+vocabulary through the converter and llama.cpp then too (dry_run), so that it is refused before
+training, not after.
 
 Outputs: <source>/model-<type>.gguf and manifest.json (hashes, sizes, timings, tensor types,
 validation results).
@@ -14,8 +16,10 @@ validation results).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import shutil
 import subprocess
 import time
 from collections import Counter
@@ -23,13 +27,14 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from pipeline.artifacts import atomic_dir, read_json, require_stage_output, sha256_file, stage_dir, write_json
+from pipeline.artifacts import (atomic_dir, code_fingerprint, keep_log, machine_cache, read_json, require_stage_output,
+                                sha256_file, stage_dir, write_json)
 from pipeline.chat import heldout_chat_prompts, is_chat, prompt_ids
 from pipeline.data import load_blocks
-from pipeline.models import load_causal_lm, pretrained_source, shape_only_model
+from pipeline.models import load_causal_lm, pretrained_source, save_tokenizer, shape_only_model
 from pipeline import llamacpp
 from pipeline.config import BASE_TYPES
-from pipeline.contract import Stage
+from pipeline.contract import PipelineError, Stage
 
 log = logging.getLogger(__name__)
 STAGE = Stage("export", settings=("export",), reads=("prepare", "train", "quantize"))
@@ -75,7 +80,7 @@ def main_tensor_type(name: str):
     raise ValueError(f"No GGML tensor type for {name!r}.")
 
 
-def check(cfg: DictConfig) -> None:
+def check(cfg: DictConfig) -> list[str]:
     x = cfg.export
     for name in x.types:
         file_type(name)
@@ -85,6 +90,81 @@ def check(cfg: DictConfig) -> None:
     problems = gguf_problems(type(model).__name__, model.config.to_dict(), pretrained_source(cfg), cfg.data.seq_len)
     if problems:
         raise ValueError("export: " + " ".join(problems))
+    return [f"llama.cpp's converter writes {type(model).__name__} with these settings", dry_run(cfg)]
+
+
+# The files of a checkpoint that its vocabulary's dry run reads (everything but the weights).
+WEIGHTS = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".msgpack", ".h5")
+
+
+def dry_run(cfg: DictConfig) -> str:
+    """The deployment path tried on a user's checkpoint before any training: its tokenizer saved as
+    the prepare and train stages save it (pipeline.models.save_tokenizer), llama.cpp's converter
+    on that and config.json with --vocab-only, the vocabulary loaded in llama.cpp and its token
+    ids compared with transformers', as the export checks them after training. Refuses in one
+    line; a pass is kept in the machine cache under the hash of what it read and of the code."""
+    import tempfile
+
+    from transformers import AutoTokenizer
+
+    checkpoint = pretrained_source(cfg)
+    if checkpoint is None or not Path(checkpoint).is_dir():
+        return "the starting model's vocabulary is the pipeline's own (no dry run of a user's checkpoint)"
+    arch = type(shape_only_model(cfg)).__name__
+    read = sorted(f for f in Path(checkpoint).iterdir() if f.is_file() and not f.name.endswith(WEIGHTS))
+    key = hashlib.sha256(json.dumps([code_fingerprint("export"), llamacpp.source_dir().name, cfg.export.pre_tokenizer,
+                                     [(f.name, sha256_file(f)) for f in read]]).encode()).hexdigest()[:16]
+    cached = machine_cache() / "dry-run" / f"{key}.json"
+    if cached.is_file():
+        return read_json(cached)["summary"] + " (cached)"
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenizer = AutoTokenizer.from_pretrained(checkpoint)
+        save_tokenizer(tokenizer, Path(tmp))
+        shutil.copy(Path(checkpoint) / "config.json", Path(tmp) / "config.json")
+        vocabulary = Path(tmp) / "vocabulary.gguf"
+        try:
+            llamacpp.convert(Path(tmp), vocabulary, "f16", gguf_name(cfg), cfg.export.pre_tokenizer, {}, vocab_only=True)
+        except llamacpp.ConverterError as error:
+            reason = error.reason.replace(tmp, checkpoint)  # the copy it read stands for the checkpoint
+            raise ValueError(f"export (dry run before training): llama.cpp's converter refuses the vocabulary of "
+                             f"{checkpoint}: {reason}; {converter_fix(reason, tokenizer, checkpoint, arch)} (its output: "
+                             f"{error.log}).") from None
+        llm = llamacpp.load_vocabulary(vocabulary)
+        try:
+            report = tokenizer_agreement(llm, tokenizer, [], f"the vocabulary of {checkpoint}")
+        except ValueError as error:
+            raise ValueError(f"export (dry run before training): {error}") from None
+        finally:
+            llm.close()
+    seconds = time.perf_counter() - started
+    summary = (f"llama.cpp's converter writes the vocabulary of {checkpoint}, llama.cpp loads it and tokenizes "
+               f"the probe as transformers does ({seconds:.1f} s)")
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    write_json(cached, {"summary": summary, "seconds": seconds, "checkpoint": checkpoint, **report})
+    return summary
+
+
+def converter_fix(reason: str, tokenizer, checkpoint: str, arch: str) -> str:
+    """What to do about a converter refusal whose cause is known."""
+    if "tokenizer.model" in reason:
+        kind = json.loads(tokenizer.backend_tokenizer.to_str())["model"]
+        byte_level = kind.get("type") == "BPE" and not kind.get("byte_fallback")
+        return (f"the converter reads {arch}'s vocabulary from tokenizer.model, which {checkpoint} lacks, and its "
+                f"tokenizer.json ({kind.get('type')}, byte_fallback={kind.get('byte_fallback', False)}) is not a "
+                "SentencePiece vocabulary one can be written from: "
+                + ("a byte-level BPE is read from tokenizer.json where tokenizer_config.json declares tokenizer_class "
+                   "GPT2Tokenizer, as Phi-4-mini's does" if byte_level and arch == "Phi3ForCausalLM" else
+                   "add the tokenizer.model the model was released with"))
+    if "pre-tokenizer" in reason or "NotImplementedError" in reason:
+        return "set export.pre_tokenizer to llama.cpp's name for this tokenizer's pre-tokenizer"
+    return "without GGUF files, the other stages still run: stage=[prepare,train,quantize,evaluate,serve]"
+
+
+def gguf_name(cfg: DictConfig) -> str:
+    """general.name of the files: the starting checkpoint's, since llama.cpp keys some tokenizer rules
+    on it (Phi-3's special tokens); our own names go into the precision_pipeline.* keys."""
+    return Path(str(cfg.model.name_or_path)).name if cfg.model.name_or_path else cfg.model.name
 
 
 def gguf_problems(arch: str, config: dict, checkpoint: str | None, seq_len: int) -> list[str]:
@@ -154,8 +234,10 @@ def quantize_gguf(source: Path, target: Path, name: str) -> None:
     result = subprocess.run([str(llamacpp.tool("llama-quantize")), str(source), str(target), name.upper(), "1"],
                             capture_output=True, text=True)
     if result.returncode != 0 or not target.exists():
-        raise RuntimeError(f"llama-quantize failed on {source.name} -> {name} (exit status {result.returncode}):\n"
-                           f"{(result.stdout + result.stderr)[-2000:]}")
+        log = keep_log(f"llama-quantize-{name}", result.stdout + result.stderr)
+        last = next((line for line in reversed(result.stderr.splitlines()) if line.strip()), "no output")
+        raise PipelineError(f"llama-quantize failed on {source.name} -> {name} (exit status {result.returncode}): "
+                            f"{last.strip()} (its output: {log})")
 
 
 def fallbacks(types: dict, name: str) -> list[dict]:
@@ -185,6 +267,28 @@ def token_difference(llm, tokenizer, text: str) -> tuple[int | None, list[int], 
     nowhere), both parsing special tokens written in the text."""
     ours, theirs = llamacpp.tokenize(llm, text), tokenizer(text, add_special_tokens=False)["input_ids"]
     return first_difference(ours, theirs), ours, theirs
+
+
+def tokenizer_agreement(llm, tokenizer, texts: list[str], name: str) -> dict:
+    """Refuses a llama.cpp vocabulary that tokenizes the probe or `texts` otherwise than the Hugging
+    Face tokenizer; reports how it tokenizes special tokens written in text."""
+    for text in [PROBE, *texts]:
+        at, ours, theirs = token_difference(llm, tokenizer, text)
+        if at is not None:
+            raise ValueError(f"{name}: llama.cpp tokenizes differently from the Hugging Face tokenizer at token "
+                             f"{at} ({ours[at:at + 5]} vs {theirs[at:at + 5]}); the pre-tokenizer is likely wrong.")
+    report = {"tokenizer_texts_checked": len(texts) + 1}
+    # Added and special tokens written in the text, as a chat template writes them.
+    added = [t.content for t in tokenizer.added_tokens_decoder.values()]
+    at, ours, theirs = token_difference(llm, tokenizer, "".join(f"{t}Hi {t} {PROBE}" for t in added))
+    report["special_tokens_agree"] = at is None
+    if at is not None:
+        # SentencePiece vocabularies with a leading-space prefix: llama.cpp adds the prefix after every
+        # special token as transformers' legacy mode did; transformers 5 does not.
+        report["special_tokens_difference"] = {"at": at, "llama_cpp": ours[at:at + 5], "transformers": theirs[at:at + 5]}
+        log.warning("%s: around special tokens written in text, llama.cpp tokenizes differently from the Hugging "
+                    "Face tokenizer (token %d: %s vs %s)", name, at, ours[at:at + 5], theirs[at:at + 5])
+    return report
 
 
 def chat_template_agreement(llm, tokenizer, prompts: list[list[dict]], name: str, allow_mismatch: bool) -> dict:
@@ -226,27 +330,13 @@ def validate(path: Path, name: str, tokenizer, texts: list[str], reference=None,
     if name not in BASE_TYPES:
         report["fallbacks"] = fallbacks(types, name)
         if report["fallbacks"] and not allow_fallback:
-            lines = "\n".join(f"  {f['tensor']} {f['shape']}: {f['type']} instead of {f['wanted']} ({f['why']})"
-                              for f in report["fallbacks"])
+            listed = "; ".join(f"{f['tensor']} {f['shape']}: {f['type']} instead of {f['wanted']} ({f['why']})"
+                               for f in report["fallbacks"][:3])
+            more = f"; and {len(report['fallbacks']) - 3} more" if len(report["fallbacks"]) > 3 else ""
             raise ValueError(f"llama.cpp fell back to other types for {len(report['fallbacks'])} tensor(s) of "
-                             f"{path.name}:\n{lines}\nSet export.allow_fallback=true to keep such files.")
+                             f"{path.name}: {listed}{more}. Set export.allow_fallback=true to keep such files.")
     llm = llamacpp.load(path, n_ctx=max(len(r) for r in check_ids) if check_ids is not None else 512)
-    for text in [PROBE, *texts]:
-        at, ours, theirs = token_difference(llm, tokenizer, text)
-        if at is not None:
-            raise ValueError(f"{path.name}: llama.cpp tokenizes differently from the Hugging Face tokenizer at token "
-                             f"{at} ({ours[at:at + 5]} vs {theirs[at:at + 5]}); the pre-tokenizer is likely wrong.")
-    report["tokenizer_texts_checked"] = len(texts) + 1
-    # Added and special tokens written in the text, as a chat template writes them.
-    added = [t.content for t in tokenizer.added_tokens_decoder.values()]
-    at, ours, theirs = token_difference(llm, tokenizer, "".join(f"{t}Hi {t} {PROBE}" for t in added))
-    report["special_tokens_agree"] = at is None
-    if at is not None:
-        # SentencePiece vocabularies with a leading-space prefix: llama.cpp adds the prefix after every
-        # special token as transformers' legacy mode did; transformers 5 does not.
-        report["special_tokens_difference"] = {"at": at, "llama_cpp": ours[at:at + 5], "transformers": theirs[at:at + 5]}
-        log.warning("%s: around special tokens written in text, llama.cpp tokenizes differently from the Hugging "
-                    "Face tokenizer (token %d: %s vs %s)", path.name, at, ours[at:at + 5], theirs[at:at + 5])
+    report.update(tokenizer_agreement(llm, tokenizer, texts, path.name))
     if chat_prompts:
         report["chat_template"] = chat_template_agreement(llm, tokenizer, chat_prompts, path.name,
                                                           allow_template_mismatch)
@@ -285,9 +375,6 @@ def run(cfg: DictConfig, tracker) -> None:
 
     dtype = base_type(cfg)
     tokenizer = AutoTokenizer.from_pretrained(sources["trained"])
-    # general.name stays the starting checkpoint's: llama.cpp keys some tokenizer rules on it
-    # (Phi-3's special tokens), and our own names go into the precision_pipeline.* keys.
-    base_name = Path(str(cfg.model.name_or_path)).name if cfg.model.name_or_path else cfg.model.name
     texts = [json.loads(line)["text"][:2000] for line in (prepared / "heldout.jsonl").read_text().splitlines()[: x.check.texts]]
     chat_prompts = heldout_chat_prompts(prepared)[: x.check.conversations] if is_chat(cfg.data) else []
     checks = {"chat_prompts": chat_prompts, "allow_template_mismatch": x.check.allow_chat_template_mismatch}
@@ -304,7 +391,7 @@ def run(cfg: DictConfig, tracker) -> None:
             provenance = {"name": f"{cfg.model.name}-{cfg.train.precision}-{source}", "source": source,
                           "training_precision": cfg.train.precision, "pipeline_run": tracker.pipeline_run_id}
             started = time.perf_counter()
-            llamacpp.convert(path, base, dtype, base_name, x.pre_tokenizer, provenance)
+            llamacpp.convert(path, base, dtype, gguf_name(cfg), x.pre_tokenizer, provenance)
             files = {dtype: {"seconds": time.perf_counter() - started,
                              "pre_tokenizer": llamacpp.metadata_value(base, "tokenizer.ggml.pre"),
                              **validate(base, dtype, tokenizer, texts, reference, check_ids, x.check.max_logit_diff,

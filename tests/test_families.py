@@ -59,6 +59,26 @@ def test_family_runs_the_chain_and_llama_cpp_matches_it(family, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("family", ["llama2", "gemma2"])
+def test_a_vocabulary_only_tokenizer_json_holds_is_exported(family, tmp_path):
+    """Checkpoints saved by transformers 5 bring a SentencePiece vocabulary as tokenizer.json alone:
+    prepare and train save the tokenizer.model it stands for, and llama.cpp's file then tokenizes
+    and computes as the model does (the export's checks), with SentencePiece's merge order."""
+    model = checkpoint(family, tmp_path / family)
+    (model / "tokenizer.model").unlink()
+    pipeline(tmp_path, "stage=[prepare,train,export]", "model=hf", f"model.name_or_path={model}", "profile=smoke",
+             "train.precision=fp32", "train.max_steps=2", "train.eval_every=2", "train.checkpoint_every=2",
+             "data.seq_len=64", "export.sources=[trained]", "export.types=[q8_0]")
+    assert (only_dir(tmp_path / "artifacts" / "train") / "tokenizer.model").is_file()
+    export = only_dir(tmp_path / "artifacts" / "export")
+    files = read_json(export / "manifest.json")["trained"]
+    assert files["f16"]["tokenizer_texts_checked"] > 1 and files["f16"]["top1_flips_beyond_ties"] == 0
+    gguf = export / "trained" / "model-f16.gguf"
+    assert llamacpp.metadata_value(gguf, "tokenizer.ggml.model") == "llama"
+    assert len(set(llamacpp.metadata_value(gguf, "tokenizer.ggml.scores"))) > 100  # merge ranks, not one score
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("family, rope", [
     ("llama3.2", {"rope_type": "linear", "factor": 2.0, "rope_theta": 500000.0}),
     ("qwen2.5", {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 128, "rope_theta": 1000000.0}),
@@ -111,7 +131,7 @@ def test_a_checkpoint_llama_cpp_would_run_differently_is_refused_before_training
     message = refused(tmp_path, "stage=all", "model=hf", f"model.name_or_path={model}", "data.seq_len=64")
     assert "sliding_window=32 is smaller than data.seq_len=64" in message and "data.seq_len<=32" in message
     # Without the export, nothing is refused: training alone is fine.
-    from pipeline.runner import preflight
+    from pipeline.preflight import preflight
     from tests.conftest import compose_with
 
     preflight(compose_with("stage=[prepare,train]", "model=hf", f"model.name_or_path={model}", "data.seq_len=64",

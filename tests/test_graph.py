@@ -13,7 +13,7 @@ from omegaconf import OmegaConf
 from pipeline.artifacts import ROOT, code_files, stage_dir, stage_inputs
 from pipeline.contract import Stage, StageModule
 from pipeline.graph import STAGES, downstream, dvc_yaml, upstream
-from pipeline.runner import forced, preflight
+from pipeline.preflight import forced, preflight
 from tests.conftest import compose_with
 
 PROTOCOL = [name for name, member in vars(StageModule).items() if inspect.isfunction(member) and not name.startswith("_")]

@@ -16,7 +16,7 @@ import torch
 from omegaconf import OmegaConf
 
 from pipeline import llamacpp, vllm
-from pipeline.artifacts import read_json, stage_dir, write_json
+from pipeline.artifacts import read_json, record_files, stage_dir, write_json
 from pipeline.server import Server, ServerError, free_port
 from stages.report.stats import fastest_within, speed_ratio
 from stages.serve import merge_rounds, server_command, stream, summarize, targets
@@ -229,6 +229,7 @@ def test_one_file_served_under_two_names_is_not_ranked(own_chain):
     manifest = read_json(export / "manifest.json")
     shutil.copytree(export / "trained", export / "twin")
     write_json(export / "manifest.json", {**manifest, "twin": manifest["trained"]})
+    record_files(export)  # this changed output is the test's own, not one to be refused
     overrides = ["serve.llamacpp.files=[trained.q4_k_m,twin.q4_k_m]", "serve.rounds=3", "serve.load.levels=[1]",
                  "serve.load.requests=40"]
     pipeline(own_chain, "stage=serve", *SMALL_CHAIN, *overrides)

@@ -106,3 +106,16 @@ def test_served_scores_that_are_not_the_checkpoints_fail():
     assert same["kl"] == pytest.approx(0, abs=1e-6) and same["tokens"] == 22 and 0 < same["kl_tokens"] <= 22
     different = vllm.compare(local, ids, served_as(other), q)
     assert not different["agrees"] and different["kl"] > q.kl_max
+
+
+@needs_vllm
+@pytest.mark.skipif(torch.cuda.is_available(), reason="vLLM-CPU's attention kernels")
+def test_a_model_vllm_cannot_serve_is_refused_before_any_work(tmp_path):
+    """vLLM-CPU's attention kernels take some head sizes only, and a model outside them would fail at
+    its first request, after the whole chain: the check asks the installed vLLM (once, then cached)."""
+    from pipeline.models import shape_only_model
+    from tests.conftest import refused
+
+    assert vllm.serves(None, shape_only_model(compose_with())) == "vLLM serves LlamaForCausalLM with head size 64"
+    message = refused(tmp_path, "stage=serve", "serve.engines=[vllm]", "model.arch.num_attention_heads=16")
+    assert message.startswith("serve: vLLM's CPU attention takes head sizes [32, 64") and "has 16" in message

@@ -138,5 +138,6 @@ def record(cfg: DictConfig, tracker) -> None:
                          for g in data["gates"] if g["value"] is not None})
     failed = [g for g in data["gates"] if g["status"] == "FAIL"]
     if failed:
-        raise GateError(f"{len(failed)} quality gate(s) failed (report in {out}):\n" + "\n".join(gate_line(g) for g in failed))
+        raise GateError(f"{len(failed)} quality gate(s) failed (report in {out}): "
+                        + "; ".join(gate_line(g).removeprefix("- ") for g in failed))
     log.info("report: %s\n%s", out / "report.md", answer)

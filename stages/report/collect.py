@@ -8,7 +8,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from pipeline.artifacts import read_json, stage_dir, variant
+from pipeline.artifacts import read_json, stage_dir, variant, verify_stage_output
 
 # Serving figures a row's cells carry (at report.serve_level), each with its interval.
 SERVED = ("output_tokens_per_s", "ttft_ms_p50", "ttft_ms_p99", "itl_ms_p50")
@@ -55,6 +55,9 @@ def collect(cfg: DictConfig, changes: dict) -> dict | None:
     train = stage_dir(run, "train") / "summary.json"
     if not train.exists():
         return None
+    for stage in ("train", "evaluate", "serve"):  # a file changed since is never a number in the report
+        if stage_dir(run, stage).is_dir():
+            verify_stage_output(run, stage)
     evaluation, serving = stage_dir(run, "evaluate"), stage_dir(run, "serve")
     return assemble(read_json(train), _json_or_none(evaluation / "summary.json"),
                     _json_or_none(evaluation / "per_sequence.json"), _json_or_none(serving / "summary.json"),
