@@ -150,8 +150,9 @@ def scratch_dir(final: Path) -> Path:
 
 
 @contextlib.contextmanager
-def atomic_dir(final: Path):
-    """Yield a scratch directory that replaces `final` only if the block finishes without error."""
+def atomic_dir(final: Path, record: bool = True):
+    """Yield a scratch directory that replaces `final` only if the block finishes without error,
+    with its files listed in FILES (`record`: a stage output, which readers verify)."""
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     scratch = scratch_dir(final)
@@ -162,7 +163,8 @@ def atomic_dir(final: Path):
     except BaseException:
         shutil.rmtree(scratch, ignore_errors=True)
         raise
-    record_files(scratch)
+    if record:
+        record_files(scratch)
     old = final.with_name(f".{final.name}.old")
     shutil.rmtree(old, ignore_errors=True)
     if final.exists():

@@ -198,7 +198,9 @@ def save_checkpoint(accelerator, path: Path, state: dict) -> None:
     """Every process adds its part (its RNG state; its shard under FSDP or DeepSpeed) to the
     main process's atomic_dir, which it completes and renames into place."""
     main = accelerator.is_main_process
-    with atomic_dir(path) if main else contextlib.nullcontext(scratch_dir(path)) as scratch:
+    # Not a stage output: resuming reads it at once, and hashing model and optimizer states at
+    # every checkpoint would cost more than writing them.
+    with atomic_dir(path, record=False) if main else contextlib.nullcontext(scratch_dir(path)) as scratch:
         accelerator.wait_for_everyone()  # the main process has made the directory
         accelerator.save_state(str(scratch))
         accelerator.wait_for_everyone()  # and every part is in it
