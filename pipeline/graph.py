@@ -31,8 +31,13 @@ DVC_HEADER = """\
 """
 
 
+def stage_names(value) -> list[str]:
+    """The names in a `stage` or `rerun` setting: one name, or a list of them."""
+    return list(value) if isinstance(value, (list, ListConfig)) else [str(value)]
+
+
 def selected_stages(stage) -> list[str]:
-    names = list(stage) if isinstance(stage, (list, ListConfig)) else [str(stage)]
+    names = stage_names(stage)
     unknown = [n for n in names if n not in STAGES and n != "all"]
     if unknown or not names:
         raise ValueError(f"Unknown stage {', '.join(map(repr, unknown)) or '(none)'}. "

@@ -13,13 +13,13 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from pipeline import distributed, hardware
 from pipeline.artifacts import stage_dir
 from pipeline.config import validate
 from pipeline.contract import USER_ERRORS
-from pipeline.graph import STAGES, downstream, selected_stages
+from pipeline.graph import STAGES, downstream, selected_stages, stage_names
 from pipeline.models import base_config
 
 log = logging.getLogger(__name__)
@@ -32,7 +32,7 @@ CHECK = "check"
 
 def forced(rerun, stages: list[str]) -> set[str]:
     """The stages `rerun` asks to run again, and the selected stages that read their outputs."""
-    names = list(rerun) if isinstance(rerun, (list, ListConfig)) else [str(rerun)] if rerun else []
+    names = stage_names(rerun) if rerun else []
     unknown = [n for n in names if n not in STAGES and n != "all"]
     if unknown:
         raise ValueError(f"rerun={names}: unknown stage {', '.join(map(repr, unknown))}. "
@@ -42,7 +42,7 @@ def forced(rerun, stages: list[str]) -> set[str]:
 
 def report_only(stage) -> tuple[bool, object]:
     """Whether `stage` asks for the pre-flight report, and the stages it is about."""
-    names = list(stage) if isinstance(stage, (list, ListConfig)) else [str(stage)]
+    names = stage_names(stage)
     if CHECK not in names:
         return False, stage
     rest = [n for n in names if n != CHECK]
@@ -157,7 +157,7 @@ def print_report(plan: dict, stage) -> int:
     """The pre-flight report on stdout; the exit status: 1 where a check failed."""
     checks = plan["checks"]
     marks = {True: "passed", False: "FAILED", None: "skipped"}
-    stage = ",".join(stage) if isinstance(stage, (list, ListConfig)) else stage
+    stage = ",".join(stage_names(stage))
     print(f"pre-flight checks of stage={stage} (nothing is run):")
     width = max(len(name) for name, _, _ in checks.outcomes)
     for name, passed, detail in checks.outcomes:

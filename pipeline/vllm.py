@@ -45,41 +45,43 @@ print(json.dumps(found))
 """
 
 
-def capabilities(configured) -> dict | None:
-    """CAPABILITIES of the vLLM that `configured` starts, or None where that is not a Python running
-    vLLM's module (a container, a script). Asked once per installation (its import takes seconds):
-    kept in the machine cache under the interpreter and its packages' folder's modification time."""
+def capabilities(configured) -> tuple[dict | None, str]:
+    """(CAPABILITIES of the vLLM that `configured` starts, or None and why they are unknown: that is
+    not a Python running vLLM's module, such as a container or a script, or asking it failed).
+    Asked once per installation (its import takes seconds): kept in the machine cache under the
+    interpreter and its packages' folder's modification time."""
     import glob
     import hashlib
     import json
     import subprocess
 
     from pipeline.artifacts import machine_cache, read_json, write_json
+    from pipeline.contract import last_words
 
     run = command(configured)
     if len(run) < 3 or run[1] != "-m":
-        return None
+        return None, f"{run[0]} is not vLLM's Python"
     python = Path(shutil.which(run[0]) or run[0])
     packages = glob.glob(str(python.parent.parent / "lib" / "python*" / "site-packages"))
     stamp = [str(python), *(str(os.stat(p).st_mtime_ns) for p in packages)]
     cached = machine_cache() / "vllm" / f"{hashlib.sha256(json.dumps(stamp).encode()).hexdigest()[:16]}.json"
     if cached.is_file():
-        return read_json(cached)
-    result = subprocess.run([str(python), "-c", CAPABILITIES], capture_output=True, text=True, env=os.environ)
+        return read_json(cached), ""
+    result = subprocess.run([str(python), "-c", CAPABILITIES], capture_output=True, text=True)
     if result.returncode != 0:
-        return None
+        return None, f"asking {python} failed: {last_words(result.stderr)}"
     found = json.loads(result.stdout.strip().splitlines()[-1])
     cached.parent.mkdir(parents=True, exist_ok=True)
     write_json(cached, found)
-    return found
+    return found, ""
 
 
 def serves(configured, model) -> str:
     """Refuses, in one line, a model (transformers, on the meta device) that this vLLM cannot serve."""
-    found = capabilities(configured)
+    found, unknown = capabilities(configured)
     arch, config = type(model).__name__, model.config
     if found is None:
-        return f"vLLM's support for {arch} not checked ({command(configured)[0]} is not vLLM's Python)"
+        return f"vLLM's support for {arch} not checked ({unknown})"
     if arch not in found["architectures"]:
         raise ValueError(f"serve: this vLLM does not serve {arch} (config.json architectures); serve its GGUF "
                          "files with serve.engines=[llamacpp] instead.")

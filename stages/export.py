@@ -34,7 +34,7 @@ from pipeline.data import load_blocks
 from pipeline.models import load_causal_lm, pretrained_source, save_tokenizer, shape_only_model
 from pipeline import llamacpp
 from pipeline.config import BASE_TYPES
-from pipeline.contract import PipelineError, Stage
+from pipeline.contract import PipelineError, Stage, last_words
 
 log = logging.getLogger(__name__)
 STAGE = Stage("export", settings=("export",), reads=("prepare", "train", "quantize"))
@@ -90,14 +90,14 @@ def check(cfg: DictConfig) -> list[str]:
     problems = gguf_problems(type(model).__name__, model.config.to_dict(), pretrained_source(cfg), cfg.data.seq_len)
     if problems:
         raise ValueError("export: " + " ".join(problems))
-    return [f"llama.cpp's converter writes {type(model).__name__} with these settings", dry_run(cfg)]
+    return [f"llama.cpp's converter writes {type(model).__name__} with these settings", dry_run(cfg, type(model).__name__)]
 
 
 # The files of a checkpoint that its vocabulary's dry run reads (everything but the weights).
 WEIGHTS = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".msgpack", ".h5")
 
 
-def dry_run(cfg: DictConfig) -> str:
+def dry_run(cfg: DictConfig, arch: str) -> str:
     """The deployment path tried on a user's checkpoint before any training: its tokenizer saved as
     the prepare and train stages save it (pipeline.models.save_tokenizer), llama.cpp's converter
     on that and config.json with --vocab-only, the vocabulary loaded in llama.cpp and its token
@@ -110,7 +110,6 @@ def dry_run(cfg: DictConfig) -> str:
     checkpoint = pretrained_source(cfg)
     if checkpoint is None or not Path(checkpoint).is_dir():
         return "the starting model's vocabulary is the pipeline's own (no dry run of a user's checkpoint)"
-    arch = type(shape_only_model(cfg)).__name__
     read = sorted(f for f in Path(checkpoint).iterdir() if f.is_file() and not f.name.endswith(WEIGHTS))
     key = hashlib.sha256(json.dumps([code_fingerprint("export"), llamacpp.source_dir().name, cfg.export.pre_tokenizer,
                                      [(f.name, sha256_file(f)) for f in read]]).encode()).hexdigest()[:16]
@@ -235,9 +234,8 @@ def quantize_gguf(source: Path, target: Path, name: str) -> None:
                             capture_output=True, text=True)
     if result.returncode != 0 or not target.exists():
         log = keep_log(f"llama-quantize-{name}", result.stdout + result.stderr)
-        last = next((line for line in reversed(result.stderr.splitlines()) if line.strip()), "no output")
         raise PipelineError(f"llama-quantize failed on {source.name} -> {name} (exit status {result.returncode}): "
-                            f"{last.strip()} (its output: {log})")
+                            f"{last_words(result.stdout + result.stderr)} (its output: {log})")
 
 
 def fallbacks(types: dict, name: str) -> list[dict]:

@@ -8,7 +8,7 @@ import pytest
 
 from pipeline import llamacpp
 from tests.conftest import pipeline, refused
-from tests.families import checkpoint
+from tests.families import FAMILIES, checkpoint
 
 
 def one_line_error(result) -> str:
@@ -86,7 +86,8 @@ def test_a_vocabulary_only_tokenizer_json_holds_passes_the_dry_run(family, tmp_p
     model = checkpoint(family, tmp_path / family)
     (model / "tokenizer.model").unlink()
     cfg = compose_with("model=hf", f"model.name_or_path={model}", "data.seq_len=64")
-    first, again = dry_run(cfg), dry_run(cfg)
+    arch = FAMILIES[family][0]["architectures"][0]
+    first, again = dry_run(cfg, arch), dry_run(cfg, arch)
     assert "tokenizes the probe as transformers does" in first and again.endswith("(cached)")
 
 
