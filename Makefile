@@ -3,7 +3,10 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 # torch is installed in the same pip command as the project so that no dependency pulls another build.
 TORCH ?= torch==2.13.0
-# llama-cpp-python compiles llama.cpp on install; its multimodal part is not needed here.
+# llama-cpp-python compiles llama.cpp on install; its multimodal part is not needed here. On x86-64
+# without llama.cpp's AMX kernels, which crash on Q4_K files on a Xeon with AMX (pipeline/llamacpp.py,
+# NO_AMX, builds the tools the same way).
+NO_AMX := $(if $(filter x86_64,$(shell uname -m)),-mno-amx-tile -mno-amx-int8 -mno-amx-bf16)
 
 # Optional dependency groups (pyproject.toml); dev brings the test tools.
 EXTRAS ?= dev
@@ -15,7 +18,7 @@ install: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
-	CMAKE_ARGS="-DLLAVA_BUILD=OFF" $(VENV)/bin/pip install --quiet "$(TORCH)" -e '.[$(EXTRAS)]'
+	CMAKE_ARGS="-DLLAVA_BUILD=OFF" CFLAGS="$(NO_AMX)" CXXFLAGS="$(NO_AMX)" $(VENV)/bin/pip install --quiet "$(TORCH)" -e '.[$(EXTRAS)]'
 	# llama.cpp's source at the binding's version, for its GGUF converter, and its tools built from
 	# it (llama-server, llama-perplexity, llama-quantize): about 6 minutes on 2 cores the first time,
 	# seconds when the build is cached (pipeline/llamacpp.py).
@@ -68,6 +71,7 @@ benchmark: install
 	$(PY) benchmarks/gguf_export.py
 	$(PY) benchmarks/llamacpp_tools.py
 	$(PY) benchmarks/dry_run.py
+	$(PY) benchmarks/quantize_methods.py
 
 # vLLM against llama-server on the same fine-tune's AWQ checkpoint and q4_k_m file.
 benchmark-serving: install install-vllm

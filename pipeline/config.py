@@ -21,6 +21,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig
 
 from pipeline.chat import FORMATS
+from pipeline.formats import METHODS, SMOOTHED
 from pipeline.hardware import PRECISIONS
 
 # Where prepare reads documents from (conf/data/<source>.yaml); stdlib: questions about the
@@ -201,7 +202,7 @@ class AWQ:
 
 @dataclass
 class Quantize:
-    methods: list[str] = setting(each=("awq", "rtn"), factory=list)
+    methods: list[str] = setting(each=tuple(METHODS), factory=list)
     group_size: int = setting(low=1)
     symmetric: bool = MISSING
     ignore: list[str] = setting(factory=list)
@@ -220,7 +221,7 @@ class ExportCheck:
 
 @dataclass
 class Export:
-    sources: list[str] = setting(each=("trained", "awq_smoothed"), factory=list)
+    sources: list[str] = setting(each=("trained", SMOOTHED), factory=list)
     base_type: str = setting(choices=("auto", *BASE_TYPES))
     types: list[str] = setting(factory=list)
     allow_fallback: bool = MISSING
@@ -272,7 +273,7 @@ class ServedQuality:
 @dataclass
 class VLLM:
     command: Optional[list[str]] = None
-    artifacts: list[str] = setting(each=("trained", "awq", "rtn"), factory=list)
+    artifacts: list[str] = setting(each=("trained", *METHODS), factory=list)
     dtype: str = setting(choices=("auto", "float32", "bfloat16", "float16"))
     gpu_memory_utilization: float = setting(low=0.05, high=1)
     cpu_kvcache_gib: int = setting(low=1)

@@ -92,12 +92,17 @@ def fetch() -> Path:
     return target
 
 
+NO_AMX = "-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
 # The tools built from the source tree. Static, so that a finished build can be moved into place.
 TOOLS = ("llama-server", "llama-perplexity", "llama-quantize")
 CMAKE_FLAGS = ("-DCMAKE_BUILD_TYPE=Release", "-DBUILD_SHARED_LIBS=OFF", "-DLLAMA_BUILD_TESTS=OFF",
                "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_TOOLS=ON", "-DLLAMA_BUILD_SERVER=ON",
                # No network at build or run time: no HTTPS model downloads, no prebuilt web UI.
-               "-DLLAMA_OPENSSL=OFF", "-DLLAMA_CURL=OFF", "-DLLAMA_USE_PREBUILT_UI=OFF")
+               "-DLLAMA_OPENSSL=OFF", "-DLLAMA_CURL=OFF", "-DLLAMA_USE_PREBUILT_UI=OFF",
+               # The build targets this CPU, and on a Xeon with AMX llama.cpp 0.3.36's AMX kernels
+               # crash the process (SIGSEGV in ggml_backend_amx_mul_mat) on Q4_K files of the tiny
+               # and default models: compile them out, as the Makefile does for the binding's build.
+               *((f"-DCMAKE_C_FLAGS={NO_AMX}", f"-DCMAKE_CXX_FLAGS={NO_AMX}") if platform.machine() == "x86_64" else ()))
 # llama.cpp's logger writes from a thread that exit does not wait for, so a tool's last lines are
 # now and then lost (llama.cpp issue 22142; upstream flushes before exit tool by tool, PR 25504).
 # The same one-line flush for llama-perplexity, whose closing summary the evaluate stage reads;

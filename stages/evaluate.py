@@ -36,6 +36,7 @@ from pipeline.data import load_sequences, pad_id
 from pipeline.metrics import batched_logprobs, greedy, prefix_agreement, summarize, token_metrics
 from pipeline.models import load_causal_lm, model_logits
 from pipeline.config import BASE_TYPES
+from pipeline.formats import METHODS, quantized_checkpoints
 from pipeline.contract import PipelineError, Stage, declared
 
 STAGE = Stage("evaluate", settings=("evaluate",), reads=("prepare", "train", "quantize", "export"), references=("train",),
@@ -115,8 +116,7 @@ def artifacts(cfg: DictConfig) -> list[tuple[str, str, Path]]:
     adapter = found[0][2] / declared("train").names["adapter"]
     if adapter.is_dir():
         found.append((STAGE.names["unmerged"], "peft", adapter))
-    quantized = stage_dir(cfg, "quantize")
-    found += [(m, "hf", quantized / m) for m in ("awq", "rtn") if (quantized / m).is_dir()]
+    found += [(m, "hf", path) for m, path in quantized_checkpoints(stage_dir(cfg, "quantize")).items()]
     found += [(name, "gguf", path) for name, path in llamacpp.gguf_files(stage_dir(cfg, "export"))]
     found += [(name, "hf", Path(path)) for name, path in cfg.evaluate.extra.items()]
     return found
@@ -314,6 +314,8 @@ def run(cfg: DictConfig, tracker) -> None:
                          fp32_logprobs)
         result["all"]["size_mb"] = disk_bytes(path) / 2**20
         result["source"] = {"kind": kind, "path": str(path)}
+        if name in METHODS:  # what a CPU can measure of a format it does not run natively
+            result["source"]["measured_as"] = METHODS[name].measured_as
         results[name] = result
 
     sequence_nll = {n: r.pop("sequence_nll") for n, r in results.items()}

@@ -34,6 +34,7 @@ from pipeline.data import load_blocks
 from pipeline.models import load_causal_lm, pretrained_source, save_tokenizer, shape_only_model
 from pipeline import llamacpp
 from pipeline.config import BASE_TYPES
+from pipeline.formats import SMOOTHED, smoothed_checkpoint
 from pipeline.contract import PipelineError, Stage, last_words
 
 log = logging.getLogger(__name__)
@@ -365,8 +366,8 @@ def run(cfg: DictConfig, tracker) -> None:
     x = cfg.export
     prepared = require_stage_output(cfg, "prepare")
     sources = {"trained": require_stage_output(cfg, "train")}
-    if "awq_smoothed" in x.sources and (stage_dir(cfg, "quantize") / "awq_smoothed").is_dir():
-        sources["awq_smoothed"] = stage_dir(cfg, "quantize") / "awq_smoothed"
+    if SMOOTHED in x.sources and (smoothed := smoothed_checkpoint(stage_dir(cfg, "quantize"))):
+        sources[SMOOTHED] = smoothed
     sources = {k: v for k, v in sources.items() if k in x.sources}
     if not sources:
         raise FileNotFoundError(f"export.sources={list(x.sources)}: none exists yet; run stage=quantize first.")

@@ -1,12 +1,16 @@
-"""quantize: post-training W4A16 of the trained model through llm-compressor, AWQ and plain RTN.
+"""quantize: post-training quantization of the trained model through llm-compressor.
+
+The methods (pipeline.formats.METHODS): AWQ, GPTQ and plain RTN write int4 weights in groups of
+quantize.group_size with 16-bit activations (W4A16); fp8_dynamic writes FP8 W8A8 (per-channel
+weights, activations scaled per token at run time), which needs no calibration.
 
 Outputs (in the stage directory), each a Hugging Face checkpoint with the tokenizer:
-- awq/, rtn/: compressed-tensors `pack-quantized` checkpoints (vLLM serves them; transformers
-  loads them on a CPU), with the recipe llm-compressor applied;
+- <method>/: a compressed-tensors checkpoint (vLLM serves it; transformers loads it on a CPU),
+  with the recipe llm-compressor applied;
 - awq_smoothed/: the trained model with AWQ's scales folded into its float weights, not quantized.
   It computes the trained model's function (checked here) and is what the GGUF export quantizes
   with llama.cpp's own types, to show whether AWQ's scaling helps them too;
-- summary.json: timings, sizes, calibration hash.
+- summary.json: timings, sizes, calibration hash, the methods written.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from omegaconf import DictConfig
 from pipeline.artifacts import atomic_dir, disk_bytes, keep_log, read_json, require_stage_output, stage_dir, write_json
 from pipeline.data import load_blocks
 from pipeline.metrics import mean_kl
+from pipeline.formats import METHODS, SMOOTHED, SUMMARY
 from pipeline.models import load_causal_lm, save_tokenizer, shape_only_model
 from pipeline.contract import PipelineError, Stage
 
@@ -46,12 +51,13 @@ def check(cfg: DictConfig) -> list[str]:
     model = shape_only_model(cfg)
     linears = {n: m.in_features for n, m in model.named_modules()
                if isinstance(m, torch.nn.Linear) and not _ignored(n, q.ignore)}
-    bad = {n: w for n, w in linears.items() if w % q.group_size}
+    grouped = [m for m in q.methods if METHODS[m].grouped]
+    bad = {n: w for n, w in linears.items() if w % q.group_size} if grouped else {}
     if bad:
         widths = sorted(set(linears.values()))
         valid = [g for g in (16, 32, 64, 128, 256, 512) if all(w % g == 0 for w in widths)]
         first = ", ".join(f"{n} (input width {w})" for n, w in list(bad.items())[:3])
-        raise ValueError(f"quantize.group_size={q.group_size} does not divide the input width of {len(bad)} "
+        raise ValueError(f"quantize.group_size={q.group_size} (of {', '.join(grouped)}) does not divide the input width of {len(bad)} "
                          f"Linear layer(s): {first}. Input widths: {widths}; group sizes that fit: "
                          f"{valid or 'none of 16..512'} (or add the layers to quantize.ignore).")
     if "awq" in q.methods:
@@ -61,7 +67,8 @@ def check(cfg: DictConfig) -> list[str]:
         if arch not in AWQ_MAPPING_REGISTRY:
             raise ValueError(f"llm-compressor has no AWQ mapping for {arch}; supported: "
                              f"{', '.join(sorted(AWQ_MAPPING_REGISTRY))}. Use quantize.methods=[rtn].")
-    return [f"quantize.group_size={q.group_size} divides the input width of all {len(linears)} Linear layers"
+    return [(f"quantize.group_size={q.group_size} divides the input width of all {len(linears)} Linear layers"
+             if grouped else f"{len(linears)} Linear layers to quantize per channel")
             + (f"; llm-compressor has an AWQ mapping for {type(model).__name__}" if "awq" in q.methods else "")]
 
 
@@ -69,9 +76,15 @@ def recipe(method: str, q: DictConfig) -> list:
     from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
     from llmcompressor.modifiers.quantization import QuantizationModifier
 
+    if not METHODS[method].grouped:  # a preset scheme: nothing of it is ours to set
+        return [QuantizationModifier(targets=["Linear"], scheme=METHODS[method].scheme, ignore=list(q.ignore))]
     weights = QuantizationArgs(num_bits=4, type="int", symmetric=q.symmetric, strategy="group", group_size=q.group_size)
-    quantize = QuantizationModifier(config_groups={"group_0": QuantizationScheme(targets=["Linear"], weights=weights)},
-                                    ignore=list(q.ignore))
+    scheme = {"config_groups": {"group_0": QuantizationScheme(targets=["Linear"], weights=weights)}, "ignore": list(q.ignore)}
+    if method == "gptq":
+        from llmcompressor.modifiers.gptq import GPTQModifier
+
+        return [GPTQModifier(**scheme)]
+    quantize = QuantizationModifier(**scheme)
     if method == "rtn":
         return [quantize]
     from llmcompressor.modifiers.transform.awq import AWQModifier
@@ -125,7 +138,7 @@ def run(cfg: DictConfig, tracker) -> None:
             started = time.perf_counter()
             try:
                 oneshot(model=model, dataset=dataset, recipe=recipe(method, q), num_calibration_samples=len(calibration),
-                        max_seq_length=q.calibration.seq_len, pipeline="sequential" if method == "awq" else "datafree")
+                        max_seq_length=q.calibration.seq_len, pipeline="sequential" if METHODS[method].calibrated else "datafree")
             except Exception as error:  # llm-compressor's refusals come as any exception, deep in its pipelines
                 trace = keep_log(f"llm-compressor-{method}", traceback.format_exc())
                 reason = (str(error).strip().splitlines() or [""])[0]
@@ -133,20 +146,22 @@ def run(cfg: DictConfig, tracker) -> None:
                                     f"(its traceback: {trace})") from error
             seconds = time.perf_counter() - started
             if method == "awq":
-                summary["awq_smoothed_kl"] = save_smoothed(model, trained, tmp / "awq_smoothed", check_ids, q.awq.smoothed_max_kl)
-                save_tokenizer(tokenizer, tmp / "awq_smoothed")
+                summary["awq_smoothed_kl"] = save_smoothed(model, trained, tmp / SMOOTHED, check_ids, q.awq.smoothed_max_kl)
+                save_tokenizer(tokenizer, tmp / SMOOTHED)
             model.save_pretrained(tmp / method, save_compressed=True)
             save_tokenizer(tokenizer, tmp / method)
-            summary["methods"][method] = {"seconds": seconds, "bytes": disk_bytes(tmp / method)}
-        write_json(tmp / "summary.json", summary)
+            summary["methods"][method] = {"seconds": seconds, "bytes": disk_bytes(tmp / method),
+                                          "scheme": METHODS[method].scheme}
+        write_json(tmp / SUMMARY, summary)
     record(cfg, tracker)
 
 
 def record(cfg: DictConfig, tracker) -> None:
     q, out = cfg.quantize, stage_dir(cfg, "quantize")
-    summary = read_json(out / "summary.json")
-    tracker.log_params({"quantize.scheme": f"W4A16_{'SYM' if q.symmetric else 'ASYM'}_G{q.group_size}",
-                        "quantize.calibration_sha256": summary["calibration"]["sha256"]})
+    summary = read_json(out / SUMMARY)
+    tracker.log_params({f"quantize.{method}.scheme": (f"W4A16_{'SYM' if q.symmetric else 'ASYM'}_G{q.group_size}"
+                                                      if METHODS[method].grouped else METHODS[method].scheme)
+                        for method in summary["methods"]} | {"quantize.calibration_sha256": summary["calibration"]["sha256"]})
     metrics = {"quantize/calibration_samples": summary["calibration"]["samples"],
                "quantize/source_mb": summary["source_bytes"] / 2**20}
     for method, info in summary["methods"].items():
@@ -157,7 +172,7 @@ def record(cfg: DictConfig, tracker) -> None:
     if "awq_smoothed_kl" in summary:
         metrics["quantize/awq_smoothed/kl"] = summary["awq_smoothed_kl"]
     tracker.log_metrics(metrics)
-    tracker.log_artifact(out / "summary.json")
+    tracker.log_artifact(out / SUMMARY)
 
 
 def save_smoothed(model, trained: Path, path: Path, check_ids, max_kl: float) -> float:

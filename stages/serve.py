@@ -43,6 +43,7 @@ from pipeline.metrics import percentile_interval, round_rate, round_replicates
 from pipeline.models import shape_only_model
 from pipeline.server import Server, ServerError, free_port, log_tail, port_is_free
 from pipeline.config import LOAD_LEVELS
+from pipeline.formats import quantized_checkpoints
 from pipeline.contract import PipelineError, Stage, last_words
 
 STAGE = Stage("serve", settings=("serve",), reads=("prepare", "train", "quantize", "export"))
@@ -99,9 +100,8 @@ def targets(cfg: DictConfig, chosen: list[str]) -> list[tuple[str, str, Path | N
         return [(s.external.model, "external", None)]
     found = []
     if "vllm" in chosen:
-        quantized = stage_dir(cfg, "quantize")
-        paths = {"trained": require_stage_output(cfg, "train"), **{m: quantized / m for m in ("awq", "rtn")}}
-        missing = [name for name in s.vllm.artifacts if not paths[name].is_dir()]
+        paths = {"trained": require_stage_output(cfg, "train"), **quantized_checkpoints(stage_dir(cfg, "quantize"))}
+        missing = [name for name in s.vllm.artifacts if name not in paths]
         if missing:
             raise FileNotFoundError(f"serve.vllm.artifacts: {', '.join(missing)} not made for these settings (quantize."
                                     f"methods={list(cfg.quantize.methods)}); run stage=quantize or leave them out.")

@@ -121,7 +121,7 @@ def test_rerun_forces_a_stage_and_what_reads_it():
 
 @pytest.mark.parametrize("override, message", [
     ("train.max_steps=0", "train.max_steps=0 must be at least 1"),
-    ("quantize.methods=[awq,gptq]", "quantize.methods=['awq', 'gptq'] must be a non-empty list of awq, rtn"),
+    ("quantize.methods=[awq,hqq]", "quantize.methods=['awq', 'hqq'] must be a non-empty list of awq, rtn, gptq, fp8_dynamic"),
     ("quantize.awq.n_grid=2", "quantize.awq.n_grid=2 must be at least 3"),
     ("serve.load.profile=burst", "serve.load.profile='burst' is not one of concurrent, constant"),
     ("train.precision=fp12", "train.precision='fp12' is not one of fp32, bf16, fp16, fp8, auto"),

@@ -78,7 +78,7 @@ def test_evaluation_logged_for_every_artifact_with_intervals(chain):
                     "greedy_agreement", "size_mb", "rare/kl", "late/top1", "digits_punct/perplexity"):
             assert f"eval/{name}/{key}" in metrics, f"eval/{name}/{key}"
     (quantize,) = runs(chain, "quantize")
-    assert quantize.data.params["quantize.scheme"] == "W4A16_ASYM_G128"
+    assert quantize.data.params["quantize.awq.scheme"] == "W4A16_ASYM_G128"
     assert quantize.data.metrics["quantize/awq/seconds"] > 0 and quantize.data.params["quantize.calibration_sha256"]
     assert {"recipes"} <= {a.path for a in mlflow_client(chain).list_artifacts(quantize.info.run_id)}
 

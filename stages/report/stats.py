@@ -9,6 +9,7 @@ import math
 import numpy as np
 from omegaconf import DictConfig
 
+from pipeline.formats import METHODS, SMOOTHED
 from pipeline.hardware import PRECISIONS
 from pipeline.metrics import bootstrap_ci, percentile_interval, round_rate, round_replicates
 from pipeline.contract import declared
@@ -87,13 +88,12 @@ def lineage(name: str) -> list[tuple[str, str, str]]:
     # With LoRA, the trained model is the merged one: the model with its adapter unmerged came first.
     merge = [("LoRA merge", declared("evaluate").names["unmerged"], "trained")]
     if not source:
-        return {"awq": [*merge, ("AWQ (smoothing and 4-bit)", "trained", "awq")],
-                "rtn": [*merge, ("RTN (4-bit)", "trained", "rtn")]}.get(name, [])
-    if source not in ("trained", "awq_smoothed"):
+        return [*merge, (METHODS[name].label, "trained", name)] if name in METHODS else []
+    if source not in ("trained", SMOOTHED):
         return []
     steps = [*merge, ("conversion to GGUF", "trained", "trained.16bit")]
-    if source == "awq_smoothed":
-        steps.append(("AWQ smoothing", "trained.16bit", "awq_smoothed.16bit"))
+    if source == SMOOTHED:
+        steps.append(("AWQ smoothing", "trained.16bit", f"{SMOOTHED}.16bit"))
     if kind != "16bit":
         steps.append(("quantization", f"{source}.16bit", name))
     return steps

@@ -1,0 +1,57 @@
+"""The deployed formats the quantize stage writes, declared once.
+
+Config validation, the quantize stage, evaluate, serve and the report read this table; none of
+them spells a method's name or its output folder. A method's checkpoint lands in the quantize
+output under its own name, and `quantized_checkpoints` finds what a finished output holds from
+the summary the stage wrote, not from the folders on disk.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class QuantizeMethod:
+    # What the report calls the step from the trained model to this checkpoint.
+    label: str
+    # The compressed-tensors scheme it writes, as vLLM reads it from config.json.
+    scheme: str
+    # Whether llm-compressor runs the model on calibration samples (its sequential pipeline).
+    calibrated: bool
+    # Whether its weights are 4-bit groups of quantize.group_size input channels.
+    grouped: bool
+    # How evaluate measures it on a CPU, where no kernel runs the format natively.
+    measured_as: str
+
+
+METHODS = {
+    "awq": QuantizeMethod("AWQ (smoothing and 4-bit)", "W4A16", True, True,
+                          "int4 weights dequantized to fp32 at load"),
+    "rtn": QuantizeMethod("RTN (4-bit)", "W4A16", False, True, "int4 weights dequantized to fp32 at load"),
+    "gptq": QuantizeMethod("GPTQ (4-bit)", "W4A16", True, True, "int4 weights dequantized to fp32 at load"),
+    # FP8 W8A8 needs FP8 matmuls (H100, H200) to run; on a CPU compressed-tensors' own forward
+    # rounds every Linear's input to FP8 per token before the fp32 matmul, as the kernel would.
+    "fp8_dynamic": QuantizeMethod("FP8 W8A8 (dynamic activations)", "FP8_DYNAMIC", False, False,
+                                  "fp8 weights dequantized at load, activations rounded to fp8 per token in each "
+                                  "Linear's forward (simulated)"),
+}
+# The AWQ-smoothed float weights (AWQ's scales folded in, not quantized), which the GGUF export
+# quantizes with llama.cpp's own types.
+SMOOTHED = "awq_smoothed"
+SUMMARY = "summary.json"
+
+
+def quantized_checkpoints(folder: Path) -> dict[str, Path]:
+    """{method: checkpoint} of a finished quantize output (empty where there is none)."""
+    import json
+
+    summary = folder / SUMMARY
+    if not summary.is_file():
+        return {}
+    return {method: folder / method for method in json.loads(summary.read_text())["methods"]}
+
+
+def smoothed_checkpoint(folder: Path) -> Path | None:
+    return folder / SMOOTHED if (folder / SMOOTHED).is_dir() else None
