@@ -72,6 +72,7 @@ benchmark: install
 	$(PY) benchmarks/llamacpp_tools.py
 	$(PY) benchmarks/dry_run.py
 	$(PY) benchmarks/quantize_methods.py
+	$(PY) benchmarks/qat_overhead.py
 
 # vLLM against llama-server on the same fine-tune's AWQ checkpoint and q4_k_m file.
 benchmark-serving: install install-vllm

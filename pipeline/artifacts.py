@@ -14,6 +14,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from pipeline.contract import PipelineError, declared
+from pipeline.formats import NO_QAT
 
 ROOT = Path(__file__).resolve().parent.parent
 PROJECT_PACKAGES = ("pipeline", "stages")
@@ -67,8 +68,9 @@ def stage_inputs(cfg: DictConfig, stage: str) -> dict:
         inputs[section].pop(leaf, None)
     inputs[f"code:{stage}"] = code_fingerprint(stage)
     for name in spec.references:
-        reference = fp32_reference(cfg)
-        inputs[f"reference:{name}"] = stage_key(reference, name) if stage_dir(reference, name).is_dir() else None
+        for kind, reference in references(cfg).items():
+            key = f"reference:{name}" if kind == "fp32" else f"reference:{name}:{kind}"
+            inputs[key] = stage_key(reference, name) if stage_dir(reference, name).is_dir() else None
     for upstream in spec.reads:
         inputs.update(stage_inputs(cfg, upstream))
     return inputs
@@ -95,8 +97,20 @@ def reference_seed(cfg: DictConfig) -> int:
 
 
 def fp32_reference(cfg: DictConfig) -> DictConfig:
-    """Settings of the fp32-trained model every artifact is also measured against."""
-    return variant(cfg, {"train.precision": "fp32", "seed": reference_seed(cfg), "evaluate.reference_seed": None})
+    """Settings of the fp32-trained model every artifact is also measured against: trained without
+    QAT, so that a QAT run's formats are on the same scale as everyone else's."""
+    return variant(cfg, {"train.precision": "fp32", "seed": reference_seed(cfg), "evaluate.reference_seed": None,
+                         "train.qat": NO_QAT})
+
+
+def references(cfg: DictConfig) -> dict[str, DictConfig]:
+    """The trained models a run's artifacts are also measured against, by the suffix their metrics
+    get (kl_vs_<suffix>): the fp32 reference and, for a QAT run, the same run without QAT, the
+    model whose post-training quantization QAT competes with."""
+    found = {"fp32": fp32_reference(cfg)}
+    if OmegaConf.select(cfg, "train.qat", default=NO_QAT) != NO_QAT:
+        found["no_qat"] = variant(cfg, {"train.qat": NO_QAT})
+    return found
 
 
 def label(cfg: DictConfig, stage: str) -> str:
@@ -106,7 +120,8 @@ def label(cfg: DictConfig, stage: str) -> str:
     spec = declared(stage)
     if spec.scope == "data":
         return cfg.data.name
-    name = f"{cfg.model.name}-{cfg.train.precision}-seed{cfg.seed}"
+    qat = OmegaConf.select(cfg, "train.qat", default=NO_QAT)
+    name = f"{cfg.model.name}-{cfg.train.precision}{'' if qat == NO_QAT else f'-qat_{qat}'}-seed{cfg.seed}"
     if "evaluate" in spec.settings and reference_seed(cfg) != cfg.seed:
         name += f"-vs-seed{reference_seed(cfg)}"
     return name

@@ -21,7 +21,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig
 
 from pipeline.chat import FORMATS
-from pipeline.formats import METHODS, SMOOTHED
+from pipeline.formats import METHODS, NO_QAT, QAT, SMOOTHED
 from pipeline.hardware import PRECISIONS
 
 # Where prepare reads documents from (conf/data/<source>.yaml); stdlib: questions about the
@@ -153,6 +153,8 @@ class Train:
     threads: Optional[int] = setting(low=1)
     # auto: the answers for chat data, every token for plain text.
     loss_on: str = setting(choices=LOSS_ON, default="auto")
+    # The deployed format to train for with fake quantization (pipeline.qat), or none.
+    qat: str = setting(choices=(NO_QAT, *QAT), default=NO_QAT)
 
 
 @dataclass
@@ -224,6 +226,8 @@ class Export:
     sources: list[str] = setting(each=("trained", SMOOTHED), factory=list)
     base_type: str = setting(choices=("auto", *BASE_TYPES))
     types: list[str] = setting(factory=list)
+    embedding_types: dict[str, str] = setting(factory=dict)
+    imatrix: list[str] = setting(factory=list)
     allow_fallback: bool = MISSING
     pre_tokenizer: str = MISSING
     check: ExportCheck = field(default_factory=ExportCheck)
@@ -334,6 +338,7 @@ class Report:
     precisions: list[str] = setting(each=TRAINING_PRECISIONS, factory=list)
     runs: list[str] = setting(factory=list)
     noise_seed: int = MISSING
+    qat: str = setting(choices=tuple(QAT), default="q4_0")
     serve_level: str = MISSING
     quality_metric: str = setting(choices=("kl", "perplexity"))
     min_sequences: int = setting(low=2)

@@ -18,6 +18,17 @@ def load_blocks(prepared: Path, split: str, seq_len: int):
     return torch.from_numpy(ids[: n * seq_len].astype(np.int64)).view(n, seq_len)
 
 
+def calibration_blocks(prepared: Path, calibration, seed: int):
+    """The calibration samples every calibrated quantizer sees (llm-compressor's, llama-imatrix's):
+    `calibration.samples` blocks of `calibration.seq_len` tokens of the train split, drawn with the
+    run's seed, in their order there. Never the held-out split, which the quality is measured on."""
+    import torch
+
+    blocks = load_blocks(prepared, "train", calibration.seq_len)
+    picks = torch.randperm(len(blocks), generator=torch.Generator().manual_seed(seed))[: calibration.samples]
+    return blocks[picks.sort().values]
+
+
 @dataclass
 class Sequences:
     """Rows of token ids [n, seq_len] and, per token: whether it is a target of the loss and of the

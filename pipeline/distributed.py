@@ -21,10 +21,10 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from pipeline.contract import PipelineError
+from pipeline.hardware import PRECISION_TABLE
 
 # Sharded training, only on GPUs (FSDP fails on a CPU, FSDP2 falls back to DDP there).
 SHARDED = {"FSDP", "DEEPSPEED"}
-MIXED_PRECISION = {"fp32": "no", "bf16": "bf16", "fp16": "fp16", "fp8": "fp8"}
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +84,7 @@ def launch_config(cfg: DictConfig) -> dict:
 
     settings = OmegaConf.to_container(cfg.accelerate, resolve=True)
     config = {k: v for k, v in settings.items() if v is not None and k != "extra"} | settings["extra"]
-    config["mixed_precision"] = MIXED_PRECISION[cfg.train.precision]
+    config["mixed_precision"] = PRECISION_TABLE[cfg.train.precision].mixed_precision
     if config.get("main_process_port") is None and config.get("num_machines", 1) == 1:
         # Accelerate's fixed default port would collide between runs on one machine.
         config["main_process_port"] = free_port()

@@ -43,6 +43,28 @@ SMOOTHED = "awq_smoothed"
 SUMMARY = "summary.json"
 
 
+@dataclass(frozen=True)
+class QatFormat:
+    """A deployed format a model can be trained for (train.qat), and the artifact that deploys it."""
+    label: str
+    # The stage that writes the deployed artifact, and its name there (an export type, a quantize method).
+    stage: str
+    artifact: str
+
+    @property
+    def column(self) -> str:
+        """Its name among evaluate's artifacts: a GGUF file of the trained weights, or a checkpoint."""
+        return f"trained.{self.artifact}" if self.stage == "export" else self.artifact
+
+
+QAT = {
+    # Llama.cpp's Q4_0, written without an importance matrix (with one, llama-quantize searches
+    # the scales and no longer rounds as training did).
+    "q4_0": QatFormat("llama.cpp Q4_0", "export", "q4_0"),
+}
+NO_QAT = "none"
+
+
 def quantized_checkpoints(folder: Path) -> dict[str, Path]:
     """{method: checkpoint} of a finished quantize output (empty where there is none)."""
     import json

@@ -26,7 +26,8 @@ DVC_HEADER = """\
 # The chain of `python -m pipeline stage=all` as DVC stages: one copy per training precision
 # (matrix over report.precisions, which must include fp32: every precision is also measured
 # against the fp32-trained model), plus the fp32 noise-floor chain (`*-noise`: the same settings
-# at report.noise_seed, measured against the main seed's fp32 model). Every command reads the
+# at report.noise_seed, measured against the main seed's fp32 model) and the fp32 QAT chain (`*-qat`:
+# train.qat=report.qat, which the report sets against PTQ at its format). Every command reads the
 # composed params.yaml (`make params`) and writes to the fixed layout dvc/<stage>/<label>.
 """
 
@@ -79,7 +80,9 @@ def dvc_yaml(cfg: DictConfig) -> str:
 
     labels = {"run": "${model.name}-${item.precision}-seed${seed}",
               "noise": "${model.name}-fp32-seed${report.noise_seed}",
+              "qat": "${model.name}-fp32-qat_${report.qat}-seed${seed}",
               "reference": "${model.name}-fp32-seed${seed}"}
+    # The noise floor and the QAT arm are each one more fp32 chain up to the evaluation.
     noise_chain = [s for s in upstream(NOISE_FLOOR) + [NOISE_FLOOR] if STAGES[s].STAGE.scope == "run"]
 
     def out(stage: str, label: str) -> str:
@@ -99,9 +102,13 @@ def dvc_yaml(cfg: DictConfig) -> str:
             command += " train.precision=${item.precision}"
         elif label == "noise":
             command += " train.precision=fp32 seed=${report.noise_seed} evaluate.reference_seed=${seed}"
+        elif label == "qat":
+            command += " train.precision=fp32 train.qat=${report.qat}"
         stage = {"cmd": command, "deps": code + list(dict.fromkeys(reads)), "params": params(cfg, name)}
         if label == "noise" and "seed" in stage["params"]:  # its seed comes from there
             stage["params"].append("report.noise_seed")
+        if label == "qat" and "train" in {s.split(".")[0] for s in stage["params"]}:  # and its QAT format
+            stage["params"].append("report.qat")
         stage["outs"] = [f"dvc/{name}" if spec.scope != "run" else out(name, label)]
         if label == "run":
             stage = {"matrix": {"precision": "${report.precisions}"}, **stage}
@@ -113,6 +120,7 @@ def dvc_yaml(cfg: DictConfig) -> str:
         stages[name] = entry(name, "run" if scope == "run" else scope)
         if name in noise_chain:
             stages[f"{name}-noise"] = entry(name, "noise")
+            stages[f"{name}-qat"] = entry(name, "qat")
     report_dir = "dvc/report/${model.name}-sweep-seed${seed}"
     document = {"stages": stages, "metrics": [f"{report_dir}/metrics.json"],
                 "plots": [f"{report_dir}/{p}.png" for p in report.TITLES]}

@@ -7,7 +7,27 @@ import platform
 from dataclasses import dataclass, field
 from pathlib import Path
 
-PRECISIONS = ("fp32", "bf16", "fp16", "fp8", "auto")
+@dataclass(frozen=True)
+class TrainingPrecision:
+    """What a training precision means, everywhere it matters; train.qat is a dimension of its own
+    (pipeline.formats.QAT)."""
+    # Accelerate's mixed_precision: the autocast the forward runs under (weights stay fp32).
+    mixed_precision: str
+    # The dtype a Linear layer's output has under it, checked after the first step (fp8 matmuls emit bf16).
+    compute_dtype: str
+    # The 16-bit GGUF type of its base file (export.base_type=auto): bf16 keeps what bf16 computed with.
+    gguf_base_type: str
+    # Its colour in the report's plots.
+    colour: str
+
+
+PRECISION_TABLE = {
+    "fp32": TrainingPrecision("no", "float32", "f16", "tab:blue"),
+    "bf16": TrainingPrecision("bf16", "bfloat16", "bf16", "tab:orange"),
+    "fp16": TrainingPrecision("fp16", "float16", "f16", "tab:green"),
+    "fp8": TrainingPrecision("fp8", "bfloat16", "f16", "tab:red"),
+}
+PRECISIONS = (*PRECISION_TABLE, "auto")
 # CPU flags that mean native (not emulated) low-precision arithmetic.
 CPU_BF16_FLAGS = ("amx_bf16", "avx512_bf16")
 CPU_FP16_FLAGS = ("amx_fp16", "avx512_fp16")
@@ -109,11 +129,6 @@ def resolve_precision(requested: str, hw: Hardware) -> tuple[str, str]:
         raise PrecisionError(f"train.precision=fp8 needs a GPU of compute capability 8.9 or newer; this machine "
                              f"has {on}. Valid here: fp32, bf16, fp16, auto.")
     return requested, "requested"
-
-
-def expected_compute_dtype(precision: str) -> str:
-    """dtype a Linear layer's output must have under `precision` (fp8 matmuls emit bf16)."""
-    return {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "fp8": "bfloat16"}[precision]
 
 
 def peak_memory_mb(device: str) -> float:

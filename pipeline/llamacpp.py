@@ -94,7 +94,7 @@ def fetch() -> Path:
 
 NO_AMX = "-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
 # The tools built from the source tree. Static, so that a finished build can be moved into place.
-TOOLS = ("llama-server", "llama-perplexity", "llama-quantize")
+TOOLS = ("llama-server", "llama-perplexity", "llama-quantize", "llama-imatrix")
 CMAKE_FLAGS = ("-DCMAKE_BUILD_TYPE=Release", "-DBUILD_SHARED_LIBS=OFF", "-DLLAMA_BUILD_TESTS=OFF",
                "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_TOOLS=ON", "-DLLAMA_BUILD_SERVER=ON",
                # No network at build or run time: no HTTPS model downloads, no prebuilt web UI.

@@ -13,7 +13,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from pipeline import distributed
-from pipeline.artifacts import fp32_reference, stage_dir, verify_stage_output
+from pipeline.artifacts import references, stage_dir, verify_stage_output
 from pipeline.contract import PipelineError
 from pipeline.graph import STAGES, upstream
 from pipeline.preflight import BASE_STAGES, preflight, print_report, report_only, reused
@@ -42,8 +42,9 @@ def verify_inputs(cfg: DictConfig, name: str, reuse: bool) -> None:
         if stage_dir(cfg, stage).is_dir():
             verify_stage_output(cfg, stage)
     for stage in STAGES[name].STAGE.references:
-        if stage_dir(fp32_reference(cfg), stage).is_dir():
-            verify_stage_output(fp32_reference(cfg), stage)
+        for reference in references(cfg).values():
+            if stage_dir(reference, stage).is_dir():
+                verify_stage_output(reference, stage)
 
 
 def pretrain(base: DictConfig, tags: dict, tracker) -> None:

@@ -29,7 +29,7 @@ from typing import Callable, NamedTuple
 import numpy as np
 from omegaconf import DictConfig
 
-from pipeline.artifacts import atomic_dir, disk_bytes, fp32_reference, read_json, require_stage_output, stage_dir, write_json
+from pipeline.artifacts import atomic_dir, disk_bytes, fp32_reference, read_json, references, require_stage_output, stage_dir, write_json
 from pipeline import llamacpp
 from pipeline.chat import heldout_chat_prompts, is_chat, prompt_ids
 from pipeline.data import load_sequences, pad_id
@@ -172,28 +172,31 @@ def continuations(generate, prompts: list, new_tokens: int):
     return torch.stack(out)
 
 
-def measure(scorer: Scorer, ids, ref_logprobs, masks, prompts, ref_continuation, e: DictConfig, fp32_logprobs=None) -> dict:
-    """Metrics of one artifact; with `fp32_logprobs`, also its KL and top-1 against the
-    fp32-trained reference model, which puts every training precision on one scale. The
-    per-sequence NLL sums let the report test differences between artifacts pairwise."""
+def measure(scorer: Scorer, ids, ref_logprobs, masks, prompts, ref_continuation, e: DictConfig, others=None) -> dict:
+    """Metrics of one artifact; with `others` ({suffix: log-probabilities}), also its KL and top-1
+    against those trained models: the fp32-trained reference, which puts every training precision
+    on one scale, and for a QAT run the same run without QAT. The per-sequence NLL sums let the
+    report test differences between artifacts pairwise."""
     import torch
 
-    per_token, vs_fp32 = {k: [] for k in ("nll", "kl", "top1", "dp")}, {k: [] for k in ("nll", "kl", "top1")}
+    others = others or {}
+    per_token = {k: [] for k in ("nll", "kl", "top1", "dp")}
+    versus = {suffix: {k: [] for k in ("nll", "kl", "top1")} for suffix in others}
     for i in range(0, len(ids), e.batch_size):
         batch_ids = ids[i : i + e.batch_size]
         logits = scorer.logits(batch_ids)
         for key, value in token_metrics(ref_logprobs[i : i + e.batch_size], logits, batch_ids).items():
             per_token[key].append(value)
-        if fp32_logprobs is not None:
-            for key, value in token_metrics(fp32_logprobs[i : i + e.batch_size], logits, batch_ids).items():
-                if key in vs_fp32:
-                    vs_fp32[key].append(value)
+        for suffix, logprobs in others.items():
+            for key, value in token_metrics(logprobs[i : i + e.batch_size], logits, batch_ids).items():
+                if key in versus[suffix]:
+                    versus[suffix][key].append(value)
     per_token = {k: torch.cat(v) for k, v in per_token.items()}
     result = {name: summarize(per_token, mask, e.bootstrap, e.confidence) for name, mask in masks.items()}
     result["sequence_nll"] = (per_token["nll"].double() * masks["all"]).sum(1).tolist()
-    if fp32_logprobs is not None:
-        vs_fp32 = summarize({k: torch.cat(v) for k, v in vs_fp32.items()}, masks["all"], e.bootstrap, e.confidence)
-        result["all"].update({f"{k}_vs_fp32": vs_fp32[k] for k in ("kl", "kl_ci", "top1", "top1_ci")})
+    for suffix, found in versus.items():
+        found = summarize({k: torch.cat(v) for k, v in found.items()}, masks["all"], e.bootstrap, e.confidence)
+        result["all"].update({f"{k}_vs_{suffix}{ci}": found[f"{k}{ci}"] for k in ("kl", "top1") for ci in ("", "_ci")})
     result["all"]["greedy_agreement"] = prefix_agreement(ref_continuation, continuations(scorer.greedy, prompts,
                                                                                         e.continuation_tokens))
     return result
@@ -300,18 +303,22 @@ def run(cfg: DictConfig, tracker) -> None:
     scored = "answer tokens" if is_chat(cfg.data) else "all tokens"
 
     # The references, once each, in fp32: this run's trained model and, unless this run is it,
-    # the fp32-trained model of otherwise identical settings (at evaluate.reference_seed) where it exists.
+    # the fp32-trained model of otherwise identical settings (at evaluate.reference_seed) and, for a QAT
+    # run, the same run without QAT, where they exist.
     reference, ref_logprobs = reference_logprobs(trained, ids, e.batch_size, cfg.data.seq_len)
     ref_continuation = continuations(partial(greedy, reference), prompts, e.continuation_tokens)
-    fp32_logprobs = None
-    fp32_trained = stage_dir(fp32_reference(cfg), "train")
-    if fp32_trained != trained and fp32_trained.is_dir():
-        _, fp32_logprobs = reference_logprobs(fp32_trained, ids, e.batch_size, cfg.data.seq_len)
+    others, computed = {}, {}
+    for suffix, settings in references(cfg).items():
+        other = stage_dir(settings, "train")
+        if other != trained and other.is_dir():
+            if other not in computed:  # a fp32 QAT run's two references are one model
+                computed[other] = reference_logprobs(other, ids, e.batch_size, cfg.data.seq_len)[1]
+            others[suffix] = computed[other]
 
     results = {}
     for name, kind, path in found:
         result = measure(LOADERS[kind](path, cfg.data.seq_len), ids, ref_logprobs, masks, prompts, ref_continuation, e,
-                         fp32_logprobs)
+                         others)
         result["all"]["size_mb"] = disk_bytes(path) / 2**20
         result["source"] = {"kind": kind, "path": str(path)}
         if name in METHODS:  # what a CPU can measure of a format it does not run natively

@@ -10,8 +10,13 @@ refused from config.json and the tokenizer files before any work, and a user's c
 vocabulary through the converter and llama.cpp then too (dry_run), so that it is refused before
 training, not after.
 
-Outputs: <source>/model-<type>.gguf and manifest.json (hashes, sizes, timings, tensor types,
-validation results).
+Every quantized type is made from an f32 conversion of the source, the weights as trained. Types
+in export.imatrix are made a second time with llama.cpp's importance matrix (llama-imatrix on the
+16-bit file, over the quantize stage's calibration samples of the train split).
+
+Outputs: <source>/model-<type>.gguf (and model-<type>-imat.gguf with <source>/imatrix.gguf,
+calibration.txt) and manifest.json (hashes, sizes, timings, tensor types, validation results, the
+files' quantize.imatrix.* keys).
 """
 
 from __future__ import annotations
@@ -30,15 +35,21 @@ from omegaconf import DictConfig
 from pipeline.artifacts import (atomic_dir, code_fingerprint, keep_log, machine_cache, read_json, require_stage_output,
                                 sha256_file, stage_dir, write_json)
 from pipeline.chat import heldout_chat_prompts, is_chat, prompt_ids
-from pipeline.data import load_blocks
+from pipeline.data import calibration_blocks, load_blocks
 from pipeline.models import load_causal_lm, pretrained_source, save_tokenizer, shape_only_model
 from pipeline import llamacpp
 from pipeline.config import BASE_TYPES
-from pipeline.formats import SMOOTHED, smoothed_checkpoint
+from pipeline.hardware import PRECISION_TABLE
+from pipeline.formats import QAT, SMOOTHED, smoothed_checkpoint
 from pipeline.contract import PipelineError, Stage, last_words
 
 log = logging.getLogger(__name__)
-STAGE = Stage("export", settings=("export",), reads=("prepare", "train", "quantize"))
+STAGE = Stage("export", settings=("export",), reads=("prepare", "train", "quantize"),
+              # A file quantized with an importance matrix: model-<type>-imat.gguf, artifact <source>.<type>-imat.
+              names={"imatrix": "imat"})
+# The importance-matrix keys llama-quantize writes into a file it quantized with one.
+IMATRIX_KEYS = ("quantize.imatrix.file", "quantize.imatrix.dataset", "quantize.imatrix.entries_count",
+                "quantize.imatrix.chunks_count")
 
 # Rope variants llama.cpp applies as transformers does, and the converter modules that write
 # them (None: every one). Any other (e.g. "dynamic") would export a model that attends differently.
@@ -83,10 +94,16 @@ def main_tensor_type(name: str):
 
 def check(cfg: DictConfig) -> list[str]:
     x = cfg.export
-    for name in x.types:
+    for name in [*x.types, *x.embedding_types, *x.embedding_types.values()]:
         file_type(name)
+    qat = QAT.get(cfg.train.qat)
+    if qat is not None and qat.stage == "export" and qat.artifact not in x.types:
+        raise ValueError(f"train.qat={cfg.train.qat} trains for {qat.label} files, which export.types={list(x.types)} "
+                         f"does not make: add {qat.artifact}.")
     if x.types:
         llamacpp.tool("llama-quantize")
+    if with_imatrix(x):
+        llamacpp.tool("llama-imatrix")
     model = shape_only_model(cfg)
     problems = gguf_problems(type(model).__name__, model.config.to_dict(), pretrained_source(cfg), cfg.data.seq_len)
     if problems:
@@ -214,7 +231,7 @@ def rope_settings(config: dict) -> list[tuple[str, dict]]:
 def base_type(cfg: DictConfig) -> str:
     if cfg.export.base_type != "auto":
         return cfg.export.base_type
-    return "bf16" if cfg.train.precision == "bf16" else "f16"
+    return PRECISION_TABLE[cfg.train.precision].gguf_base_type
 
 
 def rounded_like_gguf(model, dtype: str):
@@ -229,13 +246,37 @@ def rounded_like_gguf(model, dtype: str):
     return model
 
 
-def quantize_gguf(source: Path, target: Path, name: str) -> None:
+def quantize_gguf(source: Path, target: Path, name: str, embedding_type: str | None = None,
+                  imatrix: Path | None = None) -> None:
     file_type(name)
-    result = subprocess.run([str(llamacpp.tool("llama-quantize")), str(source), str(target), name.upper(), "1"],
-                            capture_output=True, text=True)
+    stated = ["--token-embedding-type", embedding_type, "--output-tensor-type", embedding_type] if embedding_type else []
+    # Beside the matrix, which the file names as llama-quantize was given it: not the scratch folder's path.
+    stated += ["--imatrix", imatrix.name] if imatrix else []
+    result = subprocess.run([str(llamacpp.tool("llama-quantize")), *stated, str(source), str(target), name.upper(), "1"],
+                            capture_output=True, text=True, cwd=imatrix.parent if imatrix else None)
     if result.returncode != 0 or not target.exists():
         log = keep_log(f"llama-quantize-{name}", result.stdout + result.stderr)
         raise PipelineError(f"llama-quantize failed on {source.name} -> {name} (exit status {result.returncode}): "
+                            f"{last_words(result.stdout + result.stderr)} (its output: {log})")
+
+
+def with_imatrix(x: DictConfig) -> list[str]:
+    """The types made a second time with an importance matrix: those of export.imatrix that are made."""
+    return [name for name in x.imatrix if name in x.types]
+
+
+def importance_matrix(base: Path, calibration: Path, target: Path, seq_len: int, samples: int) -> None:
+    """llama-imatrix's importance matrix of the 16-bit file's weights over the calibration text,
+    tokenized as in training (special tokens in it are parsed as such: a chat template's markup), in
+    windows of a sample's length; it needs two windows, and the text may tokenize a little shorter,
+    so with fewer than three samples the windows are half a sample."""
+    window = seq_len if samples >= 3 else seq_len // 2
+    result = subprocess.run([str(llamacpp.tool("llama-imatrix")), "-m", str(base), "-f", calibration.name, "-o",
+                             str(target), "-c", str(window), "--parse-special", "--no-ppl"],
+                            capture_output=True, text=True, cwd=calibration.parent)
+    if result.returncode != 0 or not target.exists():
+        log = keep_log("llama-imatrix", result.stdout + result.stderr)
+        raise PipelineError(f"llama-imatrix failed on {base.name} (exit status {result.returncode}): "
                             f"{last_words(result.stdout + result.stderr)} (its output: {log})")
 
 
@@ -382,6 +423,11 @@ def run(cfg: DictConfig, tracker) -> None:
     out = stage_dir(cfg, "export")
     manifest = {}
     with atomic_dir(out) as tmp:
+        matrix_types = with_imatrix(x)
+        if matrix_types:  # the quantize stage's calibration samples, as text: llama-imatrix tokenizes them again
+            samples = calibration_blocks(prepared, cfg.quantize.calibration, cfg.seed)
+            calibration = tmp / "calibration.txt"
+            calibration.write_text("\n".join(tokenizer.decode(block) for block in samples.tolist()))
         for source, path in sources.items():
             with torch.no_grad():
                 reference = rounded_like_gguf(load_causal_lm(path), dtype)(check_ids).logits
@@ -395,12 +441,28 @@ def run(cfg: DictConfig, tracker) -> None:
                              "pre_tokenizer": llamacpp.metadata_value(base, "tokenizer.ggml.pre"),
                              **validate(base, dtype, tokenizer, texts, reference, check_ids, x.check.max_logit_diff,
                                         **checks)}}
-            for name in x.types:
-                target = tmp / source / f"model-{name}.gguf"
+            # llama-quantize reads the fp32 weights as trained: from the 16-bit file it would round
+            # twice, and a QAT model's blocks would no longer be the ones it trained with.
+            full = base if dtype == "f32" or not x.types else tmp / f"{source}-f32.gguf"
+            if full != base:
+                llamacpp.convert(path, full, "f32", gguf_name(cfg), x.pre_tokenizer, provenance)
+            if matrix_types:
                 started = time.perf_counter()
-                quantize_gguf(base, target, name)
-                files[name] = {"seconds": time.perf_counter() - started,
+                imatrix = tmp / source / "imatrix.gguf"
+                importance_matrix(base, calibration, imatrix, cfg.quantize.calibration.seq_len, len(samples))
+                matrix_seconds = time.perf_counter() - started
+            for name, matrix in [(n, None) for n in x.types] + [(n, imatrix) for n in matrix_types]:
+                kind = f"{name}-{STAGE.names['imatrix']}" if matrix else name
+                target = tmp / source / f"model-{kind}.gguf"
+                started = time.perf_counter()
+                quantize_gguf(full, target, name, x.embedding_types.get(name), matrix)
+                files[kind] = {"seconds": time.perf_counter() - started,
                                **validate(target, name, tokenizer, texts, allow_fallback=x.allow_fallback, **checks)}
+                if matrix:
+                    files[kind]["imatrix"] = {"seconds": matrix_seconds,
+                                              **{key: llamacpp.metadata_value(target, key) for key in IMATRIX_KEYS}}
+            if full != base:
+                full.unlink()
             for name, info in files.items():
                 file = tmp / source / f"model-{name}.gguf"
                 info.update(bytes=file.stat().st_size, sha256=sha256_file(file))
@@ -422,3 +484,7 @@ def record(cfg: DictConfig, tracker) -> None:
                 tracker.log_artifact(file, f"gguf/{source}")
     tracker.log_metrics(metrics)
     tracker.log_artifact(out / "manifest.json")
+    for matrix in sorted(out.glob("*/imatrix.gguf")):
+        tracker.log_artifact(matrix, f"imatrix/{matrix.parent.name}")
+    if (out / "calibration.txt").exists():
+        tracker.log_artifact(out / "calibration.txt", "imatrix")

@@ -26,7 +26,7 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 from pipeline.artifacts import atomic_dir, disk_bytes, keep_log, read_json, require_stage_output, stage_dir, write_json
-from pipeline.data import load_blocks
+from pipeline.data import calibration_blocks, load_blocks
 from pipeline.metrics import mean_kl
 from pipeline.formats import METHODS, SMOOTHED, SUMMARY
 from pipeline.models import load_causal_lm, save_tokenizer, shape_only_model
@@ -57,9 +57,9 @@ def check(cfg: DictConfig) -> list[str]:
         widths = sorted(set(linears.values()))
         valid = [g for g in (16, 32, 64, 128, 256, 512) if all(w % g == 0 for w in widths)]
         first = ", ".join(f"{n} (input width {w})" for n, w in list(bad.items())[:3])
-        raise ValueError(f"quantize.group_size={q.group_size} (of {', '.join(grouped)}) does not divide the input width of {len(bad)} "
-                         f"Linear layer(s): {first}. Input widths: {widths}; group sizes that fit: "
-                         f"{valid or 'none of 16..512'} (or add the layers to quantize.ignore).")
+        raise ValueError(f"quantize.group_size={q.group_size} does not divide the input width of {len(bad)} Linear layer(s), "
+                         f"which {', '.join(grouped)} quantize in groups: {first}. Input widths: {widths}; group sizes "
+                         f"that fit: {valid or 'none of 16..512'} (or add the layers to quantize.ignore).")
     if "awq" in q.methods:
         from llmcompressor.modifiers.transform.awq.mappings import AWQ_MAPPING_REGISTRY
 
@@ -121,9 +121,7 @@ def run(cfg: DictConfig, tracker) -> None:
     prepared = require_stage_output(cfg, "prepare")
     tokenizer = AutoTokenizer.from_pretrained(trained)
 
-    blocks = load_blocks(prepared, "train", q.calibration.seq_len)
-    picks = torch.randperm(len(blocks), generator=torch.Generator().manual_seed(cfg.seed))[: q.calibration.samples]
-    calibration = blocks[picks.sort().values]
+    calibration = calibration_blocks(prepared, q.calibration, cfg.seed)
     calibration_hash = hashlib.sha256(calibration.numpy().tobytes()).hexdigest()
     dataset = Dataset.from_dict({"input_ids": calibration.tolist(), "attention_mask": torch.ones_like(calibration).tolist()})
     check_ids = load_blocks(prepared, "heldout", cfg.data.seq_len)[:8]

@@ -29,10 +29,12 @@ from pipeline.artifacts import atomic_dir, read_json, require_stage_output, scra
 from pipeline.chat import is_chat
 from pipeline.data import load_sequences, pad_id
 from pipeline.distributed import SHARDED
-from pipeline.hardware import expected_compute_dtype, peak_memory_mb
+from pipeline.hardware import PRECISION_TABLE, peak_memory_mb
 from pipeline.models import (model_config, pretrained_source, safe_weights, save_tokenizer, shape_only_model,
                              starting_checkpoint)
 from pipeline.contract import Stage
+from pipeline.formats import NO_QAT
+from pipeline import qat
 
 STAGE = Stage("train", settings=("model", "train", "seed", "accelerate.num_processes"), reads=("prepare",),
               ignores=("train.resume", "train.log_every", "train.checkpoint_every"), launchable=True,
@@ -58,7 +60,26 @@ def check(cfg: DictConfig) -> list[str]:
     if cfg.model.lora.enabled:
         lora_targets(cfg)
         verified.append(f"model.lora.target_modules={list(cfg.model.lora.target_modules)} match Linear layers")
+    if t.qat != NO_QAT:
+        verified.append(qat_targets(cfg))
     return verified
+
+
+def qat_targets(cfg: DictConfig) -> str:
+    """QAT trains the whole model's weights for their deployed rounding: a LoRA adapter would be
+    merged into them after training, unrounded. Q4_0's blocks of 32 must fill every row."""
+    if cfg.model.lora.enabled:
+        raise ValueError(f"train.qat={cfg.train.qat} needs a full fine-tune: set model.lora.enabled=false, or "
+                         f"train.qat={NO_QAT}.")
+    model = shape_only_model(cfg)
+    widths = {n: model.get_submodule(n).in_features for n in qat.targets(model)}
+    bad = {n: w for n, w in widths.items() if w % 32}
+    if bad:
+        name, width = next(iter(bad.items()))
+        raise ValueError(f"train.qat={cfg.train.qat}: {len(bad)} Linear layer(s) have rows that do not fill Q4_0's "
+                         f"blocks of 32 (e.g. {name}, input width {width}); llama.cpp would store them in another type. "
+                         f"Use train.qat={NO_QAT}.")
+    return f"train.qat={cfg.train.qat}: {len(widths)} Linear layers fake-quantized, every row in blocks of 32"
 
 
 def loss_on_all(cfg: DictConfig) -> bool:
@@ -113,7 +134,7 @@ def make_accelerator(precision: str, grad_accum_steps: int, init_loss_scale: flo
     launched_on_cpu = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
     accelerator = Accelerator(
         cpu=launched_on_cpu,
-        mixed_precision="no" if precision == "fp32" else precision,
+        mixed_precision=PRECISION_TABLE[precision].mixed_precision,
         gradient_accumulation_steps=grad_accum_steps,
         kwargs_handlers=[GradScalerKwargs(init_scale=init_loss_scale)],
         # The schedule is defined in optimizer steps; stepping it once per step ourselves keeps
@@ -311,8 +332,9 @@ def account(progress: Progress, step: Step, probe, accelerator, cfg: DictConfig,
     t = cfg.train
     if progress.compute_dtype is None:
         progress.compute_dtype = probe.dtype
-        if progress.compute_dtype != expected_compute_dtype(t.precision):
-            raise RuntimeError(f"train.precision={t.precision} asked for {expected_compute_dtype(t.precision)} "
+        expected = PRECISION_TABLE[t.precision].compute_dtype
+        if progress.compute_dtype != expected:
+            raise RuntimeError(f"train.precision={t.precision} asked for {expected} "
                                f"compute but the model computed in {progress.compute_dtype}; refusing to go on.")
         tracker.set_tags({"train.compute_dtype": progress.compute_dtype})
     if step.skipped:
@@ -375,6 +397,8 @@ def finish(cfg: DictConfig, model, accelerator, tokenizer, progress: Progress, e
         "train_seconds": time.perf_counter() - started, "peak_memory_mb": peak_memory_mb(accelerator.device.type),
         "step_time_s": step_time, "tokens_per_s": progress.tokens / progress.seconds if progress.seconds else None,
         "loss_on": "all" if loss_on_all(cfg) else "assistant",
+        # With QAT, the held-out losses are those of the fake-quantized model, as deployed.
+        "qat": t.qat,
         "history": progress.history, "device": accelerator.device.type, "num_processes": world,
         "distributed_type": distributed, "replica_sha256": replicas,
     }
@@ -387,6 +411,8 @@ def finish(cfg: DictConfig, model, accelerator, tokenizer, progress: Progress, e
                 if starting_checkpoint(cfg) is not None:
                     unwrapped.save_pretrained(tmp / STAGE.names["adapter"], safe_serialization=True)
                 unwrapped = unwrapped.merge_and_unload()
+            if t.qat != NO_QAT:  # the latent fp32 weights, which the deployed file rounds as training did
+                qat.convert(unwrapped)
             unwrapped.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
             save_tokenizer(tokenizer, tmp)
             write_json(tmp / "summary.json", summary)
@@ -414,6 +440,8 @@ def run(cfg: DictConfig, tracker) -> None:
     model = build_model(cfg, tokenizer)
     if cfg.model.lora.enabled:
         model = add_lora(model, cfg.model.lora)
+    if t.qat != NO_QAT:
+        tracker.set_tags({"train.qat_layers": qat.prepare(model, t.qat)})
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=t.lr, betas=tuple(t.betas),
                                   weight_decay=t.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(

@@ -12,11 +12,11 @@ import yaml
 
 from tests.conftest import ROOT
 
-# One precision (a matrix of one) plus the noise-floor chain: every kind of stage, in the fewest runs.
+# One precision (a matrix of one) plus the noise-floor and QAT chains: every kind of stage, in the fewest runs.
 SMALL = ["model=tiny", "report.precisions=[fp32]", "train.max_steps=6", "train.warmup_steps=1", "train.eval_every=3",
          "train.eval_batches=1", "quantize.calibration.samples=4", "quantize.calibration.seq_len=64", "quantize.awq.n_grid=3",
          "evaluate.max_sequences=8", "evaluate.bootstrap=100", "evaluate.prompts=2", "serve.llamacpp.files=[trained.q4_k_m]",
-         "quantize.methods=[awq]", "export.sources=[trained]", "export.types=[q4_k_m]",
+         "quantize.methods=[awq]", "export.sources=[trained]", "export.types=[q4_k_m,q4_0]", "export.imatrix=[]",
          "serve.load.levels=[1]", "serve.load.requests=4", "tracking.log_model=false"]
 
 
@@ -51,13 +51,16 @@ def test_repro_runs_everything_then_nothing_then_only_what_changed(repo):
     first = ran(run(repo, "dvc", "repro"))
     per_precision = {"train", "quantize", "export", "evaluate", "serve"}
     noise = {"train-noise", "quantize-noise", "export-noise", "evaluate-noise"}
-    assert first == {"prepare", "report"} | noise | {f"{s}@fp32" for s in per_precision}
+    qat = {name.replace("-noise", "-qat") for name in noise}
+    assert first == {"prepare", "report"} | noise | qat | {f"{s}@fp32" for s in per_precision}
     report = repo / "dvc" / "report" / "tiny-sweep-seed0"
     assert (report / "report.html").exists()
     # The noise floor is a second fp32 run (seed 1), measured against the seed-0 model.
     data = json.loads((report / "report.json").read_text())
     assert data["noise_seed"] == 1 and data["comparisons"]["noise"]["trained"]["ratio"] != 1
     assert (repo / "dvc" / "evaluate" / "tiny-fp32-seed1-vs-seed0" / "summary.json").exists()
+    # The QAT arm: an fp32 run trained for Q4_0, set against PTQ of the fp32 run at Q4_0.
+    assert data["qat"]["fp32"]["q4_0"]["artifact"] == "trained.q4_0" and data["qat_train"]["fp32"]["q4_0"]["qat"] == "q4_0"
 
     second = run(repo, "dvc", "repro")
     assert ran(second) == set()
@@ -70,7 +73,8 @@ def test_repro_runs_everything_then_nothing_then_only_what_changed(repo):
     # A setting only training reads (and that addresses its output) puts every training out of date.
     params["train"]["max_consecutive_skips"] = 7
     (repo / "params.yaml").write_text(yaml.safe_dump(params))
-    assert set(json.loads(run(repo, "dvc", "status", "--json", stdout_only=True))) == {"train@fp32", "train-noise"}
+    assert set(json.loads(run(repo, "dvc", "status", "--json", stdout_only=True))) == {"train@fp32", "train-noise",
+                                                                                        "train-qat"}
 
 
 @pytest.mark.slow

@@ -14,7 +14,7 @@ from pipeline.artifacts import read_json
 from pipeline.models import load_causal_lm
 from pipeline.llamacpp import PRE_TOKENIZERS
 from pipeline.llamacpp import pre_tokenizer as pre_tokenizer_name
-from tests.conftest import FAST, only_dir, refused, runs
+from tests.conftest import FAST, only_dir, pipeline, refused, runs
 
 EXPORT_ONLY = ["stage=[prepare,train,export]", "train.precision=fp32", *FAST, "export.sources=[trained]"]
 
@@ -41,7 +41,7 @@ def test_every_file_validated_with_the_requested_types(chain):
     manifest = read_json(gguf_dir(chain) / "manifest.json")
     assert set(manifest) == {"trained", "awq_smoothed"}
     for files in manifest.values():
-        assert set(files) == {"f16", "q8_0", "q4_k_m"}  # fp32 training: an f16 base file
+        assert set(files) == {"f16", "q8_0", "q4_k_m", "q4_0", "q4_k_m-imat"}  # fp32 training: an f16 base file
         assert files["f16"]["top1_flips_beyond_ties"] == 0 and files["f16"]["top1_agreement"] > 0.99
         assert files["f16"]["max_logit_diff"] < 0.05
         assert files["q8_0"]["fallbacks"] == [] and files["q4_k_m"]["fallbacks"] == []
@@ -52,6 +52,11 @@ def test_every_file_validated_with_the_requested_types(chain):
     types = llamacpp.tensor_types(gguf_dir(chain) / "trained" / "model-q4_k_m.gguf")
     assert {t for t, shape in types.values() if len(shape) > 1} <= {"Q4_K", "Q6_K"}
     assert "Q4_K" in {t for t, _ in types.values()}
+    # Q4_0 files keep the embeddings and the output head in the type export.embedding_types states.
+    types = llamacpp.tensor_types(gguf_dir(chain) / "trained" / "model-q4_0.gguf")
+    assert {n: t for n, (t, _) in types.items() if n in ("token_embd.weight", "output.weight")} == {
+        "token_embd.weight": "Q8_0", "output.weight": "Q8_0"}
+    assert {t for n, (t, shape) in types.items() if len(shape) > 1 and n.startswith("blk.")} == {"Q4_0"}
 
 
 @pytest.mark.slow
@@ -183,3 +188,36 @@ def test_unknown_pre_tokenizer_asks_for_its_name_and_an_explicit_name_wins():
     with pytest.raises(ValueError, match="set export.pre_tokenizer to llama.cpp's name for it"):
         pre_tokenizer_name(unknown, "auto")
     assert pre_tokenizer_name(unknown, "deepseek-llm") == "deepseek-llm"
+
+
+@pytest.mark.slow
+def test_the_importance_matrix_comes_from_the_train_split_and_makes_a_second_file(tmp_path):
+    # Documents that share no passage, each marked by a word of its own: which split a calibration
+    # text comes from is then plain to see (pydoc topics share whole paragraphs between the splits).
+    words = "the model reads every token of its text and learns what comes next in each line".split()
+    (tmp_path / "corpus.txt").write_text("\n\n".join(
+        " ".join(f"mark{i:03d}" if j % 9 == 0 else words[(i * 7 + j) % len(words)] for j in range(120))
+        for i in range(80)))
+    settings = [*EXPORT_ONLY, "data=text", "data.files=[corpus.txt]", "data.seq_len=64", "export.types=[q4_k_m]",
+                "export.imatrix=[q4_k_m]"]
+    pipeline(tmp_path, *settings)
+    out = gguf_dir(tmp_path)
+    files = read_json(out / "manifest.json")["trained"]
+    assert set(files) == {"f16", "q4_k_m", "q4_k_m-imat"} and files["q4_k_m"]["sha256"] != files["q4_k_m-imat"]["sha256"]
+    matrix = files["q4_k_m-imat"]["imatrix"]
+    assert matrix["quantize.imatrix.file"] == "imatrix.gguf" and matrix["quantize.imatrix.chunks_count"] >= 2
+    assert matrix["quantize.imatrix.dataset"] == "calibration.txt"
+    assert matrix["quantize.imatrix.entries_count"] == 7 * 4  # every Linear of the tiny model's 4 blocks
+    assert llamacpp.metadata_value(out / "trained" / "model-q4_k_m.gguf", "quantize.imatrix.file") is None
+    assert files["q4_k_m-imat"]["fallbacks"] == []
+    # The calibration text is the train split's, never the held-out split's.
+    prepared = only_dir(tmp_path / "artifacts" / "prepare")
+    heldout = {w for line in (prepared / "heldout.jsonl").read_text().splitlines()
+               for w in json.loads(line)["text"].split() if w.startswith("mark")}
+    calibrated = {w for w in (out / "calibration.txt").read_text().split() if w.startswith("mark")}
+    assert heldout and calibrated and not heldout & calibrated
+    # Evaluate measures both files, and the report pairs the matrix's effect on the same sequences.
+    pipeline(tmp_path, "stage=[evaluate,report]", *settings[1:], "evaluate.second_opinion.enabled=false")
+    report = read_json(only_dir(tmp_path / "artifacts" / "report") / "report.json")
+    (step,) = [s for s in report["waterfall"]["fp32"]["trained.q4_k_m-imat"] if s["step"] == "importance matrix"]
+    assert step["from"] == "trained.q4_k_m" and step["ratio_ci"][0] <= step["ratio"] <= step["ratio_ci"][1]

@@ -38,7 +38,7 @@ def test_family_runs_the_chain_and_llama_cpp_matches_it(family, tmp_path):
 
     export = only_dir(tmp_path / "artifacts" / "export")
     files = read_json(export / "manifest.json")["trained"]
-    assert set(files) == {"f16", "q8_0", "q4_k_m"}
+    assert set(files) == {"f16", "q8_0", "q4_k_m", "q4_0", "q4_k_m-imat"}
     # The export stage fails unless the logits match; these say by how much, and that every
     # weight has the requested type.
     assert files["f16"]["max_logit_diff"] <= 0.05 and files["f16"]["top1_flips_beyond_ties"] == 0

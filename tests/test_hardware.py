@@ -3,7 +3,7 @@
 import pytest
 
 from pipeline import hardware
-from pipeline.hardware import Hardware, PrecisionError, expected_compute_dtype, resolve_precision
+from pipeline.hardware import PRECISION_TABLE, Hardware, PrecisionError, resolve_precision
 
 AVX2 = Hardware("cpu", "AVX2 CPU", ["avx2"])
 BF16_CPU = Hardware("cpu", "Zen 4", ["avx2", "avx512f", "avx512_bf16"])
@@ -59,4 +59,4 @@ def test_unknown_precision_names_the_choices():
 
 
 def test_fp8_matmuls_are_checked_for_their_bf16_output():
-    assert [expected_compute_dtype(p) for p in ("fp32", "bf16", "fp16", "fp8")] == ["float32", "bfloat16", "float16", "bfloat16"]
+    assert [PRECISION_TABLE[p].compute_dtype for p in ("fp32", "bf16", "fp16", "fp8")] == ["float32", "bfloat16", "float16", "bfloat16"]

@@ -64,7 +64,7 @@ def test_serving_numbers_of_the_served_file_are_sane(chain):
 
 @pytest.mark.slow
 def test_files_to_serve_by_name_or_pattern(chain):
-    every = sorted(f"{s}.{t}" for s in ("trained", "awq_smoothed") for t in ("f16", "q8_0", "q4_k_m"))
+    every = sorted(f"{s}.{t}" for s in ("trained", "awq_smoothed") for t in ("f16", "q8_0", "q4_k_m", "q4_0", "q4_k_m-imat"))
     assert sorted(name for name, _, _ in targets(config(chain, "serve.llamacpp.files=null"), ["llamacpp"])) == every
     # The default: the trained model's files (the AWQ-smoothed ones have the same formats and sizes).
     default = config(chain, "serve.llamacpp.files=[trained.*]")

@@ -2,6 +2,7 @@
 
 import json
 import math
+import os
 import signal
 import subprocess
 import sys
@@ -121,7 +122,7 @@ def test_resume_after_kill_matches_uninterrupted_run(tmp_path):
 
     pipeline(broken, "stage=prepare")
     proc = subprocess.Popen([sys.executable, "-m", "pipeline", TEST_MODEL, *settings[1:], "stage=train"], cwd=broken,
-                            env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"},
+                            env={**os.environ, "PYTHONPATH": str(ROOT)},  # the same threads as the straight run: sums in the same order
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
     while not list(broken.glob("artifacts/checkpoints/*/step-000008/trainer_state.json")):

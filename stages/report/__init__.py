@@ -32,10 +32,12 @@ from omegaconf import DictConfig
 
 from pipeline.artifacts import atomic_dir, read_json, stage_dir, write_json
 from pipeline.contract import PipelineError, Stage, declared
+from pipeline.formats import NO_QAT, QAT
 from stages.report.collect import add_ratios, collect, collect_runs
 from stages.report.render import TITLES, plot_data, render
-from stages.report.stats import GATE_METRICS, compare, decide, faster, gate_results, ordered, waterfall
-from stages.report.text import RULE, gate_line, headline, html_page, markdown, tables
+from stages.report.stats import (GATE_METRICS, compare, decide, faster, gate_results, ordered, qat_against_ptq,
+                                 waterfall)
+from stages.report.text import RULE, gate_line, headline, html_page, markdown, qat_lines, tables
 
 # It reads every precision's outputs, beyond its own address, so it always runs (in seconds).
 STAGE = Stage("report", settings=("report",), reads=("train", "evaluate", "serve"), scope="sweep", reusable=False)
@@ -76,6 +78,9 @@ def run(cfg: DictConfig, tracker) -> None:
         raise FileNotFoundError(f"report: no training precision of {list(r.precisions)} has been run with these settings; "
                                 f"run e.g. python -m pipeline -m train.precision={','.join(r.precisions)} stage=all first.")
     add_ratios(rows)
+    # Both QAT arms of each precision, whichever arm this report's run is.
+    arms = {p: found for p in ordered(r.precisions)
+            if len(found := {q: row for q in (NO_QAT, *QAT) if (row := collect(cfg, {"train.precision": p, "train.qat": q}))}) > 1}
     # The deployed formats (the unmerged LoRA model is measured for the waterfall's merge step only).
     unmerged = declared("evaluate").names["unmerged"]
     columns = sorted({n for row in rows.values() for n in row["artifacts"] if n != unmerged},
@@ -91,6 +96,8 @@ def run(cfg: DictConfig, tracker) -> None:
     if rows[ran[0]].get("scored") == "answer tokens":
         notes.append("Chat data: perplexity, KL and top-1 are measured on the answer tokens of the held-out "
                      "conversations only, and greedy agreement on answers to their prompts.")
+    if cfg.train.qat != NO_QAT:
+        notes.append(f"The rows are of models trained with QAT for {QAT[cfg.train.qat].label} (train.qat={cfg.train.qat}).")
     missing = [p for p in ordered(r.precisions) if p not in rows]
     if len(rows) > 1:
         notes += [f"{p}: not run with these settings." for p in missing]
@@ -102,8 +109,11 @@ def run(cfg: DictConfig, tracker) -> None:
             f"({level} bootstrap intervals; perplexity ratios paired by sequence). Served figures carry {level} "
             "intervals over their rounds and requests, and one format is called faster than another only where the "
             "interval of their throughput ratio over the serving rounds excludes 1.",
-            "gates": gate_results(rows, r.precisions, r.gates)}
-    data["headline"] = headline(rows, comparisons, decision, columns, r, e.confidence, e.bootstrap)
+            "gates": gate_results(rows, r.precisions, r.gates),
+            "qat": qat_against_ptq(arms, e.bootstrap, e.confidence),
+            # The other arms' training, beside this report's own rows.
+            "qat_train": {p: {q: row["train"] for q, row in by.items() if q != cfg.train.qat} for p, by in arms.items()}}
+    data["headline"] = headline(rows, comparisons, decision, columns, r, e.confidence, e.bootstrap) + qat_lines(data["qat"], level)
     data["tables"] = tables(data, columns, e.confidence)
     data["plots"] = plot_data(data, columns, r.quality_metric,
                               functools.partial(faster, resamples=e.bootstrap, confidence=e.confidence))

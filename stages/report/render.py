@@ -6,10 +6,11 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+from pipeline.hardware import PRECISION_TABLE
 from stages.report.stats import ordered, pareto_front
 
 NOISE = "noise"  # the fp32 run at report.noise_seed
-COLOURS = {"fp32": "tab:blue", "bf16": "tab:orange", "fp16": "tab:green", "fp8": "tab:red", NOISE: "tab:gray"}
+COLOURS = {**{p: meaning.colour for p, meaning in PRECISION_TABLE.items()}, NOISE: "tab:gray"}
 MARKERS = "osD^vP*X<>hp"
 STEP_COLOURS = ("tab:purple", "tab:cyan", "tab:olive", "tab:brown", "tab:pink", "tab:gray")
 TITLES = {"loss_curves": "Loss per training precision", "quality_vs_throughput": "Quality against served throughput",

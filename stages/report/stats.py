@@ -9,7 +9,7 @@ import math
 import numpy as np
 from omegaconf import DictConfig
 
-from pipeline.formats import METHODS, SMOOTHED
+from pipeline.formats import METHODS, NO_QAT, QAT, SMOOTHED
 from pipeline.hardware import PRECISIONS
 from pipeline.metrics import bootstrap_ci, percentile_interval, round_rate, round_replicates
 from pipeline.contract import declared
@@ -79,6 +79,51 @@ def compare(rows: dict, noise: dict | None, columns: list[str], resamples: int, 
     return out
 
 
+def qat_against_ptq(arms: dict, resamples: int, confidence: float) -> dict:
+    """{precision: {qat: comparison}} of each QAT run's deployed artifact against post-training
+    quantization of the same run without QAT, at the same format and on the same held-out sequences:
+    the perplexity ratio (paired), both KLs from the model trained without QAT, the fraction of
+    PTQ's perplexity loss that QAT recovered, and the step-time overhead. `arms`: {precision:
+    {train.qat: row}}; a precision without both arms measured is left out."""
+    out = {}
+    for precision, by in arms.items():
+        ptq = by.get(NO_QAT)
+        for qat, row in by.items():
+            name = QAT[qat].column if qat in QAT else None
+            if ptq is None or name is None or name not in ptq["artifacts"] or name not in row["artifacts"]:
+                continue
+            versus = paired_ratio(row, name, ptq, name, resamples, confidence)
+            if versus is None:
+                continue
+            tokens = np.asarray(ptq["sequence_tokens"], dtype=float)
+            nll = np.stack([np.asarray(ptq["sequence_nll"]["trained"]), np.asarray(ptq["sequence_nll"][name]),
+                            np.asarray(row["sequence_nll"][name])])
+            picks = np.random.default_rng(0).integers(0, len(tokens), size=(resamples, len(tokens)))
+            # Perplexity of the model without QAT, of its PTQ artifact and of QAT's: point, then replicates.
+            full, post, aware = np.exp(nll.sum(-1) / tokens.sum())
+            replicates = np.exp(nll[:, picks].sum(-1) / tokens[picks].sum(-1))
+            ptq_cell, qat_cell = ptq["artifacts"][name], row["artifacts"][name]
+            # A fraction of PTQ's loss only where there is one: an interval that holds 1 has none to recover.
+            loss = paired_ratio(ptq, name, ptq, "trained", resamples, confidence)
+            fraction = {"recovered": float((post - aware) / (post - full)),
+                        "recovered_ci": percentile_interval((replicates[1] - replicates[2]) /
+                                                            (replicates[1] - replicates[0]), confidence)}
+            if loss["ratio_ci"][0] <= 1:
+                fraction = {"recovered": None, "recovered_ci": None}
+            out.setdefault(precision, {})[qat] = {
+                "artifact": name, "label": QAT[qat].label, **versus,
+                "verdict": verdict(versus, 0.0),
+                "ptq_perplexity": ptq_cell["perplexity"], "qat_perplexity": qat_cell["perplexity"],
+                "trained_perplexity": ptq["artifacts"]["trained"]["perplexity"],
+                "ptq_kl": ptq_cell["kl"], "ptq_kl_ci": ptq_cell["kl_ci"],
+                "qat_kl": qat_cell.get("kl_vs_no_qat"), "qat_kl_ci": qat_cell.get("kl_vs_no_qat_ci"),
+                "ptq_loss": loss["ratio"], "ptq_loss_ci": loss["ratio_ci"], **fraction,
+                "step_time_ratio": (row["train"]["step_time_s"] / ptq["train"]["step_time_s"]
+                                    if row["train"].get("step_time_s") and ptq["train"].get("step_time_s") else None),
+            }
+    return out
+
+
 def lineage(name: str) -> list[tuple[str, str, str]]:
     """(step, from, to) that made a deployed artifact from the model as trained, each a pair of
     artifacts measured on the same held-out sequences (a step whose ends were not both measured,
@@ -94,8 +139,11 @@ def lineage(name: str) -> list[tuple[str, str, str]]:
     steps = [*merge, ("conversion to GGUF", "trained", "trained.16bit")]
     if source == SMOOTHED:
         steps.append(("AWQ smoothing", "trained.16bit", f"{SMOOTHED}.16bit"))
+    plain = kind.removesuffix(f"-{declared('export').names['imatrix']}")
     if kind != "16bit":
-        steps.append(("quantization", f"{source}.16bit", name))
+        steps.append(("quantization", f"{source}.16bit", f"{source}.{plain}"))
+    if plain != kind:  # the same type quantized with llama.cpp's importance matrix, paired with the file without
+        steps.append(("importance matrix", f"{source}.{plain}", name))
     return steps
 
 

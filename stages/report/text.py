@@ -10,6 +10,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
+from pipeline.formats import NO_QAT
 from pipeline.metrics import KL_PERCENTILES
 from stages.report.collect import SERVED
 from stages.report.stats import below_source, fastest_within, ordered
@@ -118,6 +119,21 @@ def headline(rows: dict, comparisons: dict, decision: dict, columns: list[str], 
     return lines
 
 
+def qat_lines(found: dict, level: str) -> list[str]:
+    """QAT against post-training quantization, in words: one line per precision and format."""
+    lines = []
+    for precision in ordered(found):
+        for c in found[precision].values():
+            loss = ratio({"ratio": c["ptq_loss"], "ratio_ci": c["ptq_loss_ci"]})
+            recovered = (f"it recovered {c['recovered']:.0%} [{c['recovered_ci'][0]:.0%}, {c['recovered_ci'][1]:.0%}] of "
+                         f"PTQ's perplexity loss ({loss})" if c["recovered"] is not None else
+                         f"PTQ's own loss at this format is not significant ({loss}), so there is none to recover")
+            lines.append(f"- **QAT for {c['label']}** ({precision}): {c['artifact']}'s perplexity {ratio(c)} that of PTQ "
+                         f"at the same format ({level} paired interval), {c['verdict']}; {recovered}"
+                         + (f"; ×{fmt(c['step_time_ratio'])} the step time" if c["step_time_ratio"] else "") + ".")
+    return lines
+
+
 def cell(text: str, source: str | None = None) -> dict:
     return {"text": text, "source": source}
 
@@ -199,7 +215,24 @@ def tables(data: dict, columns: list[str], confidence: float) -> list[dict]:
                      *(value_cell(data, f"noise/artifacts/{n}/kl_vs_fp32", f"noise/artifacts/{n}/kl_vs_fp32_ci") for n in columns)])
         out.append({"title": f"KL divergence from the fp32-trained model, beside the noise floor ({level} intervals)",
                     "header": ["training precision", *columns], "rows": body})
+    body = [[cell(p), cell(c["label"]), value_cell(data, f"{src}/ptq_perplexity"), value_cell(data, f"{src}/qat_perplexity"),
+             value_cell(data, f"{src}/ratio", f"{src}/ratio_ci", "×"), value_cell(data, f"{src}/ptq_kl", f"{src}/ptq_kl_ci"),
+             value_cell(data, f"{src}/qat_kl", f"{src}/qat_kl_ci"),
+             value_cell(data, f"{src}/ptq_loss", f"{src}/ptq_loss_ci", "×"),
+             value_cell(data, f"{src}/recovered", f"{src}/recovered_ci") if c["recovered"] is not None
+             else cell("none: PTQ lost nothing significant"),
+             value_cell(data, f"{src}/step_time_ratio", prefix="×")]
+            for p in ordered(data["qat"]) for q, c in data["qat"][p].items() if (src := f"qat/{p}/{q}")]
+    if body:
+        out.append({"title": f"QAT against PTQ at the same deployed format ({level} paired intervals, same held-out "
+                             "sequences; KL from the model trained without QAT)",
+                    "header": ["training precision", "format", "PTQ perplexity", "QAT perplexity", "QAT / PTQ",
+                               "PTQ KL", "QAT KL", "PTQ / trained", "fraction of PTQ's loss recovered",
+                               "QAT step time / plain"],
+                    "rows": body})
     training = [(p, f"rows/{p}/train") for p in ordered(rows)]
+    training += [(f"{p}, {'no QAT' if q == NO_QAT else f'QAT {q}'}", f"qat_train/{p}/{q}")
+                 for p in ordered(data["qat_train"]) for q in data["qat_train"][p]]
     if data["noise"]:
         training.append((f"fp32, seed {data['noise_seed']} (noise floor)", "noise/train"))
     out.append({"title": "Training", "header": ["training precision", "step time (s)", "tokens/s", "peak memory (MB)",
