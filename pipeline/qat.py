@@ -67,7 +67,7 @@ def fake_quantizer(name: str):
 
 def targets(model) -> list[str]:
     """The Linear layers the deployed file quantizes: all but the output head, which llama.cpp
-    stores in a type of its own (export.qat_tensor_type)."""
+    stores in a type of its own (export.embedding_types)."""
     import torch
 
     head = model.get_output_embeddings()

@@ -89,8 +89,10 @@ def qat_against_ptq(arms: dict, resamples: int, confidence: float) -> dict:
     for precision, by in arms.items():
         ptq = by.get(NO_QAT)
         for qat, row in by.items():
-            name = QAT[qat].column if qat in QAT else None
-            if ptq is None or name is None or name not in ptq["artifacts"] or name not in row["artifacts"]:
+            if qat == NO_QAT or ptq is None:
+                continue
+            name = QAT[qat].column
+            if name not in ptq["artifacts"] or name not in row["artifacts"]:
                 continue
             versus = paired_ratio(row, name, ptq, name, resamples, confidence)
             if versus is None:
@@ -105,11 +107,11 @@ def qat_against_ptq(arms: dict, resamples: int, confidence: float) -> dict:
             ptq_cell, qat_cell = ptq["artifacts"][name], row["artifacts"][name]
             # A fraction of PTQ's loss only where there is one: an interval that holds 1 has none to recover.
             loss = paired_ratio(ptq, name, ptq, "trained", resamples, confidence)
-            fraction = {"recovered": float((post - aware) / (post - full)),
-                        "recovered_ci": percentile_interval((replicates[1] - replicates[2]) /
-                                                            (replicates[1] - replicates[0]), confidence)}
-            if loss["ratio_ci"][0] <= 1:
-                fraction = {"recovered": None, "recovered_ci": None}
+            fraction = {"recovered": None, "recovered_ci": None}
+            if loss["ratio_ci"][0] > 1:
+                fraction = {"recovered": float((post - aware) / (post - full)),
+                            "recovered_ci": percentile_interval((replicates[1] - replicates[2]) /
+                                                                (replicates[1] - replicates[0]), confidence)}
             out.setdefault(precision, {})[qat] = {
                 "artifact": name, "label": QAT[qat].label, **versus,
                 "verdict": verdict(versus, 0.0),
