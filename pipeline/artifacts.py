@@ -62,7 +62,7 @@ def stage_inputs(cfg: DictConfig, stage: str) -> dict:
     its settings, its code, the address of any reference output it reads, and the same of
     every stage it reads."""
     spec = declared(stage)
-    inputs = {key: _select(cfg, key) for key in spec.settings}
+    inputs = {key: _select(cfg, key) for key in spec.keys(cfg)}
     for key in spec.ignores:  # each a direct child of a declared section, e.g. train.resume
         section, _, leaf = key.rpartition(".")
         inputs[section].pop(leaf, None)

@@ -12,7 +12,7 @@ import importlib
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import Callable, Protocol
 
 from omegaconf import DictConfig
 
@@ -65,9 +65,16 @@ class Stage:
     # Stages whose outputs it also reads at the fp32 reference settings (fp32 at
     # evaluate.reference_seed), where those exist: whether they do is part of its address.
     references: tuple[str, ...] = ()
+    # Settings that some values of the declared ones bring in: a function of the config to more
+    # keys (train.qat=w4a16 trains for the quantize stage's group size).
+    more_settings: Callable[[DictConfig], tuple[str, ...]] | None = field(default=None, hash=False, compare=False)
     # Names in its output that other stages read ({role: name}): declared by the writer, so that no
     # reader spells them.
     names: dict[str, str] = field(default_factory=dict, hash=False, compare=False)
+
+    def keys(self, cfg: DictConfig) -> tuple[str, ...]:
+        """Every setting its output depends on, for these settings."""
+        return (*self.settings, *(self.more_settings(cfg) if self.more_settings else ()))
 
     def __post_init__(self):
         # Declaring is registering: a stage's address needs the declarations of what it reads.

@@ -50,6 +50,9 @@ class QatFormat:
     # The stage that writes the deployed artifact, and its name there (an export type, a quantize method).
     stage: str
     artifact: str
+    # The settings of that stage that decide how the format rounds, and so what QAT trains for: part
+    # of the train stage's address for this format only.
+    settings: tuple[str, ...] = ()
 
     @property
     def column(self) -> str:
@@ -61,8 +64,35 @@ QAT = {
     # Llama.cpp's Q4_0, written without an importance matrix (with one, llama-quantize searches
     # the scales and no longer rounds as training did).
     "q4_0": QatFormat("llama.cpp Q4_0", "export", "q4_0"),
+    # compressed-tensors W4A16 as the quantize stage's RTN writes it for vLLM: min-max scales (and
+    # zero points) per group, so the checkpoint holds exactly the weights training computed with.
+    "w4a16": QatFormat("compressed-tensors W4A16 (RTN)", "quantize", "rtn",
+                       ("quantize.group_size", "quantize.symmetric", "quantize.ignore")),
 }
 NO_QAT = "none"
+
+
+def qat_settings(cfg) -> tuple[str, ...]:
+    """The settings train.qat brings into the train stage's address."""
+    found = QAT.get(cfg.train.qat)
+    return found.settings if found else ()
+
+
+def require_qat_artifact(cfg, stage: str, made) -> None:
+    """Refuses a QAT run whose deployed artifact `stage` is to write, when its settings (`made`:
+    the export types or quantize methods) leave it out."""
+    found = QAT.get(cfg.train.qat)
+    if found is not None and found.stage == stage and found.artifact not in made:
+        key = {"export": "export.types", "quantize": "quantize.methods"}[stage]
+        raise ValueError(f"train.qat={cfg.train.qat} trains for {found.label}, which {key}={list(made)} does not make: "
+                         f"add {found.artifact}.")
+
+
+def ignored(name: str, patterns) -> bool:
+    """Whether a module name matches quantize.ignore (names, or re:<regex>), as llm-compressor matches it."""
+    import re
+
+    return any(re.match(p[3:], name) if p.startswith("re:") else name == p or name.endswith("." + p) for p in patterns)
 
 
 def quantized_checkpoints(folder: Path) -> dict[str, Path]:

@@ -13,6 +13,7 @@ from omegaconf import DictConfig, ListConfig
 
 from pipeline.artifacts import ROOT, code_files
 from pipeline.contract import StageModule
+from pipeline.formats import QAT
 from stages import evaluate, export, prepare, quantize, report, serve, train
 
 # Chain order: every stage reads only what the ones before it wrote. A test keeps this in step
@@ -107,8 +108,10 @@ def dvc_yaml(cfg: DictConfig) -> str:
         stage = {"cmd": command, "deps": code + list(dict.fromkeys(reads)), "params": params(cfg, name)}
         if label == "noise" and "seed" in stage["params"]:  # its seed comes from there
             stage["params"].append("report.noise_seed")
-        if label == "qat" and "train" in {s.split(".")[0] for s in stage["params"]}:  # and its QAT format
-            stage["params"].append("report.qat")
+        if label == "qat" and "train" in {s.split(".")[0] for s in stage["params"]}:
+            # and its QAT format, with the settings any such format rounds by
+            rounds_by = {k for f in QAT.values() for k in f.settings if k.split(".")[0] not in stage["params"]}
+            stage["params"] += ["report.qat", *sorted(rounds_by)]
         stage["outs"] = [f"dvc/{name}" if spec.scope != "run" else out(name, label)]
         if label == "run":
             stage = {"matrix": {"precision": "${report.precisions}"}, **stage}

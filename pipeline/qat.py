@@ -1,7 +1,8 @@
 """Quantization-aware training: every Linear the deployed format quantizes computes with its weight
 rounded as that format will round it, so that training adapts to the file's error.
 
-The rounding must be the deployed format's exactly. Users who trained with torchao's own int4 fake
+The rounding must be the deployed format's exactly: llama.cpp's Q4_0, or the compressed-tensors
+W4A16 that the quantize stage's RTN writes for vLLM. Users who trained with torchao's own int4 fake
 quantizer (a scale of amax / 7.5 kept in fp32, round half to even) and deployed a llama.cpp Q4_0
 file saw no gain (torchtune#2845, pytorch/ao#2419): Q4_0 rounds otherwise. So the rounding here is
 our own, plugged into torchao's fake-quantized Linear as a torchao fake quantizer; torchao swaps the
@@ -28,7 +29,40 @@ def q4_0(weight):
     return ((codes.float() - 8) * d.half().float()).reshape(weight.shape).to(weight.dtype)
 
 
-ROUNDINGS = {"q4_0": q4_0}
+def w4a16(weight, group_size: int, symmetric: bool):
+    """The W4A16 round trip of llm-compressor's RTN (its memoryless min-max observer, then
+    compressed-tensors' calculate_qparams and quantize, then dequantize), per row in groups of
+    `group_size` input channels, with the same operations in the same order so that every bit
+    agrees: the range widened to hold zero, scale (max - min) / 15 and an integer zero point, or
+    max |x| / 7.5 and none when symmetric; codes round(clamp(x / scale + zero, -8, 7)), half to
+    even; a weight comes back as (code - zero) * scale, in fp32."""
+    import torch
+
+    x = weight.detach().float().reshape(weight.shape[0], -1, group_size)
+    low = torch.min(x.amin(dim=-1, keepdim=True), torch.zeros(()))
+    high = torch.max(x.amax(dim=-1, keepdim=True), torch.zeros(()))
+    if symmetric:
+        scale = torch.max(low.abs(), high.abs()) / 7.5
+        zero = torch.zeros_like(scale)
+    else:
+        scale = (high - low) / 15
+        zero = torch.clamp(-8 - low / scale, -8, 7)
+    # An all-zero group: the scale becomes fp32's epsilon (its zero point is computed before that).
+    scale = torch.where(scale == 0, torch.tensor(torch.finfo(torch.float32).eps), scale)
+    zero = torch.round(torch.clamp(zero, -128, 127)).to(torch.int8).float()
+    codes = torch.round(torch.clamp(x / scale + zero, -8, 7))
+    return ((codes - zero) * scale).reshape(weight.shape).to(weight.dtype)
+
+
+def rounding(cfg):
+    """train.qat's round trip, with the settings of the stage that writes its format, and the
+    block of input channels it rounds together (which must divide every target's width)."""
+    import functools
+
+    if cfg.train.qat == "q4_0":
+        return q4_0, 32
+    q = cfg.quantize
+    return functools.partial(w4a16, group_size=q.group_size, symmetric=q.symmetric), q.group_size
 
 
 def _straight_through():
@@ -49,10 +83,10 @@ def _straight_through():
     return StraightThrough
 
 
-def fake_quantizer(name: str):
+def fake_quantizer(name: str, round_trip):
     from torchao.quantization.qat.fake_quantizer import FakeQuantizerBase
 
-    rounding, function = ROUNDINGS[name], _straight_through()
+    function = _straight_through()
 
     class DeployedRounding(FakeQuantizerBase):
         def __init__(self):
@@ -60,31 +94,38 @@ def fake_quantizer(name: str):
             self.config = name
 
         def forward(self, weight):
-            return function.apply(weight, rounding)
+            return function.apply(weight, round_trip)
 
     return DeployedRounding()
 
 
-def targets(model) -> list[str]:
-    """The Linear layers the deployed file quantizes: all but the output head, which llama.cpp
-    stores in a type of its own (export.embedding_types)."""
+def targets(model, cfg) -> list[str]:
+    """The Linear layers the deployed format quantizes. A Q4_0 file: all but the output head, which
+    llama.cpp stores in a type of its own (export.embedding_types). A W4A16 checkpoint: all that
+    quantize.ignore leaves."""
     import torch
 
+    from pipeline.formats import ignored
+
     head = model.get_output_embeddings()
-    return [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and m is not head]
+    linear = [(n, m) for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+    if cfg.train.qat == "q4_0":
+        return [n for n, m in linear if m is not head]
+    return [n for n, _ in linear if not ignored(n, cfg.quantize.ignore)]
 
 
-def prepare(model, name: str) -> int:
+def prepare(model, cfg) -> int:
     """Swaps the target layers for torchao's fake-quantized Linear with the format's rounding; the
     same Parameters stay in place, so an optimizer made after this trains them. Returns how many."""
     from torchao.quantization.qat.linear import FakeQuantizedLinear
 
-    names = targets(model)
+    round_trip, _ = rounding(cfg)
+    names = targets(model, cfg)
     for dotted in names:
         parent, _, leaf = dotted.rpartition(".")
         holder = model.get_submodule(parent)
         layer = FakeQuantizedLinear.from_linear(getattr(holder, leaf))
-        layer.weight_fake_quantizer = fake_quantizer(name)
+        layer.weight_fake_quantizer = fake_quantizer(cfg.train.qat, round_trip)
         setattr(holder, leaf, layer)
     return len(names)
 

@@ -40,7 +40,7 @@ from pipeline.models import load_causal_lm, pretrained_source, save_tokenizer, s
 from pipeline import llamacpp
 from pipeline.config import BASE_TYPES
 from pipeline.hardware import PRECISION_TABLE
-from pipeline.formats import QAT, SMOOTHED, smoothed_checkpoint
+from pipeline.formats import SMOOTHED, require_qat_artifact, smoothed_checkpoint
 from pipeline.contract import PipelineError, Stage, last_words
 
 log = logging.getLogger(__name__)
@@ -96,10 +96,7 @@ def check(cfg: DictConfig) -> list[str]:
     x = cfg.export
     for name in [*x.types, *x.embedding_types, *x.embedding_types.values()]:
         file_type(name)
-    qat = QAT.get(cfg.train.qat)
-    if qat is not None and qat.stage == "export" and qat.artifact not in x.types:
-        raise ValueError(f"train.qat={cfg.train.qat} trains for {qat.label} files, which export.types={list(x.types)} "
-                         f"does not make: add {qat.artifact}.")
+    require_qat_artifact(cfg, "export", x.types)
     if x.types:
         llamacpp.tool("llama-quantize")
     if with_imatrix(x):

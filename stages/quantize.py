@@ -18,7 +18,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
-import re
 import time
 import traceback
 from pathlib import Path
@@ -28,7 +27,7 @@ from omegaconf import DictConfig
 from pipeline.artifacts import atomic_dir, disk_bytes, keep_log, read_json, require_stage_output, stage_dir, write_json
 from pipeline.data import calibration_blocks, load_blocks
 from pipeline.metrics import mean_kl
-from pipeline.formats import METHODS, SMOOTHED, SUMMARY
+from pipeline.formats import METHODS, SMOOTHED, SUMMARY, ignored, require_qat_artifact
 from pipeline.models import load_causal_lm, save_tokenizer, shape_only_model
 from pipeline.contract import PipelineError, Stage
 
@@ -39,18 +38,15 @@ os.environ.setdefault("LLM_COMPRESSOR_LOG_LEVEL", "WARNING")
 QUANT_PARAM_SUFFIXES = ("weight_scale", "weight_zero_point", "weight_g_idx", "weight_shape", "weight_packed")
 
 
-def _ignored(name: str, patterns) -> bool:
-    return any(re.match(p[3:], name) if p.startswith("re:") else name == p or name.endswith("." + p) for p in patterns)
-
-
 def check(cfg: DictConfig) -> list[str]:
     import torch
 
     q = cfg.quantize
+    require_qat_artifact(cfg, "quantize", q.methods)
     # The model's shapes, without its weights, decide whether the scheme fits every layer.
     model = shape_only_model(cfg)
     linears = {n: m.in_features for n, m in model.named_modules()
-               if isinstance(m, torch.nn.Linear) and not _ignored(n, q.ignore)}
+               if isinstance(m, torch.nn.Linear) and not ignored(n, q.ignore)}
     grouped = [m for m in q.methods if METHODS[m].grouped]
     bad = {n: w for n, w in linears.items() if w % q.group_size} if grouped else {}
     if bad:

@@ -33,11 +33,13 @@ from pipeline.hardware import PRECISION_TABLE, peak_memory_mb
 from pipeline.models import (model_config, pretrained_source, safe_weights, save_tokenizer, shape_only_model,
                              starting_checkpoint)
 from pipeline.contract import Stage
-from pipeline.formats import NO_QAT
+from pipeline.formats import NO_QAT, QAT, qat_settings
 from pipeline import qat
 
 STAGE = Stage("train", settings=("model", "train", "seed", "accelerate.num_processes"), reads=("prepare",),
               ignores=("train.resume", "train.log_every", "train.checkpoint_every"), launchable=True,
+              # QAT for W4A16 rounds in quantize.group_size groups: those settings are a QAT run's too.
+              more_settings=qat_settings,
               # The LoRA adapter's folder inside the output.
               names={"adapter": "adapter"})
 
@@ -67,19 +69,20 @@ def check(cfg: DictConfig) -> list[str]:
 
 def qat_targets(cfg: DictConfig) -> str:
     """QAT trains the whole model's weights for their deployed rounding: a LoRA adapter would be
-    merged into them after training, unrounded. Q4_0's blocks of 32 must fill every row."""
+    merged into them after training, unrounded. The format's blocks must fill every row."""
     if cfg.model.lora.enabled:
         raise ValueError(f"train.qat={cfg.train.qat} needs a full fine-tune: set model.lora.enabled=false, or "
                          f"train.qat={NO_QAT}.")
     model = shape_only_model(cfg)
-    widths = {n: model.get_submodule(n).in_features for n in qat.targets(model)}
-    bad = {n: w for n, w in widths.items() if w % 32}
+    _, block = qat.rounding(cfg)
+    widths = {n: model.get_submodule(n).in_features for n in qat.targets(model, cfg)}
+    bad = {n: w for n, w in widths.items() if w % block}
     if bad:
         name, width = next(iter(bad.items()))
-        raise ValueError(f"train.qat={cfg.train.qat}: {len(bad)} Linear layer(s) have rows that do not fill Q4_0's "
-                         f"blocks of 32 (e.g. {name}, input width {width}); llama.cpp would store them in another type. "
-                         f"Use train.qat={NO_QAT}.")
-    return f"train.qat={cfg.train.qat}: {len(widths)} Linear layers fake-quantized, every row in blocks of 32"
+        raise ValueError(f"train.qat={cfg.train.qat}: {len(bad)} Linear layer(s) have rows that do not fill "
+                         f"{QAT[cfg.train.qat].label}'s blocks of {block} (e.g. {name}, input width {width}); the "
+                         f"deployed format would not round them as training did. Use train.qat={NO_QAT}.")
+    return f"train.qat={cfg.train.qat}: {len(widths)} Linear layers fake-quantized, every row in blocks of {block}"
 
 
 def loss_on_all(cfg: DictConfig) -> bool:
@@ -441,7 +444,7 @@ def run(cfg: DictConfig, tracker) -> None:
     if cfg.model.lora.enabled:
         model = add_lora(model, cfg.model.lora)
     if t.qat != NO_QAT:
-        tracker.set_tags({"train.qat_layers": qat.prepare(model, t.qat)})
+        tracker.set_tags({"train.qat_layers": qat.prepare(model, cfg)})
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=t.lr, betas=tuple(t.betas),
                                   weight_decay=t.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(

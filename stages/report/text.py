@@ -128,6 +128,10 @@ def qat_lines(found: dict, level: str) -> list[str]:
             recovered = (f"it recovered {c['recovered']:.0%} [{c['recovered_ci'][0]:.0%}, {c['recovered_ci'][1]:.0%}] of "
                          f"PTQ's perplexity loss ({loss})" if c["recovered"] is not None else
                          f"PTQ's own loss at this format is not significant ({loss}), so there is none to recover")
+            if c["recovered"] is not None and c["recovered_ci"][0] > 1:
+                # More than all of it: QAT's run trained to a better model, not only to a better rounding.
+                recovered += (", more than all of it: the QAT model in this format beats the model trained without "
+                              "QAT before any quantization")
             lines.append(f"- **QAT for {c['label']}** ({precision}): {c['artifact']}'s perplexity {ratio(c)} that of PTQ "
                          f"at the same format ({level} paired interval), {c['verdict']}; {recovered}"
                          + (f"; ×{fmt(c['step_time_ratio'])} the step time" if c["step_time_ratio"] else "") + ".")
