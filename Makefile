@@ -3,10 +3,9 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 # torch is installed in the same pip command as the project so that no dependency pulls another build.
 TORCH ?= torch==2.13.0
-# llama-cpp-python compiles llama.cpp on install; its multimodal part is not needed here. On x86-64
-# without llama.cpp's AMX kernels, which crash on Q4_K files on a Xeon with AMX (pipeline/llamacpp.py,
-# NO_AMX, builds the tools the same way).
-NO_AMX := $(if $(filter x86_64,$(shell uname -m)),-mno-amx-tile -mno-amx-int8 -mno-amx-bf16)
+# llama-cpp-python would compile llama.cpp on install: switched off, since the library it loads
+# comes from the one build of llama.cpp below, with the tools.
+NO_LLAMA_BUILD := -DLLAMA_BUILD=OFF -DLLAVA_BUILD=OFF
 
 # Optional dependency groups (pyproject.toml); dev brings the test tools.
 EXTRAS ?= dev
@@ -18,12 +17,12 @@ install: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
-	CMAKE_ARGS="-DLLAVA_BUILD=OFF" CFLAGS="$(NO_AMX)" CXXFLAGS="$(NO_AMX)" $(VENV)/bin/pip install --quiet "$(TORCH)" -e '.[$(EXTRAS)]'
-	# llama.cpp's source at the binding's version, for its GGUF converter, and its tools built from
-	# it (llama-server, llama-perplexity, llama-quantize): about 6 minutes on 2 cores the first time,
-	# seconds when the build is cached (pipeline/llamacpp.py).
-	$(PY) -m pipeline.llamacpp fetch
-	$(PY) -m pipeline.llamacpp build
+	CMAKE_ARGS="$(NO_LLAMA_BUILD)" $(VENV)/bin/pip install --quiet "$(TORCH)" -e '.[$(EXTRAS)]'
+	# llama.cpp's source at the binding's version, for its GGUF converter, and one build of it: the
+	# binding's library and the tools (llama-server, llama-perplexity, llama-quantize, llama-imatrix).
+	# About 5 minutes on 2 cores the first time, seconds when the build is cached (pipeline/llamacpp_build.py).
+	$(PY) -m pipeline.llamacpp_build fetch
+	$(PY) -m pipeline.llamacpp_build build
 	touch $@
 
 # vLLM in an environment of its own (it pins another compressed-tensors than llm-compressor's), where

@@ -30,6 +30,7 @@ from hydra import compose, initialize_config_dir  # noqa: E402
 
 from pipeline.config import register  # noqa: E402
 from pipeline.preflight import preflight  # noqa: E402
+from pipeline.formats import gguf_files  # noqa: E402
 
 SETTINGS = ["export.sources=[trained]", "export.types=[q8_0]", "serve.llamacpp.files=[trained.q8_0]",
             "serve.load.levels=[1,2,4]"]
@@ -60,7 +61,7 @@ def serving(cfg, folder: Path) -> dict:
     requests = folder / "requests.jsonl"
     requests.write_text("".join(json.dumps({"prompt": p, "prompt_tokens_count": cfg.serve.load.prompt_tokens,
                                             "output_tokens_count": cfg.serve.load.output_tokens}) + "\n" for p in prompts))
-    path = dict(llamacpp.gguf_files(stage_dir(cfg, "export")))[FILE]
+    path = dict(gguf_files(stage_dir(cfg, "export")))[FILE]
     threads = str(cfg.serve.llamacpp.threads)
     commands = {
         "llama-server": lambda port: server_command(cfg, "llamacpp", FILE, path, port),
@@ -95,7 +96,7 @@ def scoring(cfg, folder: Path) -> dict:
     from stages.evaluate import base_reference, second_half
 
     tokenizer = AutoTokenizer.from_pretrained(stage_dir(cfg, "train"))
-    files = dict(llamacpp.gguf_files(stage_dir(cfg, "export")))
+    files = dict(gguf_files(stage_dir(cfg, "export")))
     base = next(n for n in files if n != FILE)
     held_out = load_sequences(stage_dir(cfg, "prepare"), "heldout", cfg.data.seq_len, False, pad_id(tokenizer))
     held_out = held_out[: cfg.evaluate.max_sequences]

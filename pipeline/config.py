@@ -385,5 +385,7 @@ def validate(cfg: DictConfig) -> None:
     found = [p for group, schema in SCHEMAS.items() if group in cfg for p in problems(cfg[group], schema, group)]
     if cfg.get("verify") not in VERIFY:
         found.append(f"verify={cfg.get('verify')!r} is not one of {', '.join(VERIFY)}.")
+    if not isinstance(cfg.get("verbose"), bool):
+        found.append(f"verbose={cfg.get('verbose')!r} is not one of true, false.")
     if found:
         raise ValueError(" ".join(found))

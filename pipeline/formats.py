@@ -1,9 +1,11 @@
-"""The deployed formats the quantize stage writes, declared once.
+"""The deployed formats, declared once: what the quantize stage writes, where the export stage keeps
+its GGUF files, and the formats a model can be trained for.
 
-Config validation, the quantize stage, evaluate, serve and the report read this table; none of
-them spells a method's name or its output folder. A method's checkpoint lands in the quantize
-output under its own name, and `quantized_checkpoints` finds what a finished output holds from
-the summary the stage wrote, not from the folders on disk.
+Config validation, the quantize and export stages, evaluate, serve and the report read these; none
+of them spells a method's name or another stage's output folder. A method's checkpoint lands in the
+quantize output under its own name, and `quantized_checkpoints` finds what a finished output holds
+from the summary the stage wrote, not from the folders on disk; `gguf_files` does the same for an
+export output, from its manifest.
 """
 
 from __future__ import annotations
@@ -107,3 +109,24 @@ def quantized_checkpoints(folder: Path) -> dict[str, Path]:
 
 def smoothed_checkpoint(folder: Path) -> Path | None:
     return folder / SMOOTHED if (folder / SMOOTHED).is_dir() else None
+
+
+# The export stage's list of the files it validated, with their hashes, sizes and checks.
+MANIFEST = "manifest.json"
+
+
+def gguf_file(out: Path, source: str, name: str) -> Path:
+    """Where an export output keeps the file of one source (trained, awq_smoothed) in one format."""
+    return out / source / f"model-{name}.gguf"
+
+
+def gguf_files(out: Path) -> list[tuple[str, Path]]:
+    """(name, path) of every validated GGUF file an export output holds, e.g. ("trained.q4_k_m", ...):
+    the files its manifest lists, written only after they passed validation."""
+    import json
+
+    manifest = Path(out) / MANIFEST
+    if not manifest.exists():
+        return []
+    return [(f"{source}.{name}", gguf_file(out, source, name)) for source, files in json.loads(manifest.read_text()).items()
+            for name in files]

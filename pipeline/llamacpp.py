@@ -1,32 +1,24 @@
-"""llama.cpp for the GGUF stages: its converter and tools, from the same source as the Python
-binding that loads the files, and the files read back and run through llama.cpp (llama-cpp-python).
+"""Run time: llama.cpp for the GGUF stages. Its converter called on a checkpoint, its tools run
+(llama-quantize, llama-imatrix, llama-perplexity and its files), and GGUF files read back and run
+through the Python binding (llama-cpp-python).
 
-The converter (convert_hf_to_gguf.py, its conversion/ package and gguf-py) is taken from the
-llama-cpp-python source distribution, which carries the llama.cpp tree it is built from under
-vendor/llama.cpp: a file the converter writes is then one that this llama.cpp reads.
-`python -m pipeline.llamacpp fetch` (part of `make install`) unpacks it once into the environment;
-`python -m pipeline.llamacpp build` (also part of it) builds llama-server, llama-perplexity and
-llama-quantize from that tree into a cache outside the checkout, once per version and machine, and
-installs them beside the environment's Python, where the stages find them.
+The converter (convert_hf_to_gguf.py, its conversion/ package and gguf-py) is the one in the
+llama.cpp source the binding is made for, and the tools and the binding's library are one build of
+it (pipeline.llamacpp_build, at install time): a file the converter writes is then one that this
+llama.cpp reads.
 """
 
 from __future__ import annotations
 
 import ast
-import contextlib
 import functools
-import hashlib
 import json
 import os
-import platform
-import shutil
 import subprocess
 import sys
-import tarfile
-import tempfile
 from pathlib import Path
 
-from pipeline.artifacts import keep_log, machine_cache
+from pipeline.artifacts import keep_log
 from pipeline.contract import PipelineError, last_words
 
 # Another llama.cpp source tree (for example a newer checkout) instead of the fetched one.
@@ -55,7 +47,7 @@ def converter() -> Path:
     script = source_dir() / "convert_hf_to_gguf.py"
     if not script.is_file():
         raise FileNotFoundError(f"llama.cpp's converter is not at {script}: run `make install` or "
-                                f"`python -m pipeline.llamacpp fetch` (or set {SOURCE_ENV} to a llama.cpp source tree).")
+                                f"`python -m pipeline.llamacpp_build fetch` (or set {SOURCE_ENV} to a llama.cpp source tree).")
     return script
 
 
@@ -69,102 +61,15 @@ def converter_architectures() -> dict[str, str]:
     raise ValueError(f"{converter().parent / 'conversion'}: no TEXT_MODEL_MAP; is this a llama.cpp source tree?")
 
 
-def fetch() -> Path:
-    """Unpacks llama.cpp's source from llama-cpp-python's source distribution (pip's cache or the
-    package index), once; the vocabulary test files and git data are left out."""
-    from importlib import metadata
-
-    target = source_dir()
-    if (target / "convert_hf_to_gguf.py").is_file():
-        return target
-    version = metadata.version("llama-cpp-python")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-        subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--no-binary", ":all:",
-                        f"llama-cpp-python=={version}", "-d", tmp], check=True)
-        (archive,) = Path(tmp).glob("llama_cpp_python-*.tar.gz")
-        prefix = f"{archive.name.removesuffix('.tar.gz')}/vendor/llama.cpp/"
-        with tarfile.open(archive) as tar:
-            members = [m for m in tar.getmembers() if m.name.startswith(prefix)
-                       and not m.name.startswith((prefix + "models/", prefix + ".git"))]
-            tar.extractall(tmp, members=members, filter="data")
-        os.replace(Path(tmp) / prefix, target)
-    return target
-
-
-NO_AMX = "-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
-# The tools built from the source tree. Static, so that a finished build can be moved into place.
-TOOLS = ("llama-server", "llama-perplexity", "llama-quantize", "llama-imatrix")
-CMAKE_FLAGS = ("-DCMAKE_BUILD_TYPE=Release", "-DBUILD_SHARED_LIBS=OFF", "-DLLAMA_BUILD_TESTS=OFF",
-               "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_TOOLS=ON", "-DLLAMA_BUILD_SERVER=ON",
-               # No network at build or run time: no HTTPS model downloads, no prebuilt web UI.
-               "-DLLAMA_OPENSSL=OFF", "-DLLAMA_CURL=OFF", "-DLLAMA_USE_PREBUILT_UI=OFF",
-               # The build targets this CPU, and on a Xeon with AMX llama.cpp 0.3.36's AMX kernels
-               # crash the process (SIGSEGV in ggml_backend_amx_mul_mat) on Q4_K files of the tiny
-               # and default models: compile them out, as the Makefile does for the binding's build.
-               *((f"-DCMAKE_C_FLAGS={NO_AMX}", f"-DCMAKE_CXX_FLAGS={NO_AMX}") if platform.machine() == "x86_64" else ()))
-# llama.cpp's logger writes from a thread that exit does not wait for, so a tool's last lines are
-# now and then lost (llama.cpp issue 22142; upstream flushes before exit tool by tool, PR 25504).
-# The same one-line flush for llama-perplexity, whose closing summary the evaluate stage reads;
-# {file: (text, text with the flush)}, applied to a copy of the source.
-PATCHES = {"tools/perplexity/perplexity.cpp": ("\n    llama_backend_free();\n\n    return 0;\n}\n",
-                                               "\n    common_log_flush(common_log_main());\n    llama_backend_free();\n\n"
-                                               "    return 0;\n}\n")}
-
-
-def build_cache() -> Path:
-    """Where builds of the tools are kept: keyed by the llama.cpp version, the build flags and this
-    CPU (the build targets the CPU it runs on), so that a fresh checkout reuses an earlier build."""
-    from importlib import metadata
-
-    cpu = ""
-    with contextlib.suppress(OSError):
-        cpu = next((line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")), "")
-    key = hashlib.sha256(json.dumps([CMAKE_FLAGS, TOOLS, PATCHES, platform.machine(), cpu,
-                                     os.environ.get(SOURCE_ENV)]).encode())
-    return machine_cache() / f"llama.cpp-{metadata.version('llama-cpp-python')}-{key.hexdigest()[:12]}"
-
-
 def tool(name: str, configured: str | None = None) -> Path:
     """The path of one of llama.cpp's tools (or `configured`, another build of it); a clear error,
     before any work, where it is missing."""
     path = Path(configured).expanduser() if configured else Path(sys.prefix) / "bin" / name
     if not (path.is_file() and os.access(path, os.X_OK)):
         how = ("point the setting at an executable" if configured else
-               "run `make install` or `python -m pipeline.llamacpp build` (about 6 minutes on 2 cores, once)")
+               "run `make install` or `python -m pipeline.llamacpp_build build` (about 5 minutes on 2 cores, once)")
         raise FileNotFoundError(f"llama.cpp's {name} is not at {path}: {how}.")
     return path
-
-
-def build() -> Path:
-    """Builds TOOLS from the fetched llama.cpp source with cmake unless the cache has them, and
-    installs them into the environment's bin directory."""
-    cache = build_cache()
-    if not all((cache / name).is_file() for name in TOOLS):
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=cache.parent) as tmp:
-            source, build_dir = Path(tmp) / "source", Path(tmp) / "build"
-            shutil.copytree(fetch(), source)
-            for name, (text, patched) in PATCHES.items():
-                code = (source / name).read_text()
-                if code.count(text) != 1:
-                    raise RuntimeError(f"{source / name} has changed: update pipeline/llamacpp.py's PATCHES for it.")
-                (source / name).write_text(code.replace(text, patched))
-            generator = ["-G", "Ninja"] if shutil.which("ninja") else []
-            subprocess.run(["cmake", "-S", str(source), "-B", str(build_dir), *generator, *CMAKE_FLAGS], check=True,
-                           stdout=subprocess.DEVNULL)
-            subprocess.run(["cmake", "--build", str(build_dir), "--target", *TOOLS, "-j", str(os.cpu_count() or 1)],
-                           check=True, stdout=subprocess.DEVNULL)
-            (Path(tmp) / "bin").mkdir()
-            for name in TOOLS:
-                shutil.copy2(build_dir / "bin" / name, Path(tmp) / "bin" / name)
-            shutil.rmtree(cache, ignore_errors=True)
-            os.replace(Path(tmp) / "bin", cache)
-    bin_dir = Path(sys.prefix) / "bin"
-    for name in TOOLS:
-        shutil.copy2(cache / name, bin_dir / f".{name}.partial")
-        os.replace(bin_dir / f".{name}.partial", bin_dir / name)
-    return bin_dir
 
 
 def pre_tokenizer(tokenizer_json: dict, override: str = "auto") -> str:
@@ -238,18 +143,6 @@ def _convert(checkpoint: str, out: str, outtype: str, name: str, pre: str, metad
     sys.argv = ["convert_hf_to_gguf.py", checkpoint, "--outfile", out, "--outtype", outtype, "--model-name", name,
                 *(["--vocab-only"] if parts == "vocab-only" else [])]
     convert_hf_to_gguf.main()
-
-
-def gguf_files(export_dir: Path) -> list[tuple[str, Path]]:
-    """(name, path) of every validated GGUF file an export output holds, e.g. ("trained.q4_k_m", ...):
-    the files its manifest lists, which the export stage writes only after validating them."""
-    import json
-
-    manifest = Path(export_dir) / "manifest.json"
-    if not manifest.exists():
-        return []
-    return [(f"{source}.{name}", Path(export_dir) / source / f"model-{name}.gguf")
-            for source, files in json.loads(manifest.read_text()).items() for name in files]
 
 
 class GGUFError(ValueError):
@@ -439,7 +332,7 @@ def metadata_value(path: Path, key: str):
 
 
 if __name__ == "__main__":
-    commands = {"fetch": lambda: print(fetch()), "build": lambda: print(build()), "convert": _convert}
-    if len(sys.argv) < 2 or sys.argv[1] not in commands:
-        sys.exit(f"usage: python -m pipeline.llamacpp {{{'|'.join(commands)}}} ...")
-    commands[sys.argv[1]](*sys.argv[2:])
+    # The converter's own process (convert() starts it): it brings its own gguf-py.
+    if len(sys.argv) != 9 or sys.argv[1] != "convert":
+        sys.exit("usage: python -m pipeline.llamacpp convert CHECKPOINT OUT OUTTYPE NAME PRE METADATA PARTS")
+    _convert(*sys.argv[2:])

@@ -13,7 +13,8 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from pipeline import distributed
-from pipeline.artifacts import references, stage_dir, verify_stage_output
+from pipeline.artifacts import keep_log, references, stage_dir, verify_stage_output
+from pipeline.console import captured, say, shown, stage_lines
 from pipeline.contract import PipelineError
 from pipeline.graph import STAGES, upstream
 from pipeline.preflight import BASE_STAGES, preflight, print_report, report_only, reused
@@ -47,6 +48,12 @@ def verify_inputs(cfg: DictConfig, name: str, reuse: bool) -> None:
                 verify_stage_output(reference, stage)
 
 
+def stage_log(cfg: DictConfig, out: Path) -> Path | None:
+    """Where a stage's third-party output goes while it runs: beside its output (None: verbose=true,
+    the terminal)."""
+    return None if cfg.verbose else out.with_name(f"{out.name}.log")
+
+
 def pretrain(base: DictConfig, tags: dict, tracker) -> None:
     """The base model of model.pretrain, made by the prepare and train stages on its recipe in the
     machine cache, or reused from there (by every checkout on this machine) in a child run "base".
@@ -67,8 +74,10 @@ def pretrain(base: DictConfig, tags: dict, tracker) -> None:
                     verify_stage_output(base, name, rebuild=f"delete {out} to build it again")
                     STAGES[name].record(base, tracker)
                 else:
-                    log.info("base model: %s, once for this machine, into %s", name, out)
-                    STAGES[name].run(base, tracker)
+                    log_file = stage_log(base, out)
+                    with stage_lines(f"base model: {name} (once for this machine)", out, log_file), captured(log_file):
+                        log.info("base model: %s, once for this machine, into %s", name, out)
+                        STAGES[name].run(base, tracker)
 
 
 def run(cfg: DictConfig) -> None:
@@ -80,7 +89,10 @@ def run(cfg: DictConfig) -> None:
         if print_report(preflight(cfg, report=True), stages):
             raise PipelineError("the pre-flight checks above failed; nothing was run.")
         return
-    plan = preflight(cfg)
+    # The checks import the libraries, whose import-time warnings are no reading for the terminal.
+    with captured(None if cfg.verbose else keep_log("preflight", "")):
+        plan = preflight(cfg)
+    say(f"precision: {cfg.train.precision} (requested {plan['requested']}: {plan['reason']})")
     tags = run_tags(plan["hardware"].tags())
     # The other machines of a multi-machine training only lend their processes to rank 0's run.
     tracker = Tracker(cfg) if distributed.main_node(cfg) else NoTracker()
@@ -92,21 +104,41 @@ def run(cfg: DictConfig) -> None:
         tracker.log_text(installed_packages(), "environment.txt")
         if plan["base"] is not None:
             pretrain(plan["base"], tags, tracker)
-        for name in plan["stages"]:
+        for number, name in enumerate(plan["stages"], 1):
             module, out = STAGES[name], stage_dir(cfg, name)
             reuse = reused(cfg, name, plan["again"])
+            label = f"[{number}/{len(plan['stages'])}] {name}"
             with tracker.run(name, {**tags, "stage": name, "reused": str(reuse).lower(), "output": str(out)}):
                 tracker.log_params(flatten(cfg))
-                if not reuse and name in plan["unchecked"]:
-                    # Its address moved since the checks (a reference an earlier stage just made).
-                    module.check(cfg)
-                verify_inputs(cfg, name, reuse)
                 if reuse:
-                    log.info("stage %s: reusing %s (rerun=[%s] runs it again)", name, out, name)
+                    verify_inputs(cfg, name, reuse)
+                    say(f"{label}: reusing {shown(out)} (rerun=[{name}] runs it again)")
                     module.record(cfg, tracker)
-                elif module.STAGE.launchable and distributed.launched(cfg):
-                    log.info("stage %s", name)
-                    distributed.launch(cfg, name, tracker.run_id)
-                else:
-                    log.info("stage %s", name)
-                    module.run(cfg, tracker)
+                    continue
+                log_file = stage_log(cfg, out)
+                try:
+                    with stage_lines(label, out, log_file), captured(log_file):
+                        if name in plan["unchecked"]:
+                            # Its address moved since the checks (a reference an earlier stage just made).
+                            module.check(cfg)
+                        verify_inputs(cfg, name, reuse)
+                        log.info("stage %s", name)
+                        if module.STAGE.launchable and distributed.launched(cfg):
+                            distributed.launch(cfg, name, tracker.run_id)
+                        else:
+                            module.run(cfg, tracker)
+                finally:  # a failed stage's log most of all
+                    if log_file is not None and log_file.is_file():
+                        tracker.log_artifact(log_file, "log")
+    finish(cfg, plan["stages"])
+
+
+def finish(cfg: DictConfig, stages: list[str]) -> None:
+    """The last lines: where the report is, and how to look at it and at the runs."""
+    if "report" in stages:
+        report = stage_dir(cfg, "report")
+        say(f"report: {shown(report / 'report.md')} (with plots: open {shown(report / 'report.html')} in a browser)")
+    uri = str(cfg.tracking.uri)
+    browse = (f"open {uri}" if uri.startswith("http") else
+              f"mlflow ui --backend-store-uri {uri}, then open http://127.0.0.1:5000")
+    say(f"runs in MLflow: {browse}")

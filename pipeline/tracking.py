@@ -262,6 +262,8 @@ def quiet_libraries() -> None:
 
     logging.getLogger("accelerate").setLevel(logging.WARNING)
     logging.getLogger("httpx").setLevel(logging.WARNING)
+    # mlflow announces each migration of a new store's tables.
+    logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)
     transformers_logging.disable_progress_bar()
 
 

@@ -36,7 +36,7 @@ from pipeline.data import load_sequences, pad_id
 from pipeline.metrics import batched_logprobs, greedy, prefix_agreement, summarize, token_metrics
 from pipeline.models import load_causal_lm, model_logits
 from pipeline.config import BASE_TYPES
-from pipeline.formats import METHODS, quantized_checkpoints
+from pipeline.formats import METHODS, gguf_files, quantized_checkpoints
 from pipeline.contract import PipelineError, Stage, declared
 
 STAGE = Stage("evaluate", settings=("evaluate",), reads=("prepare", "train", "quantize", "export"), references=("train",),
@@ -117,7 +117,7 @@ def artifacts(cfg: DictConfig) -> list[tuple[str, str, Path]]:
     if adapter.is_dir():
         found.append((STAGE.names["unmerged"], "peft", adapter))
     found += [(m, "hf", path) for m, path in quantized_checkpoints(stage_dir(cfg, "quantize")).items()]
-    found += [(name, "gguf", path) for name, path in llamacpp.gguf_files(stage_dir(cfg, "export"))]
+    found += [(name, "gguf", path) for name, path in gguf_files(stage_dir(cfg, "export"))]
     found += [(name, "hf", Path(path)) for name, path in cfg.evaluate.extra.items()]
     return found
 

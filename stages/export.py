@@ -40,7 +40,7 @@ from pipeline.models import load_causal_lm, pretrained_source, save_tokenizer, s
 from pipeline import llamacpp
 from pipeline.config import BASE_TYPES
 from pipeline.hardware import PRECISION_TABLE
-from pipeline.formats import SMOOTHED, require_qat_artifact, smoothed_checkpoint
+from pipeline.formats import MANIFEST, SMOOTHED, gguf_file, require_qat_artifact, smoothed_checkpoint
 from pipeline.contract import PipelineError, Stage, last_words
 
 log = logging.getLogger(__name__)
@@ -429,7 +429,7 @@ def run(cfg: DictConfig, tracker) -> None:
             with torch.no_grad():
                 reference = rounded_like_gguf(load_causal_lm(path), dtype)(check_ids).logits
             (tmp / source).mkdir()
-            base = tmp / source / f"model-{dtype}.gguf"
+            base = gguf_file(tmp, source, dtype)
             provenance = {"name": f"{cfg.model.name}-{cfg.train.precision}-{source}", "source": source,
                           "training_precision": cfg.train.precision, "pipeline_run": tracker.pipeline_run_id}
             started = time.perf_counter()
@@ -450,7 +450,7 @@ def run(cfg: DictConfig, tracker) -> None:
                 matrix_seconds = time.perf_counter() - started
             for name, matrix in [(n, None) for n in x.types] + [(n, imatrix) for n in matrix_types]:
                 kind = f"{name}-{STAGE.names['imatrix']}" if matrix else name
-                target = tmp / source / f"model-{kind}.gguf"
+                target = gguf_file(tmp, source, kind)
                 started = time.perf_counter()
                 quantize_gguf(full, target, name, x.embedding_types.get(name), matrix)
                 files[kind] = {"seconds": time.perf_counter() - started,
@@ -461,26 +461,26 @@ def run(cfg: DictConfig, tracker) -> None:
             if full != base:
                 full.unlink()
             for name, info in files.items():
-                file = tmp / source / f"model-{name}.gguf"
+                file = gguf_file(tmp, source, name)
                 info.update(bytes=file.stat().st_size, sha256=sha256_file(file))
             manifest[source] = files
-        write_json(tmp / "manifest.json", manifest)
+        write_json(tmp / MANIFEST, manifest)
     record(cfg, tracker)
 
 
 def record(cfg: DictConfig, tracker) -> None:
     out = stage_dir(cfg, "export")
     metrics = {}
-    for source, files in read_json(out / "manifest.json").items():
+    for source, files in read_json(out / MANIFEST).items():
         for name, info in files.items():
             metrics[f"export/{source}.{name}/size_mb"] = info["bytes"] / 2**20
             metrics[f"export/{source}.{name}/seconds"] = info["seconds"]
             metrics[f"export/{source}.{name}/fallback_tensors"] = len(info.get("fallbacks", []))
-            file = out / source / f"model-{name}.gguf"
+            file = gguf_file(out, source, name)
             if info["bytes"] <= cfg.export.log_files_max_mb * 2**20:
                 tracker.log_artifact(file, f"gguf/{source}")
     tracker.log_metrics(metrics)
-    tracker.log_artifact(out / "manifest.json")
+    tracker.log_artifact(out / MANIFEST)
     for matrix in sorted(out.glob("*/imatrix.gguf")):
         tracker.log_artifact(matrix, f"imatrix/{matrix.parent.name}")
     if (out / "calibration.txt").exists():

@@ -43,7 +43,7 @@ from pipeline.metrics import percentile_interval, round_rate, round_replicates
 from pipeline.models import shape_only_model
 from pipeline.server import Server, ServerError, free_port, log_tail, port_is_free
 from pipeline.config import LOAD_LEVELS
-from pipeline.formats import quantized_checkpoints
+from pipeline.formats import gguf_files, quantized_checkpoints
 from pipeline.contract import PipelineError, Stage, last_words
 
 STAGE = Stage("serve", settings=("serve",), reads=("prepare", "train", "quantize", "export"))
@@ -107,7 +107,7 @@ def targets(cfg: DictConfig, chosen: list[str]) -> list[tuple[str, str, Path | N
                                     f"methods={list(cfg.quantize.methods)}); run stage=quantize or leave them out.")
         found += [(name, "vllm", paths[name]) for name in s.vllm.artifacts]
     if "llamacpp" in chosen:
-        files = dict(llamacpp.gguf_files(stage_dir(cfg, "export")))
+        files = dict(gguf_files(stage_dir(cfg, "export")))
         if not files:
             raise FileNotFoundError("serve: the export stage has made no GGUF file for these settings; run stage=export first.")
         patterns = ["*"] if s.llamacpp.files is None else list(s.llamacpp.files)

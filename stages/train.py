@@ -34,7 +34,7 @@ from pipeline.models import (model_config, pretrained_source, safe_weights, save
                              starting_checkpoint)
 from pipeline.contract import Stage
 from pipeline.formats import NO_QAT, QAT, qat_settings
-from pipeline import qat
+from pipeline import console, qat
 
 STAGE = Stage("train", settings=("model", "train", "seed", "accelerate.num_processes"), reads=("prepare",),
               ignores=("train.resume", "train.log_every", "train.checkpoint_every"), launchable=True,
@@ -427,7 +427,6 @@ def run(cfg: DictConfig, tracker) -> None:
     import torch
     from accelerate.state import AcceleratorState
     from accelerate.utils import set_seed
-    from tqdm import tqdm
     from transformers import AutoTokenizer
 
     t = cfg.train
@@ -475,7 +474,7 @@ def run(cfg: DictConfig, tracker) -> None:
             loss = heldout_loss(model, eval_blocks, t.micro_batch_size, accelerator, loss_on_all(cfg))
             tracker.log_metrics({"eval/loss": loss, "eval/perplexity": math.exp(loss)}, step=0)
             progress.history["eval_loss"].append([0, loss])
-        bar = tqdm(total=t.max_steps, initial=progress.step, desc=f"train {t.precision}", disable=not main)
+        bar = console.bar(t.max_steps, progress.step, f"train {t.precision}", shown_here=main)
         while progress.step < t.max_steps:
             step = optimizer_step(model, optimizer, trainable, accelerator, train_blocks, progress.step, cfg)
             scheduler.step()

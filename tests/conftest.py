@@ -143,7 +143,9 @@ def chain(tmp_path_factory, worker_id):
         if not (cwd / "done").exists():
             shutil.rmtree(cwd, ignore_errors=True)
             cwd.mkdir()
-            pipeline(cwd, "stage=all", *SMALL_CHAIN)
+            result = pipeline(cwd, "stage=all", *SMALL_CHAIN)
+            # What the terminal showed, for the test of the console (tests/test_console.py).
+            (cwd / "console.txt").write_text(result.stdout + result.stderr)
             (cwd / "done").touch()
     return cwd
 

@@ -147,15 +147,27 @@ def test_unsupported_architecture_refused_before_writing(tmp_path, opt_checkpoin
     assert "Gemma3ForCausalLM" in message and "Qwen3ForCausalLM" in message
 
 
-def test_llama_cpp_tools_install_from_the_cached_build(tmp_path):
-    """A second install reuses the build (not one tool rebuilt) and puts the tools where the stages look."""
-    built = {name: (llamacpp.build_cache() / name).stat().st_mtime_ns for name in llamacpp.TOOLS}
-    assert llamacpp.build() == Path(sys.prefix) / "bin"
-    assert {name: (llamacpp.build_cache() / name).stat().st_mtime_ns for name in llamacpp.TOOLS} == built
-    for name in llamacpp.TOOLS:
-        assert llamacpp.tool(name).read_bytes() == (llamacpp.build_cache() / name).read_bytes()
+def test_one_llama_cpp_build_serves_the_tools_and_the_binding(tmp_path):
+    """A second install reuses the build (nothing rebuilt) and puts the tools where the stages look;
+    the binding loads the very library the tools run on, from that build."""
+    from pipeline import llamacpp_build
+
+    cache = llamacpp_build.build_cache()
+    built = {path.name: path.stat().st_mtime_ns for path in llamacpp_build.built_files(cache)}
+    assert llamacpp_build.build() == Path(sys.prefix) / "bin"
+    assert {path.name: path.stat().st_mtime_ns for path in llamacpp_build.built_files(cache)} == built
+    for name in llamacpp_build.TOOLS:
+        assert llamacpp.tool(name).read_bytes() == (cache / name).read_bytes()
         ran = subprocess.run([llamacpp.tool(name), "--help"], capture_output=True, text=True)
         assert "usage" in (ran.stdout + ran.stderr).lower(), name
+    # In a process of its own: the library this one loaded may be an earlier install's.
+    loaded = subprocess.run([sys.executable, "-c", "import llama_cpp.llama_cpp as c; print(c._lib._name)"],
+                            capture_output=True, text=True, check=True).stdout.strip()
+    assert Path(loaded).resolve().read_bytes() == (cache / "libllama.so").resolve().read_bytes()
+    # The tools run on the same files: their libraries resolve to the binding's folder.
+    server = subprocess.run(["ldd", llamacpp.tool("llama-server").resolve()], capture_output=True, text=True,
+                            check=True).stdout
+    assert f"libllama.so.0 => {Path(loaded).resolve().parent}/" in server
 
 
 def test_missing_llama_cpp_tools_are_refused_before_any_work(tmp_path, monkeypatch):

@@ -8,7 +8,8 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from pipeline import llamacpp, vllm
+from pipeline import vllm
+from pipeline.formats import gguf_files
 from pipeline.artifacts import read_json
 from pipeline.data import load_sequences, pad_id
 from pipeline.metrics import bootstrap_ci, mean_kl
@@ -87,7 +88,7 @@ def test_evaluation_logged_for_every_artifact_with_intervals(chain):
 def test_gguf_numbers_agree_with_llama_perplexity(chain):
     evaluation = only_dir(chain / "artifacts" / "evaluate")
     metrics = runs(chain, "evaluate")[0].data.metrics
-    files = [name for name, _ in llamacpp.gguf_files(only_dir(chain / "artifacts" / "export"))]
+    files = [name for name, _ in gguf_files(only_dir(chain / "artifacts" / "export"))]
     assert len(files) == 2 * 5  # trained and AWQ-smoothed: f16, q8_0, q4_k_m, q4_0, q4_k_m-imat
     for name in files:
         opinion = read_json(evaluation / "metrics" / f"{name}.json")["second_opinion"]

@@ -38,7 +38,7 @@ def test_second_run_reuses_every_finished_stage(project):
     reused = stage_runs(project, last_parent(project))
     assert reused == {"prepare": True, "train": True, "quantize": True, "export": True, "evaluate": True,
                       "serve": True, "report": False}
-    assert "stage serve: reusing" in result.stdout + result.stderr
+    assert "[6/7] serve: reusing artifacts/serve/" in result.stderr
     assert {p: p.stat().st_mtime_ns for p in before} == before  # nothing rewritten
     # The stored results are logged again to the reused runs.
     evaluate = [r for r in runs(project, "evaluate")][-1]

@@ -30,6 +30,7 @@ import re
 
 from omegaconf import DictConfig
 
+from pipeline import console
 from pipeline.artifacts import atomic_dir, read_json, stage_dir, write_json
 from pipeline.contract import PipelineError, Stage, declared
 from pipeline.formats import NO_QAT, QAT
@@ -151,3 +152,4 @@ def record(cfg: DictConfig, tracker) -> None:
         raise GateError(f"{len(failed)} quality gate(s) failed (report in {out}): "
                         + "; ".join(gate_line(g).removeprefix("- ") for g in failed))
     log.info("report: %s\n%s", out / "report.md", answer)
+    console.say(answer)  # the answer in words, where the person who ran it looks
