@@ -20,7 +20,7 @@ $(VENV)/.installed: pyproject.toml
 	CMAKE_ARGS="$(NO_LLAMA_BUILD)" $(VENV)/bin/pip install --quiet "$(TORCH)" -e '.[$(EXTRAS)]'
 	# llama.cpp's source at the binding's version, for its GGUF converter, and one build of it: the
 	# binding's library and the tools (llama-server, llama-perplexity, llama-quantize, llama-imatrix).
-	# About 5 minutes on 2 cores the first time, seconds when the build is cached (pipeline/llamacpp_build.py).
+	# About 3 minutes on 2 cores the first time, seconds when the build is cached (pipeline/llamacpp_build.py).
 	$(PY) -m pipeline.llamacpp_build fetch
 	$(PY) -m pipeline.llamacpp_build build
 	touch $@
@@ -45,9 +45,10 @@ run: install
 
 # Everything, as CI runs it: real chains, servers, DVC. Two test processes, since much of each test
 # is a subprocess starting up or waiting on a server; each takes whole modules (their tests share
-# module fixtures), in the order tests/conftest.py gives.
+# module fixtures), in the order tests/conftest.py gives. The 30 longest tests close the output:
+# where CI's time goes.
 test: install install-vllm
-	$(PY) -m pytest -n 2 --dist loadfile --no-loadscope-reorder
+	$(PY) -m pytest -n 2 --dist loadfile --no-loadscope-reorder --durations=30
 
 # The fast tier: in-process tests of the logic, no chains (under 3 minutes).
 test-fast: install

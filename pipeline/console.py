@@ -2,7 +2,7 @@
 its output went), the pipeline's own progress bars, its warnings, and at the end where the report is.
 
 Everything else written while a stage runs (the libraries' progress bars and warnings, llama.cpp's
-and torch's C++ logging, launched processes) goes to that stage's log file, beside its output: the
+and torch's C++ logging, launched processes) goes to that stage's log file (pipeline.runner.stage_log): the
 process's stdout and stderr themselves are pointed at the file, so that what C code and child
 processes write lands there too. `verbose=true` leaves them on the terminal.
 """

@@ -67,7 +67,7 @@ def tool(name: str, configured: str | None = None) -> Path:
     path = Path(configured).expanduser() if configured else Path(sys.prefix) / "bin" / name
     if not (path.is_file() and os.access(path, os.X_OK)):
         how = ("point the setting at an executable" if configured else
-               "run `make install` or `python -m pipeline.llamacpp_build build` (about 5 minutes on 2 cores, once)")
+               "run `make install` or `python -m pipeline.llamacpp_build build` (about 3 minutes on 2 cores, once)")
         raise FileNotFoundError(f"llama.cpp's {name} is not at {path}: {how}.")
     return path
 

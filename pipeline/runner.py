@@ -49,9 +49,10 @@ def verify_inputs(cfg: DictConfig, name: str, reuse: bool) -> None:
 
 
 def stage_log(cfg: DictConfig, out: Path) -> Path | None:
-    """Where a stage's third-party output goes while it runs: beside its output (None: verbose=true,
-    the terminal)."""
-    return None if cfg.verbose else out.with_name(f"{out.name}.log")
+    """Where a stage's third-party output goes while it runs (None: verbose=true, the terminal):
+    <root>/logs/<stage>/<output>.log, named after its output, in a tree of its own so that a
+    stage's folder holds only outputs."""
+    return None if cfg.verbose else out.parent.parent / "logs" / out.parent.name / f"{out.name}.log"
 
 
 def pretrain(base: DictConfig, tags: dict, tracker) -> None:

@@ -35,7 +35,7 @@ def test_a_plain_log_shows_each_stage_twice_and_where_the_report_is(chain):
     assert lines[-2].startswith("report: artifacts/report/") and "report.html" in lines[-2]
     assert lines[-1].startswith("runs in MLflow: mlflow ui --backend-store-uri sqlite:///mlflow.db")
     # Where the noise went instead: each stage's log beside its output, also in the stage's MLflow run.
-    quantize_log = next((chain / "artifacts" / "quantize").glob("*.log")).read_text()
+    quantize_log = next((chain / "artifacts" / "logs" / "quantize").glob("*.log")).read_text()
     assert "No accelerator" in quantize_log
     quantize_run = runs(chain, "quantize")[-1]
     from tests.conftest import mlflow_client
