@@ -58,7 +58,9 @@ def plot_data(data: dict, columns: list[str], quality: str, is_faster) -> dict:
              "source_y": f"waterfall/{p}/{n}/{i}/ratio"}
             for p in ordered(data["waterfall"]) for n, steps in data["waterfall"][p].items() for i, s in enumerate(steps)]
     if bars:
-        out["waterfall"] = {"xlabel": "change of held-out log-perplexity from the fp32-trained model (100 x log ratio, %; steps add up)",
+        # The first step is the training precision's only where the fp32 arm was run too.
+        start = "the fp32-trained model" if "fp32" in data["waterfall"] else "the trained model"
+        out["waterfall"] = {"xlabel": f"change of held-out log-perplexity from {start} (100 x log ratio, %; steps add up)",
                             "ylabel": "", "bars": bars}
     return out
 
