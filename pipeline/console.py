@@ -85,11 +85,13 @@ def shown(path: Path) -> str:
 
 @contextlib.contextmanager
 def stage_lines(label: str, out: Path, log: Path | None):
-    """`label` started, then done with its time and output (or failed, with its log), each one line."""
+    """`label` started, then done with its time and output (or failed, with its log), each one line;
+    in between, everything else the block writes goes to `log` (see captured)."""
     started = time.perf_counter()
     say(f"{label} ...")
     try:
-        yield
+        with captured(log):
+            yield
     except BaseException:
         where = f"; its log: {shown(log)}" if log is not None else ""
         say(f"{label} failed after {time.perf_counter() - started:.1f} s{where}")

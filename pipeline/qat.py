@@ -12,6 +12,8 @@ the deployed file quantizes (tests/test_qat.py checks the file against this roun
 
 from __future__ import annotations
 
+from pipeline.formats import ignored
+
 
 def q4_0(weight):
     """llama.cpp's Q4_0 round trip (quantize_row_q4_0_ref, then dequantize_row_q4_0), per row in
@@ -104,8 +106,6 @@ def targets(model, cfg) -> list[str]:
     llama.cpp stores in a type of its own (export.embedding_types). A W4A16 checkpoint: all that
     quantize.ignore leaves."""
     import torch
-
-    from pipeline.formats import ignored
 
     head = model.get_output_embeddings()
     linear = [(n, m) for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]

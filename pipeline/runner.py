@@ -76,7 +76,7 @@ def pretrain(base: DictConfig, tags: dict, tracker) -> None:
                     STAGES[name].record(base, tracker)
                 else:
                     log_file = stage_log(base, out)
-                    with stage_lines(f"base model: {name} (once for this machine)", out, log_file), captured(log_file):
+                    with stage_lines(f"base model: {name} (once for this machine)", out, log_file):
                         log.info("base model: %s, once for this machine, into %s", name, out)
                         STAGES[name].run(base, tracker)
 
@@ -118,7 +118,7 @@ def run(cfg: DictConfig) -> None:
                     continue
                 log_file = stage_log(cfg, out)
                 try:
-                    with stage_lines(label, out, log_file), captured(log_file):
+                    with stage_lines(label, out, log_file):
                         if name in plan["unchecked"]:
                             # Its address moved since the checks (a reference an earlier stage just made).
                             module.check(cfg)
