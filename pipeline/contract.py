@@ -90,7 +90,7 @@ def declared(name: str) -> Stage:
 
 
 class Tracking(Protocol):
-    """What a stage may ask of its tracker (pipeline.tracking.Tracker, or NoTracker off rank 0)."""
+    """What a stage may ask of its tracker (pipeline.tracking: Tracker, JournalTracker, or NoTracker off rank 0)."""
 
     run_id: str | None
     pipeline_run_id: str | None

@@ -142,8 +142,6 @@ def sentencepiece_model(tokenizer) -> bytes | None:
     llama.cpp merges in another order). Pieces, ids and types are tokenizer.json's; a merged piece
     scores minus the rank of its first merge, the order in which both tokenizers merge. The
     export checks llama.cpp's token ids against the tokenizer's all the same."""
-    from sentencepiece import sentencepiece_model_pb2 as sp
-
     state = json.loads(tokenizer.backend_tokenizer.to_str())
     model = state["model"]
     unknown = model.get("unk_token") or tokenizer.unk_token  # transformers 5 leaves Llama's out of the model
@@ -159,6 +157,9 @@ def sentencepiece_model(tokenizer) -> bytes | None:
     for i, (left, right) in enumerate(merges):
         rank.setdefault(left + right, i)
     added = {t["id"]: t for t in state.get("added_tokens", [])}
+    # Only now: a byte-level vocabulary (the pipeline's own) needs no sentencepiece installed.
+    from sentencepiece import sentencepiece_model_pb2 as sp
+
     kind = sp.ModelProto.SentencePiece.Type
     proto = sp.ModelProto()
     for i, piece in enumerate(pieces):

@@ -18,7 +18,7 @@ from pipeline.console import captured, say, shown, stage_lines
 from pipeline.contract import PipelineError
 from pipeline.graph import STAGES, upstream
 from pipeline.preflight import BASE_STAGES, preflight, print_report, report_only, reused
-from pipeline.tracking import NoTracker, Tracker, flatten, installed_packages, quiet_libraries, run_tags
+from pipeline.tracking import JOURNAL, NoTracker, flatten, installed_packages, open_tracker, quiet_libraries, run_tags
 
 log = logging.getLogger(__name__)
 
@@ -96,7 +96,7 @@ def run(cfg: DictConfig) -> None:
     say(f"precision: {cfg.train.precision} (requested {plan['requested']}: {plan['reason']})")
     tags = run_tags(plan["hardware"].tags())
     # The other machines of a multi-machine training only lend their processes to rank 0's run.
-    tracker = Tracker(cfg) if distributed.main_node(cfg) else NoTracker()
+    tracker = open_tracker(cfg) if distributed.main_node(cfg) else NoTracker()
     run_name = f"{cfg.model.name}-{cfg.train.precision}"
     with tracker.run(run_name, {**tags, **_hydra_context(), "precision.requested": plan["requested"],
                                 "precision.reason": plan["reason"], "stages": ",".join(plan["stages"])}):
@@ -140,6 +140,9 @@ def finish(cfg: DictConfig, stages: list[str]) -> None:
         report = stage_dir(cfg, "report")
         say(f"report: {shown(report / 'report.md')} (with plots: open {shown(report / 'report.html')} in a browser)")
     uri = str(cfg.tracking.uri)
+    if uri == JOURNAL:
+        say(f"runs: {shown(Path(cfg.paths.artifacts) / 'metrics-journal')} (a journal a run, no MLflow store)")
+        return
     browse = (f"open {uri}" if uri.startswith("http") else
               f"mlflow ui --backend-store-uri {uri}, then open http://127.0.0.1:5000")
     say(f"runs in MLflow: {browse}")

@@ -23,6 +23,8 @@ PROJECT_ROOT = Path(__file__).resolve().parent.parent
 VERSIONED_PACKAGES = ("torch", "transformers", "accelerate", "tokenizers", "mlflow", "hydra-core")
 METRIC_BATCH = 1000  # MLflow's per-call limit on metrics
 PARAM_BATCH = 100  # and on params
+# tracking.uri that keeps every run in its journal, without an MLflow store (conf/tracking/journal.yaml).
+JOURNAL = "journal"
 
 
 def flatten(cfg: DictConfig) -> dict[str, str]:
@@ -84,7 +86,21 @@ class TrackingError(PipelineError):
     """The tracking store stopped answering; the message says where the metrics are kept."""
 
 
-class Tracker:
+class OpenRuns:
+    """The runs a tracker has open, outermost (the pipeline run) first."""
+
+    _runs: list[str]
+
+    @property
+    def run_id(self) -> str:
+        return self._runs[-1]
+
+    @property
+    def pipeline_run_id(self) -> str:
+        return self._runs[0]
+
+
+class Tracker(OpenRuns):
     """Logs to one MLflow store. With `attach`, logs into that already-open run (a launched
     training process writing into the pipeline process's run).
 
@@ -110,14 +126,6 @@ class Tracker:
         self.lost: Exception | None = None  # the error that cut this process off from the store
         self._runs: list[str] = [attach] if attach else []  # open runs, outermost (the pipeline run) first
         self._metrics = []
-
-    @property
-    def run_id(self) -> str:
-        return self._runs[-1]
-
-    @property
-    def pipeline_run_id(self) -> str:
-        return self._runs[0]
 
     def journal(self, run_id: str) -> Path:
         return self.journal_dir / f"{run_id}.jsonl"
@@ -219,6 +227,67 @@ class Tracker:
 
     def log_text(self, text: str, artifact_file: str) -> None:
         self._call("log_text", self.run_id, text, artifact_file)
+
+
+class JournalTracker(OpenRuns):
+    """tracking.uri=journal, for a machine without an MLflow store (a lent GPU machine, an air-gapped
+    one): each run's tags, params and metrics go to its journal, <paths.artifacts>/metrics-journal/
+    <run id>.jsonl, one JSON object a line, which is kept. Artifacts stay where the stages wrote them;
+    the journal names them."""
+
+    def __init__(self, cfg: DictConfig, attach: str | None = None):
+        self.journal_dir = Path(OmegaConf.select(cfg, "paths.artifacts", default="artifacts")).resolve() / "metrics-journal"
+        self._runs: list[str] = [attach] if attach else []
+
+    def _write(self, record: dict, run_id: str | None = None) -> None:
+        self.journal_dir.mkdir(parents=True, exist_ok=True)
+        with open(self.journal_dir / f"{run_id or self.run_id}.jsonl", "a") as journal:
+            journal.write(json.dumps(record) + "\n")
+
+    @contextlib.contextmanager
+    def run(self, name: str, tags: dict[str, str]):
+        import uuid
+
+        run_id = uuid.uuid4().hex
+        self._write({"run": name, "parent": self._runs[-1] if self._runs else None, "tags": tags}, run_id)
+        self._runs.append(run_id)
+        try:
+            yield run_id
+        except BaseException as error:
+            self._write({"status": "FAILED", "error": f"{type(error).__name__}: {error}"[:5000]})
+            raise
+        else:
+            self._write({"status": "FINISHED"})
+        finally:
+            self._runs.pop()
+
+    def log_params(self, params: dict[str, str]) -> None:
+        self._write({"params": {k: str(v) for k, v in params.items()}})
+
+    def set_tags(self, tags: dict[str, str], run_id: str | None = None) -> None:
+        self._write({"tags": {k: str(v) for k, v in tags.items()}}, run_id)
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        now = int(time.time() * 1000)
+        for key, value in metrics.items():
+            self._write({"key": key, "value": float(value), "step": step or 0, "timestamp": now})
+
+    def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
+        self._write({"artifact": str(Path(path).resolve()), "artifact_path": artifact_path})
+
+    def log_artifacts(self, path: Path, artifact_path: str | None = None) -> None:
+        self.log_artifact(path, artifact_path)
+
+    def log_text(self, text: str, artifact_file: str) -> None:
+        self._write({"text": text, "artifact_file": artifact_file})
+
+    def flush(self) -> None:
+        pass
+
+
+def open_tracker(cfg: DictConfig, attach: str | None = None) -> Tracker | JournalTracker:
+    """The tracker tracking.uri names: an MLflow store, or the journal alone (tracking=journal)."""
+    return JournalTracker(cfg, attach) if str(cfg.tracking.uri) == JOURNAL else Tracker(cfg, attach)
 
 
 class NoTracker:

@@ -17,7 +17,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from pipeline.graph import STAGES
-from pipeline.tracking import NoTracker, Tracker, quiet_libraries
+from pipeline.tracking import NoTracker, open_tracker, quiet_libraries
 
 
 def main(config: str, stage: str, run_id: str, errors: str) -> None:
@@ -27,7 +27,7 @@ def main(config: str, stage: str, run_id: str, errors: str) -> None:
     quiet_libraries()
     try:
         cfg = OmegaConf.load(config)
-        tracker = Tracker(cfg, attach=run_id) if rank == 0 and run_id else NoTracker()
+        tracker = open_tracker(cfg, attach=run_id) if rank == 0 and run_id else NoTracker()
         try:
             STAGES[stage].run(cfg, tracker)
         except BaseException:

@@ -53,6 +53,8 @@ LATENCIES = {"ttft_ms": "time_to_first_token_ms", "itl_ms": "inter_token_latency
 PERCENTILES = (50, 90, 99)
 # Per-level rates GuideLLM reports; over several rounds, their mean.
 RATES = ("requests_per_s", "output_tokens_per_s", "goodput_requests_per_s")
+# Seconds GuideLLM waits between starting a level's workers and sending its first request.
+LEVEL_START_DELAY_S = 0.2
 
 
 def engines(cfg: DictConfig) -> list[str]:
@@ -189,6 +191,14 @@ def run_guidellm(url: str, model: str, cfg: DictConfig, tokenizer_dir: Path, req
     if LOAD_LEVELS[load.profile]:
         args += ["--override", f"profile.{LOAD_LEVELS[load.profile]}", ",".join(str(v) for v in load.levels)]
     log = report.with_suffix(".log")
+    # GuideLLM starts new worker processes for every load level. Spawned (its default), each
+    # imports GuideLLM anew, about a second of CPU apiece beside the server under test, and GuideLLM
+    # then waits a second before the level starts. Forked from one process that has imported it
+    # once (started at the stage's first level), they start at once, and a fifth of that wait is
+    # enough: the stage takes half the time, and measures the server undisturbed (benchmarks/RESULTS.md).
+    settings.mp_context_type = "forkserver"
+    settings.scheduler_start_delay_non_distributed = LEVEL_START_DELAY_S
+    multiprocessing.get_context("forkserver").set_forkserver_preload(["guidellm.scheduler", "guidellm.backends"])
     disable_progress_bar()  # the bar of reading the requests file into a dataset
     # Every sink of the process's loguru logger goes, GuideLLM's console and llm-compressor's too (an
     # earlier stage of the chain added it): GuideLLM hands the logger to its worker processes, which

@@ -29,7 +29,7 @@ from pipeline.artifacts import atomic_dir, read_json, require_stage_output, scra
 from pipeline.chat import is_chat
 from pipeline.data import load_sequences, pad_id
 from pipeline.distributed import SHARDED
-from pipeline.hardware import PRECISION_TABLE, peak_memory_mb
+from pipeline.hardware import PRECISION_TABLE, PrecisionError, peak_memory_mb
 from pipeline.models import (model_config, pretrained_source, safe_weights, save_tokenizer, shape_only_model,
                              starting_checkpoint)
 from pipeline.contract import Stage
@@ -153,6 +153,20 @@ def make_accelerator(precision: str, grad_accum_steps: int, init_loss_scale: flo
     return accelerator
 
 
+def fp8_layers(model) -> int:
+    """The Linear layers Accelerate turned into torchao's Float8Linear, whose matmuls run in fp8: it
+    leaves the first and the last, and any whose dimensions fp8 kernels cannot take. With none, an
+    fp8 run would be a bf16 run under another name."""
+    from torchao.float8 import Float8Linear
+
+    converted = sum(isinstance(m, Float8Linear) for m in model.modules())
+    if not converted:
+        raise PrecisionError("train.precision=fp8 converted no Linear layer to fp8 (Accelerate leaves the first and "
+                             "last, and torchao those whose dimensions are not multiples of 16): this model would "
+                             "train in bf16. Use train.precision=bf16, or a model with more or wider layers.")
+    return converted
+
+
 class ComputeDtypeProbe:
     """Records the output dtype of the model's first Linear layer, i.e. what the matmuls ran in."""
 
@@ -264,6 +278,8 @@ class Progress:
     history: dict = field(default_factory=lambda: {"train_loss": [], "eval_loss": [], "step_time_s": []})
     consecutive_skips: int = 0
     compute_dtype: str | None = None
+    # Under torchao's fp8: the Linear layers whose matmuls run in fp8 (else None).
+    fp8_layers: int | None = None
     # Per optimizer step since the last logged window.
     window: dict = field(default_factory=lambda: {"loss": [], "time": [], "grad_norm": [], "tokens": []})
     # Of every step: what tokens/s is measured over.
@@ -398,10 +414,11 @@ def finish(cfg: DictConfig, model, accelerator, tokenizer, progress: Progress, e
         "heldout_loss": final_loss, "heldout_perplexity": math.exp(final_loss),
         "start_heldout_loss": next((v for step, v in progress.history["eval_loss"] if step == 0), None),
         "train_seconds": time.perf_counter() - started, "peak_memory_mb": peak_memory_mb(accelerator.device.type),
-        "step_time_s": step_time, "tokens_per_s": progress.tokens / progress.seconds if progress.seconds else None,
+        "step_time_s": step_time, "tokens": progress.tokens,
+        "tokens_per_s": progress.tokens / progress.seconds if progress.seconds else None,
         "loss_on": "all" if loss_on_all(cfg) else "assistant",
         # With QAT, the held-out losses are those of the fake-quantized model, as deployed.
-        "qat": t.qat,
+        "qat": t.qat, "fp8_linear_layers": progress.fp8_layers,
         "history": progress.history, "device": accelerator.device.type, "num_processes": world,
         "distributed_type": distributed, "replica_sha256": replicas,
     }
@@ -451,6 +468,8 @@ def run(cfg: DictConfig, tracker) -> None:
     )
 
     accelerator = make_accelerator(t.precision, t.grad_accum_steps, t.init_loss_scale)
+    if accelerator.device.type == "cuda":  # a multirun's earlier precision must not be this one's peak
+        torch.cuda.reset_peak_memory_stats(accelerator.device)
     main = accelerator.is_main_process
     try:
         model, optimizer = accelerator.prepare(model, optimizer)
@@ -462,6 +481,10 @@ def run(cfg: DictConfig, tracker) -> None:
         if masters != {"torch.float32"} and accelerator.distributed_type.value != "DEEPSPEED":
             raise RuntimeError(f"Master weights must be fp32, found {masters}.")
         probe = ComputeDtypeProbe(model)
+        # fp8 through torchao (Accelerate's first choice): how many layers it reaches.
+        converted = fp8_layers(model) if accelerator.fp8_backend.value == "AO" else None
+        if converted is not None:
+            tracker.set_tags({"train.fp8_layers": converted})
         world = accelerator.num_processes
         # eval_batches counts global batches; a whole held-out split loses up to world - 1 rows
         # so that every process gets an equal share.
@@ -470,6 +493,7 @@ def run(cfg: DictConfig, tracker) -> None:
         checkpoints = Path(cfg.paths.artifacts).resolve() / "checkpoints" / stage_dir(cfg, "train").name
 
         progress, started = restore(accelerator, checkpoints, t.resume), time.perf_counter()
+        progress.fp8_layers = converted
         if progress.step == 0:  # where the model starts: what the fine-tune gains is measured from here
             loss = heldout_loss(model, eval_blocks, t.micro_batch_size, accelerator, loss_on_all(cfg))
             tracker.log_metrics({"eval/loss": loss, "eval/perplexity": math.exp(loss)}, step=0)

@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 from pipeline import distributed
 from pipeline.artifacts import read_json
 from pipeline.config import validate
-from tests.conftest import FAST, GROUPS, compose_with, mlflow_client, pipeline, refused, replace, runs
+from tests.conftest import FAST, GROUPS, compose_with, mlflow_client, pipeline, refused, replace, runs, with_test_model
 
 TWO = ["accelerate=ddp", "accelerate.num_processes=2"]
 SETTINGS = ["stage=[prepare,train]", "train.precision=fp32", *FAST, "train.eval_batches=2"]
@@ -69,14 +69,14 @@ def _rank_process(parent: psutil.Process, rank: str) -> psutil.Process | None:
 @pytest.mark.slow
 def test_a_failing_rank_fails_the_stage_with_its_error(tmp_path):
     log = tmp_path / "pipeline.log"
-    command = [sys.executable, "-m", "pipeline", *replace(SETTINGS, "train.max_steps=100000"), *TWO]
+    command = [sys.executable, "-m", "pipeline", *with_test_model([*replace(SETTINGS, "train.max_steps=100000"), *TWO])]
     with open(log, "w") as out:
         process = subprocess.Popen(command, cwd=tmp_path, stdout=out, stderr=subprocess.STDOUT)
     try:
         deadline = time.monotonic() + 180
-        # Once the progress bar is up, both processes are past their setup and training.
-        while "train fp32:" not in log.read_text() and time.monotonic() < deadline:
-            time.sleep(0.5)
+        # Once a checkpoint is written, both processes are past their setup and training.
+        while not list(tmp_path.glob("artifacts/checkpoints/*/step-*")) and time.monotonic() < deadline:
+            time.sleep(0.2)
         rank1 = _rank_process(psutil.Process(process.pid), "1")
         assert rank1 is not None, log.read_text()[-3000:]
         rank1.send_signal(signal.SIGINT)  # a Python exception on that one process

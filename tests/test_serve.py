@@ -133,7 +133,8 @@ def test_server_dying_mid_benchmark_is_a_failure_not_numbers(own_chain):
     killer = threading.Thread(target=kill_server_once_ready)
     killer.start()
     # Other load settings than the chain's, so this failed run gets its own output directory.
-    result = pipeline(own_chain, "stage=serve", *SMALL_CHAIN, "serve.llamacpp.files=[trained.q8_0]", "serve.load.requests=4",
+    # Enough requests that the load is still running a second after the server is ready.
+    result = pipeline(own_chain, "stage=serve", *SMALL_CHAIN, "serve.llamacpp.files=[trained.q8_0]", "serve.load.requests=100",
                       "serve.load.levels=[1]", "serve.load.output_tokens=31", check=False)
     killer.join()
     assert killed and result.returncode != 0

@@ -11,8 +11,8 @@ import pytest
 from omegaconf import OmegaConf
 
 from pipeline.server import Server, free_port
-from pipeline.tracking import Tracker, flatten, git_state
-from tests.conftest import FAST, mlflow_client, pipeline, replace
+from pipeline.tracking import JournalTracker, Tracker, flatten, git_state, open_tracker
+from tests.conftest import FAST, compose_with, mlflow_client, pipeline, refused, replace
 
 
 def test_long_params_are_truncated_not_fatal_and_metrics_batched(tmp_path, monkeypatch):
@@ -32,6 +32,28 @@ def test_long_params_are_truncated_not_fatal_and_metrics_batched(tmp_path, monke
     assert child.data.params["long"].endswith("[truncated]") and len(child.data.params["long"]) <= 6000
     history = client.get_metric_history(child_id, "m")
     assert len(history) == 1500 and sorted(m.step for m in history)[-1] == 1499
+
+
+def test_the_journal_alone_keeps_each_run_nested_with_its_status(tmp_path):
+    cfg = compose_with("tracking=journal", f"paths.artifacts={tmp_path}")
+    tracker = open_tracker(cfg)
+    assert isinstance(tracker, JournalTracker)
+    with tracker.run("parent", {"command": "c"}) as parent_id:
+        tracker.log_params({"train.lr": 0.1})
+        with pytest.raises(RuntimeError), tracker.run("train", {"stage": "train"}) as child_id:
+            tracker.log_metrics({"train/loss": 2.5}, step=3)
+            raise RuntimeError("a stage failed")
+    child = [json.loads(line) for line in (tmp_path / "metrics-journal" / f"{child_id}.jsonl").read_text().splitlines()]
+    assert child[0] == {"run": "train", "parent": parent_id, "tags": {"stage": "train"}}
+    assert {"key": "train/loss", "value": 2.5, "step": 3} | {"timestamp": child[1]["timestamp"]} == child[1]
+    assert child[-1] == {"status": "FAILED", "error": "RuntimeError: a stage failed"}
+    parent = [json.loads(line) for line in (tmp_path / "metrics-journal" / f"{parent_id}.jsonl").read_text().splitlines()]
+    assert parent[1] == {"params": {"train.lr": "0.1"}} and parent[-1] == {"status": "FINISHED"}
+
+
+def test_report_runs_need_an_mlflow_store(tmp_path):
+    message = refused(tmp_path, "tracking=journal", "report.runs=[0123abc]", "stage=report")
+    assert "report.runs=['0123abc'] reads MLflow runs, and tracking=journal has no MLflow store" in message
 
 
 def test_git_state_without_git_is_unknown_not_fatal(monkeypatch):

@@ -34,6 +34,7 @@ from pipeline import console
 from pipeline.artifacts import atomic_dir, read_json, stage_dir, write_json
 from pipeline.contract import PipelineError, Stage, declared
 from pipeline.formats import NO_QAT, QAT
+from pipeline.tracking import JOURNAL
 from stages.report.collect import add_ratios, collect, collect_runs
 from stages.report.render import TITLES, plot_data, render
 from stages.report.stats import (GATE_METRICS, compare, decide, faster, gate_results, ordered, qat_against_ptq,
@@ -53,6 +54,9 @@ class GateError(PipelineError):
 
 def check(cfg: DictConfig) -> None:
     r = cfg.report
+    if r.runs and str(cfg.tracking.uri) == JOURNAL:
+        raise ValueError(f"report.runs={list(r.runs)} reads MLflow runs, and tracking=journal has no MLflow store: "
+                         "give report.runs a store's tracking.uri, or leave report.runs empty.")
     if r.noise_seed == cfg.seed:
         raise ValueError(f"report.noise_seed={r.noise_seed} equals seed={cfg.seed}: the noise floor needs a second "
                          f"fp32 run with another seed, e.g. report.noise_seed={cfg.seed + 1}.")
