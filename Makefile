@@ -100,7 +100,7 @@ $(GPU_BUNDLE)/.complete: benchmarks/gpu/bundle.txt | install
 	@echo "bundle $$(du -cb $(GPU_BUNDLE)/*.whl | tail -1 | cut -f1 | numfmt --to=iec-i) + tree $$(git ls-files -z | du -cb --files0-from=- | tail -1 | cut -f1 | numfmt --to=iec-i) (at most 64Mi together)"
 
 # The GPU machine rehearsed on this CPU: a clean environment of only what that machine has
-# (benchmarks/gpu/machine.txt, kept between runs: it depends on nothing of the project's), the
+# (benchmarks/gpu/machine.txt; kept in the cache under that file's hash: it depends on nothing else), the
 # bundle over it as run.sh installs it there, and the script's tiny mode.
 GPU_MACHINE := $(HOME)/.cache/precision-pipeline/gpu-machine-$(shell sha256sum benchmarks/gpu/machine.txt | cut -c1-12)
 GPU_REHEARSAL ?= gpu-rehearsal
@@ -109,7 +109,7 @@ gpu-rehearsal: gpu-bundle $(GPU_MACHINE)/.installed
 	rm -rf $(GPU_REHEARSAL)
 	PYTHON=$(GPU_MACHINE)/bin/python benchmarks/gpu/run.sh $(GPU_REHEARSAL) --tiny
 
-$(GPU_MACHINE)/.installed: benchmarks/gpu/machine.txt
+$(GPU_MACHINE)/.installed:
 	python3 -m venv --clear $(GPU_MACHINE)
 	$(GPU_MACHINE)/bin/pip install --quiet -r benchmarks/gpu/machine.txt
 	touch $@

@@ -71,7 +71,7 @@ def pretrain(base: DictConfig, tags: dict, tracker) -> None:
             for name in BASE_STAGES:
                 out = stage_dir(base, name)
                 if out.is_dir():
-                    log.info("base model: reusing its %s output %s (delete it to build it again)", name, out)
+                    say(f"base model: reusing its {name} output {shown(out)} (delete it to build it again)")
                     verify_stage_output(base, name, rebuild=f"delete {out} to build it again")
                     STAGES[name].record(base, tracker)
                 else:
