@@ -87,9 +87,14 @@ class TrackingError(PipelineError):
 
 
 class OpenRuns:
-    """The runs a tracker has open, outermost (the pipeline run) first."""
+    """The runs a tracker has open, outermost (the pipeline run) first, and where each one's
+    journal is: <paths.artifacts>/metrics-journal/<run id>.jsonl."""
 
     _runs: list[str]
+
+    def __init__(self, cfg: DictConfig, attach: str | None):
+        self.journal_dir = Path(OmegaConf.select(cfg, "paths.artifacts", default="artifacts")).resolve() / "metrics-journal"
+        self._runs = [attach] if attach else []
 
     @property
     def run_id(self) -> str:
@@ -98,6 +103,9 @@ class OpenRuns:
     @property
     def pipeline_run_id(self) -> str:
         return self._runs[0]
+
+    def journal(self, run_id: str) -> Path:
+        return self.journal_dir / f"{run_id}.jsonl"
 
 
 class Tracker(OpenRuns):
@@ -122,13 +130,9 @@ class Tracker(OpenRuns):
             self.client = MlflowClient(tracking_uri=uri)
             if attach is None:
                 self.experiment_id = self._experiment(cfg.tracking.experiment, cfg.tracking.artifact_location)
-        self.journal_dir = Path(OmegaConf.select(cfg, "paths.artifacts", default="artifacts")).resolve() / "metrics-journal"
+        super().__init__(cfg, attach)
         self.lost: Exception | None = None  # the error that cut this process off from the store
-        self._runs: list[str] = [attach] if attach else []  # open runs, outermost (the pipeline run) first
         self._metrics = []
-
-    def journal(self, run_id: str) -> Path:
-        return self.journal_dir / f"{run_id}.jsonl"
 
     def _call(self, method: str, *args, **kwargs):
         """One request to the store. After a failure no more are made: the run cannot be completed
@@ -235,13 +239,9 @@ class JournalTracker(OpenRuns):
     <run id>.jsonl, one JSON object a line, which is kept. Artifacts stay where the stages wrote them;
     the journal names them."""
 
-    def __init__(self, cfg: DictConfig, attach: str | None = None):
-        self.journal_dir = Path(OmegaConf.select(cfg, "paths.artifacts", default="artifacts")).resolve() / "metrics-journal"
-        self._runs: list[str] = [attach] if attach else []
-
     def _write(self, record: dict, run_id: str | None = None) -> None:
         self.journal_dir.mkdir(parents=True, exist_ok=True)
-        with open(self.journal_dir / f"{run_id or self.run_id}.jsonl", "a") as journal:
+        with open(self.journal(run_id or self.run_id), "a") as journal:
             journal.write(json.dumps(record) + "\n")
 
     @contextlib.contextmanager

@@ -141,17 +141,16 @@ def environment() -> dict:
 
 def expectations(runs: dict) -> list[dict]:
     """The field's expectations of these precisions at this size, checked where both sides ran."""
-    def rate(p):
-        return runs[p].get("tokens_per_s") if runs.get(p, {}).get("status") == "ok" else None
+    def measured(precision, key):
+        run = runs.get(precision, {})
+        return run[key] if run.get("status") == "ok" else None
 
-    def memory(p):
-        return runs[p].get("peak_memory_mb") if runs.get(p, {}).get("status") == "ok" else None
-
-    checks = [("bf16 tokens/s at least 2x fp32's", rate("bf16"), rate("fp32"), 2.0, "min"),
-              ("fp8 tokens/s at least 1.3x bf16's", rate("fp8"), rate("bf16"), 1.3, "min"),
-              ("bf16 peak memory at most 0.6x fp32's", memory("bf16"), memory("fp32"), 0.6, "max")]
+    checks = [("bf16 tokens/s at least 2x fp32's", "tokens_per_s", "bf16", "fp32", 2.0, "min"),
+              ("fp8 tokens/s at least 1.3x bf16's", "tokens_per_s", "fp8", "bf16", 1.3, "min"),
+              ("bf16 peak memory at most 0.6x fp32's", "peak_memory_mb", "bf16", "fp32", 0.6, "max")]
     found = []
-    for name, a, b, limit, kind in checks:
+    for name, key, top, bottom, limit, kind in checks:
+        a, b = measured(top, key), measured(bottom, key)
         if a is None or b is None:
             found.append({"expectation": name, "ratio": None, "met": None})
             continue
