@@ -10,7 +10,7 @@ NO_LLAMA_BUILD := -DLLAMA_BUILD=OFF -DLLAVA_BUILD=OFF
 # Optional dependency groups (pyproject.toml); dev brings the test tools.
 EXTRAS ?= dev
 
-.PHONY: install install-vllm run test test-fast compare params dvc benchmark benchmark-serving gpu-bundle gpu-rehearsal clean
+.PHONY: install install-vllm services run test test-fast compare params dvc benchmark benchmark-serving gpu-bundle gpu-rehearsal clean
 
 # The one install recipe: CI, `make run` and the container images (docker/Dockerfile) all use it.
 install: $(VENV)/.installed
@@ -48,11 +48,24 @@ $(VLLM_ENV)/.installed:
 run: install
 	$(PY) -m pipeline stage=all
 
+# Debian's packages for the tests' real services (tests/services.py): a one-machine SLURM cluster
+# with accounting (slurmdbd on MariaDB, munge) and PostgreSQL under an MLflow server. Installed
+# where missing and root can (about 35 s); elsewhere those tests skip, and say how to install them.
+SERVICES := slurmctld slurmd slurm-client slurmdbd munge mariadb-server postgresql
+services:
+	@missing=$$(for p in $(SERVICES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
+	if [ -z "$$missing" ]; then exit 0; fi; \
+	if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		echo "installing the tests' services: $$missing"; \
+		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing) > /tmp/services-install.log 2>&1 \
+			|| { tail -20 /tmp/services-install.log; exit 1; }; \
+	else echo "not installed, so their tests skip: $$missing (apt-get install them as root)"; fi
+
 # Everything, as CI runs it: real chains, servers, DVC. Two test processes, since much of each test
 # is a subprocess starting up or waiting on a server; each takes whole modules (their tests share
 # module fixtures), in the order tests/conftest.py gives. The 30 longest tests close the output:
 # where CI's time goes.
-test: install install-vllm
+test: install install-vllm services
 	$(PY) -m pytest -n 2 --dist loadfile --no-loadscope-reorder --durations=30
 
 # The fast tier: in-process tests of the logic, no chains (under 3 minutes).

@@ -345,6 +345,10 @@ class Report:
     max_interval_width: float = setting(low=0)
     kl_budgets: list[float] = setting(factory=list)
     gates: list[Any] = setting(factory=list)
+    deploy_kl: float = setting(low=0)
+    # null: on where tracking.uri is a server (report.register resolves it).
+    register: Optional[bool] = None
+    registered_model: str = MISSING
 
 
 SCHEMAS = {"model": Model, "data": Data, "tracking": Tracking, "accelerate": Accelerate, "train": Train,

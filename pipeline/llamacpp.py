@@ -98,25 +98,94 @@ class ConverterError(PipelineError):
 def convert(checkpoint: Path, out: Path, outtype: str, name: str, pre: str, metadata: dict[str, str],
             vocab_only: bool = False) -> None:
     """A GGUF file of `checkpoint` (its vocabulary alone where `vocab_only`) written by llama.cpp's
-    converter, in a process of its own (it brings its own gguf-py). `pre`: "auto" (the converter's
-    own recognition, else ours) or a name. `metadata` goes into the file as precision_pipeline.<key>
-    strings. A failure is one line with the converter's reason; its whole output is kept in a log."""
+    converter (ConverterProcess). `pre`: "auto" (the converter's own recognition, else ours) or a
+    name. `metadata` goes into the file as precision_pipeline.<key> strings. A failure is one line
+    with the converter's reason; its whole output is kept in a log."""
     converter()
-    command = [sys.executable, "-m", "pipeline.llamacpp", "convert", str(checkpoint), str(out), outtype, name, pre,
-               json.dumps(metadata), "vocab-only" if vocab_only else "all"]
-    result = subprocess.run(command, capture_output=True, text=True)
-    if result.returncode != 0 or not out.is_file():
-        reason = last_words(result.stderr)  # a traceback's last line: "SomeError: what went wrong"
-        log = keep_log(f"convert-{Path(checkpoint).name}", " ".join(command) + "\n" + result.stdout + result.stderr)
+    args = [str(checkpoint), str(out), outtype, name, pre, json.dumps(metadata), "vocab-only" if vocab_only else "all"]
+    code, output = ConverterProcess.get().convert(args)
+    if code != 0 or not out.is_file():
+        reason = last_words(output)  # a traceback's last line: "SomeError: what went wrong"
+        log = keep_log(f"convert-{Path(checkpoint).name}", " ".join(args) + "\n" + output)
         raise ConverterError(f"llama.cpp's converter failed on {checkpoint}: {reason} (its output: {log})", reason, log)
+
+
+class ConverterProcess:
+    """llama.cpp's converter, imported once in a process of its own (it brings its own gguf-py,
+    which must not meet the installed one), that forks a child for each conversion: a conversion
+    costs its own work, not the ~5 s of imports a fresh interpreter pays each time. The process
+    itself never computes, so its forks are safe; it ends when this process closes its stdin."""
+
+    _running: ConverterProcess | None = None
+
+    @classmethod
+    def get(cls) -> ConverterProcess:
+        if cls._running is None or cls._running.process.poll() is not None:
+            cls._running = cls()
+        return cls._running
+
+    def __init__(self):
+        self.process = subprocess.Popen([sys.executable, "-m", "pipeline.llamacpp", "serve"], stdin=subprocess.PIPE,
+                                        stdout=subprocess.PIPE, text=True)
+
+    def convert(self, args: list[str]) -> tuple[int, str]:
+        """The exit code of one conversion, and what it printed."""
+        import tempfile
+
+        with tempfile.NamedTemporaryFile("r", suffix=".log") as log:
+            try:
+                self.process.stdin.write(json.dumps([*args, log.name]) + "\n")
+                self.process.stdin.flush()
+                answer = self.process.stdout.readline()
+            except BrokenPipeError:
+                answer = ""
+            if not answer:
+                return -1, f"{log.read()}\nRuntimeError: llama.cpp's converter process ended ({self.process.poll()})"
+            return int(answer), log.read()
+
+
+@functools.cache
+def _import_converter():
+    source = converter().parent
+    sys.path[:0] = [str(source / "gguf-py"), str(source)]
+    import convert_hf_to_gguf
+    from transformers import AutoTokenizer  # noqa: F401  (what a conversion imports, once)
+
+    return convert_hf_to_gguf
+
+
+def _serve() -> None:
+    """The converter process: a conversion a line of JSON on stdin, in a forked child whose output
+    goes to the log file the line names; its exit code a line on stdout."""
+    import traceback
+
+    _import_converter()
+    for line in sys.stdin:
+        *args, log = json.loads(line)
+        child = os.fork()
+        if child == 0:
+            output = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+            os.dup2(output, 1)
+            os.dup2(output, 2)
+            code = 0
+            try:
+                _convert(*args)
+            except SystemExit as done:
+                code = done.code if isinstance(done.code, int) else (0 if done.code is None else 1)
+            except BaseException:
+                traceback.print_exc()
+                code = 1
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
+        _, status = os.waitpid(child, 0)
+        print(os.waitstatus_to_exitcode(status), flush=True)
 
 
 def _convert(checkpoint: str, out: str, outtype: str, name: str, pre: str, metadata: str, parts: str) -> None:
     """convert_hf_to_gguf.py's own main(), with two additions: a pre-tokenizer it does not recognise
     is named as `pre_tokenizer` finds it (or as configured), and our metadata is written too."""
-    source = converter().parent
-    sys.path[:0] = [str(source / "gguf-py"), str(source)]
-    import convert_hf_to_gguf
+    convert_hf_to_gguf = _import_converter()
     from conversion import TextModel
 
     recognise, prepare_metadata = TextModel.get_vocab_base_pre, TextModel.prepare_metadata
@@ -332,7 +401,7 @@ def metadata_value(path: Path, key: str):
 
 
 if __name__ == "__main__":
-    # The converter's own process (convert() starts it): it brings its own gguf-py.
-    if len(sys.argv) != 9 or sys.argv[1] != "convert":
-        sys.exit("usage: python -m pipeline.llamacpp convert CHECKPOINT OUT OUTTYPE NAME PRE METADATA PARTS")
-    _convert(*sys.argv[2:])
+    # The converter's own process (ConverterProcess starts it).
+    if sys.argv[1:] != ["serve"]:
+        sys.exit("usage: python -m pipeline.llamacpp serve  (conversions as JSON lines on stdin)")
+    _serve()

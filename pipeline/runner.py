@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+from filelock import FileLock
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from pipeline import distributed
@@ -59,8 +60,6 @@ def pretrain(base: DictConfig, tags: dict, tracker) -> None:
     """The base model of model.pretrain, made by the prepare and train stages on its recipe in the
     machine cache, or reused from there (by every checkout on this machine) in a child run "base".
     Parallel jobs wait for the one that builds it."""
-    from filelock import FileLock
-
     root = Path(base.paths.artifacts)
     root.mkdir(parents=True, exist_ok=True)
     with FileLock(root / "build.lock"):
@@ -79,6 +78,33 @@ def pretrain(base: DictConfig, tags: dict, tracker) -> None:
                     with stage_lines(f"base model: {name} (once for this machine)", out, log_file):
                         log.info("base model: %s, once for this machine, into %s", name, out)
                         STAGES[name].run(base, tracker)
+
+
+def run_stage(cfg: DictConfig, name: str, label: str, out: Path, plan: dict, tags: dict, tracker) -> None:
+    module = STAGES[name]
+    reuse = reused(cfg, name, plan["again"])
+    with tracker.run(name, {**tags, "stage": name, "reused": str(reuse).lower(), "output": str(out)}):
+        tracker.log_params(flatten(cfg))
+        if reuse:
+            verify_inputs(cfg, name, reuse)
+            say(f"{label}: reusing {shown(out)} (rerun=[{name}] runs it again)")
+            module.record(cfg, tracker)
+            return
+        log_file = stage_log(cfg, out)
+        try:
+            with stage_lines(label, out, log_file):
+                if name in plan["unchecked"]:
+                    # Its address moved since the checks (a reference an earlier stage just made).
+                    module.check(cfg)
+                verify_inputs(cfg, name, reuse)
+                log.info("stage %s", name)
+                if module.STAGE.launchable and distributed.launched(cfg):
+                    distributed.launch(cfg, name, tracker.run_id)
+                else:
+                    module.run(cfg, tracker)
+        finally:  # a failed stage's log most of all
+            if log_file is not None and log_file.is_file():
+                tracker.log_artifact(log_file, "log")
 
 
 def run(cfg: DictConfig) -> None:
@@ -106,31 +132,14 @@ def run(cfg: DictConfig) -> None:
         if plan["base"] is not None:
             pretrain(plan["base"], tags, tracker)
         for number, name in enumerate(plan["stages"], 1):
-            module, out = STAGES[name], stage_dir(cfg, name)
-            reuse = reused(cfg, name, plan["again"])
-            label = f"[{number}/{len(plan['stages'])}] {name}"
-            with tracker.run(name, {**tags, "stage": name, "reused": str(reuse).lower(), "output": str(out)}):
-                tracker.log_params(flatten(cfg))
-                if reuse:
-                    verify_inputs(cfg, name, reuse)
-                    say(f"{label}: reusing {shown(out)} (rerun=[{name}] runs it again)")
-                    module.record(cfg, tracker)
-                    continue
-                log_file = stage_log(cfg, out)
-                try:
-                    with stage_lines(label, out, log_file):
-                        if name in plan["unchecked"]:
-                            # Its address moved since the checks (a reference an earlier stage just made).
-                            module.check(cfg)
-                        verify_inputs(cfg, name, reuse)
-                        log.info("stage %s", name)
-                        if module.STAGE.launchable and distributed.launched(cfg):
-                            distributed.launch(cfg, name, tracker.run_id)
-                        else:
-                            module.run(cfg, tracker)
-                finally:  # a failed stage's log most of all
-                    if log_file is not None and log_file.is_file():
-                        tracker.log_artifact(log_file, "log")
+            out = stage_dir(cfg, name)
+            # Jobs of a sweep share outputs (one prepare for every precision): the first to reach one
+            # builds it while the others wait, then reuse it. Locks sit beside the logs, in a tree of
+            # their own: <root>/locks/<stage>/<output>.lock.
+            lock = out.parent.parent / "locks" / out.parent.name / f"{out.name}.lock"
+            lock.parent.mkdir(parents=True, exist_ok=True)
+            with FileLock(lock):
+                run_stage(cfg, name, f"[{number}/{len(plan['stages'])}] {name}", out, plan, tags, tracker)
     finish(cfg, plan["stages"])
 
 

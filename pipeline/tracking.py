@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import platform
 import subprocess
 import sys
@@ -152,8 +153,16 @@ class Tracker(OpenRuns):
         experiment = self.client.get_experiment_by_name(name)
         if experiment is not None:
             return experiment.experiment_id
+        from mlflow.exceptions import MlflowException
+
         location = Path(artifact_location).resolve().as_uri() if artifact_location else None
-        return self.client.create_experiment(name, artifact_location=location)
+        try:
+            return self.client.create_experiment(name, artifact_location=location)
+        except MlflowException as error:
+            # Parallel jobs of a sweep on a server create it at once: the first one does, the others take it.
+            if error.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise
+            return self.client.get_experiment_by_name(name).experiment_id
 
     @contextlib.contextmanager
     def run(self, name: str, tags: dict[str, str]):
@@ -333,6 +342,9 @@ def quiet_libraries() -> None:
     logging.getLogger("httpx").setLevel(logging.WARNING)
     # mlflow announces each migration of a new store's tables.
     logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)
+    # ... and prints two links to the terminal each time a run on a server ends, a dozen a chain:
+    # the runner's last line says where the runs are.
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
     transformers_logging.disable_progress_bar()
 
 

@@ -26,7 +26,9 @@ from pipeline.chat import (CHATML, CHATML_TOKENS, ChatDataError, conversation, i
 from pipeline.models import pretrained_source, save_tokenizer, starting_checkpoint
 from pipeline.contract import Stage
 
-STAGE = Stage("prepare", settings=("data", "model.name_or_path", "model.arch.vocab_size", "model.pretrain"), scope="data")
+STAGE = Stage("prepare", settings=("data", "model.name_or_path", "model.arch.vocab_size", "model.pretrain"), scope="data",
+              names={"manifest": "manifest.json"})  # the data hash, counts and content hashes: read by train and report
+MANIFEST = STAGE.names["manifest"]
 
 TEXT_SUFFIXES = (".txt", ".jsonl")
 END_OF_TEXT = "<|endoftext|>"
@@ -358,13 +360,13 @@ def run(cfg: DictConfig, tracker) -> None:
         }
         if is_chat(data):
             manifest["chat"] = {"template": tokenizer.chat_template, "too_long": data.too_long, "splits": counts}
-        write_json(tmp / "manifest.json", manifest)
+        write_json(tmp / MANIFEST, manifest)
     record(cfg, tracker)
 
 
 def record(cfg: DictConfig, tracker) -> None:
     out = stage_dir(cfg, "prepare")
-    manifest = read_json(out / "manifest.json")
+    manifest = read_json(out / MANIFEST)
     tracker.set_tags({"data_hash": manifest["data_hash"]})
     tracker.set_tags({"data_hash": manifest["data_hash"]}, run_id=tracker.pipeline_run_id)
     tracker.log_metrics({
@@ -376,6 +378,6 @@ def record(cfg: DictConfig, tracker) -> None:
         **{f"prepare/{split}_{key}": value for split, counts in manifest.get("chat", {}).get("splits", {}).items()
            for key, value in counts.items()},
     })
-    tracker.log_artifact(out / "manifest.json")
+    tracker.log_artifact(out / MANIFEST)
     tracker.log_artifacts(out / "tokenizer", "tokenizer")
 

@@ -32,7 +32,7 @@ from pipeline.distributed import SHARDED
 from pipeline.hardware import PRECISION_TABLE, PrecisionError, peak_memory_mb
 from pipeline.models import (model_config, pretrained_source, safe_weights, save_tokenizer, shape_only_model,
                              starting_checkpoint)
-from pipeline.contract import Stage
+from pipeline.contract import Stage, declared
 from pipeline.formats import NO_QAT, QAT, qat_settings
 from pipeline import console, qat
 
@@ -450,7 +450,7 @@ def run(cfg: DictConfig, tracker) -> None:
     if t.threads:
         torch.set_num_threads(t.threads)
     prepared = require_stage_output(cfg, "prepare")
-    tracker.set_tags({"data_hash": read_json(prepared / "manifest.json")["data_hash"]})
+    tracker.set_tags({"data_hash": read_json(prepared / declared("prepare").names["manifest"])["data_hash"]})
     tokenizer = AutoTokenizer.from_pretrained(prepared / "tokenizer")
     train_blocks, heldout_blocks = (load_sequences(prepared, split, cfg.data.seq_len, cfg.data.packing, pad_id(tokenizer))
                                     for split in ("train", "heldout"))

@@ -81,9 +81,9 @@ def test_images_install_with_the_recipe_ci_runs():
                              capture_output=True, text=True, check=True)
         return dry.stdout.splitlines()
 
-    install, vllm, test = commands("install"), commands("install-vllm"), commands("test")
-    # CI's `make test` is this install and vLLM's environment, then pytest.
-    assert test[:-1] == install + vllm and test[-1].startswith("/env/bin/python -m pytest")
+    install, vllm, services, test = (commands(t) for t in ("install", "install-vllm", "services", "test"))
+    # CI's `make test` is this install, vLLM's environment and the tests' services, then pytest.
+    assert test[:-1] == install + vllm + services and test[-1].startswith("/env/bin/python -m pytest")
     assert "make test" in (ROOT / ".ci" / "run").read_text()
     dockerfile = (DOCKER / "Dockerfile").read_text()
     assert 'make install TORCH="${TORCH}" EXTRAS="${EXTRAS}"' in dockerfile

@@ -14,8 +14,9 @@ from omegaconf import OmegaConf
 
 from pipeline.artifacts import read_json, stage_dir
 from stages.report.render import NOISE, plot_data
-from stages.report.stats import compare, decide, gate_results, paired_ratio, pareto_front, verdict
-from stages.report.text import fmt, gate_line, lookup
+from stages.report.register import registering
+from stages.report.stats import compare, decide, deployable, gate_results, paired_ratio, pareto_front, verdict
+from stages.report.text import deploy_lines, fmt, gate_line, lookup
 from tests.conftest import SMALL_CHAIN, compose_with, mlflow_client, only_dir, pipeline, refused, replace, runs
 
 CHAIN = SMALL_CHAIN
@@ -300,6 +301,32 @@ def test_decision_refuses_with_the_numbers_when_the_data_cannot_support_one():
     alone = {"bf16": fake_row({"trained": 3.0}, 0.2)}
     decision = decide(alone, compare(alone, None, ["trained"], 300, 0.95), REPORT, SEED)
     assert decision["status"] == "none" and "-m train.precision=fp32,bf16,fp16 stage=all" in decision["reasons"][0]
+
+
+def test_the_deployable_is_the_recommended_precision_s_fastest_format_within_the_budget():
+    rows = {"fp32": fake_row({"trained": 3.0, "q8": 3.0, "q4": 3.1}, 0.4), "bf16": fake_row({"trained": 3.0, "q8": 3.0, "q4": 3.1}, 0.2)}
+    for name, kl, speed, size in (("q8", 1e-4, 500.0, 2.0), ("q4", 5e-3, 900.0, 1.0)):  # no speed rounds: ≈ in speed
+        rows["bf16"]["artifacts"][name].update(kl=kl, output_tokens_per_s=speed, size_mb=size)
+    decision = {"status": "provisional", "precision": "bf16", "passing": ["fp32", "bf16"], "reasons": []}
+    assert deployable(rows, decision, 0.01, 100, 0.95) == {"precision": "bf16", "format": "q4", "decision": "provisional",
+                                                           "kl_budget": 0.01}
+    assert deployable(rows, decision, 1e-3, 100, 0.95)["format"] == "q8"  # q4 is smaller, but beyond the budget
+    beyond = deployable(rows, decision, 1e-5, 100, 0.95)
+    assert beyond == {"reason": "no served format of the bf16-trained model has a KL within report.deploy_kl=1e-05"}
+    # No recommendation: nothing to register, and the report says so where it registers.
+    nothing = deployable(rows, {"status": "none", "reasons": ["only 5 held-out sequences"]}, 0.01, 100, 0.95)
+    assert deploy_lines(nothing, "tiny-pydoc") == ["- **Nothing registered** in MLflow's Model Registry: no training "
+                                                   "precision is recommended (see above)."]
+    assert deploy_lines(nothing, None) == []
+    (line,) = deploy_lines(deployable(rows, decision, 0.01, 100, 0.95), "tiny-pydoc")
+    assert line.startswith("- **To deploy**: the bf16-trained model as q4,") and "registered in MLflow's Model Registry as tiny-pydoc" in line
+
+
+def test_registering_needs_an_mlflow_store_and_is_on_for_a_server(tmp_path):
+    assert "report.register=true registers in MLflow's Model Registry, and tracking=journal" in refused(
+        tmp_path, "tracking=journal", "report.register=true")
+    assert registering(compose_with("tracking=server")) and not registering(compose_with())
+    assert registering(compose_with("report.register=true")) and not registering(compose_with("tracking=server", "report.register=false"))
 
 
 def test_plot_data_holds_only_measured_values():

@@ -12,6 +12,7 @@ from omegaconf import OmegaConf
 
 from pipeline.server import Server, free_port
 from pipeline.tracking import JournalTracker, Tracker, flatten, git_state, open_tracker
+from tests import services
 from tests.conftest import FAST, compose_with, mlflow_client, pipeline, refused, replace
 
 
@@ -68,14 +69,9 @@ def test_flatten_is_dotted_and_lists_are_json():
 
 
 def mlflow_server_at(root: Path) -> Server:
-    """A real MLflow tracking server on loopback: sqlite backend, artifacts served through it."""
+    """A real MLflow tracking server on loopback, on a sqlite store, artifacts served through it."""
     root.mkdir(exist_ok=True)
-    port = free_port()
-    command = [str(Path(sys.executable).with_name("mlflow")), "server", "--host", "127.0.0.1", "--port", str(port),
-               "--backend-store-uri", f"sqlite:///{root}/backend.db", "--artifacts-destination", str(root / "store")]
-    # Without this the server forks job workers that outlive it.
-    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
-    return Server(command, port, root / "server.log", 180, ready_path="/health", env=env)
+    return services.mlflow_server(root, f"sqlite:///{root}/backend.db")
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,7 @@ not run gets one "not run" line, never a cell, bar or point.
   conversion, AWQ smoothing, quantization), as a table and a waterfall plot.
 
 The package: collect (what is read), stats (the statistics and the decision rule), text (words,
-tables, pages), render (plots). Outputs: report.md and report.html (self-contained, plots
+tables, pages), render (plots), register (the deployable in MLflow's Model Registry). Outputs: report.md and report.html (self-contained, plots
 embedded), the plots as PNG files, report.json (every number, the data behind every plot and
 table cell, each with its source), metrics.json (flat, for `dvc metrics`), gates.json.
 """
@@ -36,13 +36,16 @@ from pipeline.contract import PipelineError, Stage, declared
 from pipeline.formats import NO_QAT, QAT
 from pipeline.tracking import JOURNAL
 from stages.report.collect import add_ratios, collect, collect_runs
+from stages.report.register import register, registering
 from stages.report.render import TITLES, plot_data, render
-from stages.report.stats import (GATE_METRICS, compare, decide, faster, gate_results, ordered, qat_against_ptq,
-                                 waterfall)
-from stages.report.text import RULE, gate_line, headline, html_page, markdown, qat_lines, tables
+from stages.report.stats import (GATE_METRICS, compare, decide, deployable, faster, gate_results, ordered,
+                                 qat_against_ptq, waterfall)
+from stages.report.text import RULE, deploy_lines, gate_line, headline, html_page, markdown, qat_lines, tables
 
 # It reads every precision's outputs, beyond its own address, so it always runs (in seconds).
-STAGE = Stage("report", settings=("report",), reads=("train", "evaluate", "serve"), scope="sweep", reusable=False)
+# It also reads the deployable artifact and the data hash where it registers (register.py).
+STAGE = Stage("report", settings=("report",), reads=("prepare", "train", "quantize", "export", "evaluate", "serve"),
+              scope="sweep", reusable=False)
 __all__ = ["STAGE", "TITLES", "check", "run", "record"]
 
 log = logging.getLogger(__name__)
@@ -57,6 +60,9 @@ def check(cfg: DictConfig) -> None:
     if r.runs and str(cfg.tracking.uri) == JOURNAL:
         raise ValueError(f"report.runs={list(r.runs)} reads MLflow runs, and tracking=journal has no MLflow store: "
                          "give report.runs a store's tracking.uri, or leave report.runs empty.")
+    if r.register and str(cfg.tracking.uri) == JOURNAL:
+        raise ValueError("report.register=true registers in MLflow's Model Registry, and tracking=journal has no MLflow "
+                         "store: track to a store (tracking=local or tracking=server), or set report.register=false.")
     if r.noise_seed == cfg.seed:
         raise ValueError(f"report.noise_seed={r.noise_seed} equals seed={cfg.seed}: the noise floor needs a second "
                          f"fp32 run with another seed, e.g. report.noise_seed={cfg.seed + 1}.")
@@ -117,8 +123,11 @@ def run(cfg: DictConfig, tracker) -> None:
             "gates": gate_results(rows, r.precisions, r.gates),
             "qat": qat_against_ptq(arms, e.bootstrap, e.confidence),
             # The other arms' training, beside this report's own rows.
-            "qat_train": {p: {q: row["train"] for q, row in by.items() if q != cfg.train.qat} for p, by in arms.items()}}
-    data["headline"] = headline(rows, comparisons, decision, columns, r, e.confidence, e.bootstrap) + qat_lines(data["qat"], level)
+            "qat_train": {p: {q: row["train"] for q, row in by.items() if q != cfg.train.qat} for p, by in arms.items()},
+            "deploy": deployable(rows, decision, r.deploy_kl, e.bootstrap, e.confidence)}
+    data["headline"] = (headline(rows, comparisons, decision, columns, r, e.confidence, e.bootstrap)
+                        + qat_lines(data["qat"], level)
+                        + deploy_lines(data["deploy"], r.registered_model if registering(cfg) else None))
     data["tables"] = tables(data, columns, e.confidence)
     data["plots"] = plot_data(data, columns, r.quality_metric,
                               functools.partial(faster, resamples=e.bootstrap, confidence=e.confidence))
@@ -151,6 +160,8 @@ def record(cfg: DictConfig, tracker) -> None:
                          for p, by in data["waterfall"].items() for n, steps in by.items() for s in steps} |
                         {f"report/{g['precision']}/{g['artifact']}/{g['metric']}": g["value"]
                          for g in data["gates"] if g["value"] is not None})
+    if registering(cfg):  # before a failed gate stops the stage: the version is kept, without the alias
+        console.say(register(cfg, tracker, data))
     failed = [g for g in data["gates"] if g["status"] == "FAIL"]
     if failed:
         raise GateError(f"{len(failed)} quality gate(s) failed (report in {out}): "

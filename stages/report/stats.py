@@ -260,6 +260,18 @@ def decide(rows: dict, comparisons: dict, r: DictConfig, cfg: DictConfig) -> dic
     return decision
 
 
+def deployable(rows: dict, decision: dict, budget: float, resamples: int, confidence: float) -> dict:
+    """What to hand to deployment: the recommended precision's fastest served format within the KL
+    budget (report.deploy_kl), or why there is nothing to hand over."""
+    if decision["status"] == "none":
+        return {"reason": "no training precision is recommended (see above)"}
+    precision = decision["precision"]
+    found = fastest_within(rows[precision], budget, resamples, confidence)
+    if found is None:
+        return {"reason": f"no served format of the {precision}-trained model has a KL within report.deploy_kl={budget}"}
+    return {"precision": precision, "format": found["format"], "decision": decision["status"], "kl_budget": budget}
+
+
 def gate_results(rows: dict, precisions, gates) -> list[dict]:
     """Each gate against each precision it names (default: all); precisions not run are skipped,
     a missing value in a precision that was run fails."""

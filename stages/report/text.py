@@ -119,6 +119,17 @@ def headline(rows: dict, comparisons: dict, decision: dict, columns: list[str], 
     return lines
 
 
+def deploy_lines(deploy: dict, registered_model: str | None) -> list[str]:
+    """What goes to deployment, and whether the Model Registry gets it (registered_model: None where
+    the report does not register)."""
+    if "reason" in deploy:
+        return [f"- **Nothing registered** in MLflow's Model Registry: {deploy['reason']}."] if registered_model else []
+    where = (f"; registered in MLflow's Model Registry as {registered_model}, with the alias `candidate` where every "
+             "gate passes" if registered_model else "")
+    return [f"- **To deploy**: the {deploy['precision']}-trained model as {deploy['format']}, the fastest served format "
+            f"with a KL within report.deploy_kl={fmt(deploy['kl_budget'])}{where}."]
+
+
 def qat_lines(found: dict, level: str) -> list[str]:
     """QAT against post-training quantization, in words: one line per precision and format."""
     lines = []
