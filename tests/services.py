@@ -133,12 +133,19 @@ def slurm_cluster(root: Path):
         yield env
 
 
-def sacct(env: dict, *job_ids: str) -> dict[str, dict]:
-    """SLURM's own record of these jobs (array tasks included): state and exit code by job id."""
-    out = subprocess.run(["sacct", "-X", "-n", "--parsable2", "-o", "JobID,JobName,State,ExitCode,NodeList",
-                          "-j", ",".join(job_ids)], capture_output=True, text=True, check=True, env=env).stdout
-    return {job: {"name": name, "state": state, "exit_code": code, "node": node}
-            for job, name, state, code, node in (line.split("|") for line in out.splitlines())}
+def sacct(env: dict, *job_ids: str, timeout_s: float = 60) -> dict[str, dict]:
+    """SLURM's own record of these jobs (array tasks included): state and exit code by job id, once
+    each has ended there (slurmctld reports a job's end to slurmdbd a moment after it ends)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        out = subprocess.run(["sacct", "-X", "-n", "--parsable2", "-o", "JobID,JobName,State,ExitCode,NodeList",
+                              "-j", ",".join(job_ids)], capture_output=True, text=True, check=True, env=env).stdout
+        jobs = {job: {"name": name, "state": state, "exit_code": code, "node": node}
+                for job, name, state, code, node in (line.split("|") for line in out.splitlines())}
+        running = [j for j in jobs.values() if j["state"] in ("PENDING", "RUNNING", "COMPLETING")]
+        if (len(jobs) == len(job_ids) and not running) or time.monotonic() > deadline:
+            return jobs
+        time.sleep(0.5)
 
 
 @contextlib.contextmanager

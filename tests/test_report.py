@@ -325,6 +325,8 @@ def test_the_deployable_is_the_recommended_precision_s_fastest_format_within_the
 def test_registering_needs_an_mlflow_store_and_is_on_for_a_server(tmp_path):
     assert "report.register=true registers in MLflow's Model Registry, and tracking=journal" in refused(
         tmp_path, "tracking=journal", "report.register=true")
+    assert "report.registered_model=\"it's\" must be a name for MLflow's Model Registry" in refused(
+        tmp_path, "report.register=true", "report.registered_model=\"it's\"")
     assert registering(compose_with("tracking=server")) and not registering(compose_with())
     assert registering(compose_with("report.register=true")) and not registering(compose_with("tracking=server", "report.register=false"))
 

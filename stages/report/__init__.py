@@ -63,6 +63,9 @@ def check(cfg: DictConfig) -> None:
     if r.register and str(cfg.tracking.uri) == JOURNAL:
         raise ValueError("report.register=true registers in MLflow's Model Registry, and tracking=journal has no MLflow "
                          "store: track to a store (tracking=local or tracking=server), or set report.register=false.")
+    if registering(cfg) and (not r.registered_model.strip() or set("'\"`") & set(r.registered_model)):
+        raise ValueError(f"report.registered_model={r.registered_model!r} must be a name for MLflow's Model Registry, "
+                         "not empty and without quotes, e.g. base-stdlib.")
     if r.noise_seed == cfg.seed:
         raise ValueError(f"report.noise_seed={r.noise_seed} equals seed={cfg.seed}: the noise floor needs a second "
                          f"fp32 run with another seed, e.g. report.noise_seed={cfg.seed + 1}.")
