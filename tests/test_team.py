@@ -32,6 +32,12 @@ def team(tmp_path_factory):
         yield SimpleNamespace(url=server.url, database=database, slurm=slurm, root=root)
 
 
+def on_cluster(env: pytest.MonkeyPatch, team) -> None:
+    """The cluster's environment (SLURM_CONF) for the launcher's sbatch and sacct."""
+    for key, value in team.slurm.items():
+        env.setenv(key, value)
+
+
 def tracked(team, experiment):
     return ["tracking=server", f"tracking.uri={team.url}", f"tracking.experiment={experiment}"]
 
@@ -40,16 +46,10 @@ def tracked(team, experiment):
 def sweeps(team, tmp_path_factory):
     """The same sweep through SLURM and through Hydra's local launcher, each in a folder of its own
     and an experiment of its own on the team server."""
-    import os
-
     on_slurm, local = tmp_path_factory.mktemp("on-slurm"), tmp_path_factory.mktemp("local")
-    saved = dict(os.environ)
-    os.environ.update(team.slurm)  # SLURM_CONF, for the launcher's sbatch and sacct
-    try:
+    with pytest.MonkeyPatch.context() as env:
+        on_cluster(env, team)
         pipeline(on_slurm, *SWEEP, *ON_SLURM, *tracked(team, "slurm"), multirun=True)
-    finally:
-        os.environ.clear()
-        os.environ.update(saved)
     pipeline(local, *SWEEP, *tracked(team, "local"), multirun=True)
     return SimpleNamespace(slurm=on_slurm, local=local)
 
@@ -126,8 +126,7 @@ def test_a_sweep_on_slurm_runs_as_jobs_and_matches_the_local_sweep(team, sweeps)
 
 @pytest.mark.slow
 def test_a_job_that_fails_on_slurm_fails_the_sweep_with_its_error(team, tmp_path, monkeypatch):
-    for key, value in team.slurm.items():
-        monkeypatch.setenv(key, value)
+    on_cluster(monkeypatch, team)
     result = pipeline(tmp_path, "stage=prepare", "data.seq_len=64,0", *ON_SLURM, "tracking=journal", multirun=True,
                       check=False)
     assert result.returncode != 0

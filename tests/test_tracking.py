@@ -70,7 +70,6 @@ def test_flatten_is_dotted_and_lists_are_json():
 
 def mlflow_server_at(root: Path) -> Server:
     """A real MLflow tracking server on loopback, on a sqlite store, artifacts served through it."""
-    root.mkdir(exist_ok=True)
     return services.mlflow_server(root, f"sqlite:///{root}/backend.db")
 
 

@@ -17,9 +17,10 @@ not run gets one "not run" line, never a cell, bar or point.
   conversion, AWQ smoothing, quantization), as a table and a waterfall plot.
 
 The package: collect (what is read), stats (the statistics and the decision rule), text (words,
-tables, pages), render (plots), register (the deployable in MLflow's Model Registry). Outputs: report.md and report.html (self-contained, plots
-embedded), the plots as PNG files, report.json (every number, the data behind every plot and
-table cell, each with its source), metrics.json (flat, for `dvc metrics`), gates.json.
+tables, pages), render (plots), register (the deployable in MLflow's Model Registry). Outputs:
+report.md and report.html (self-contained, plots embedded), the plots as PNG files, report.json
+(every number, the data behind every plot and table cell, each with its source), metrics.json
+(flat, for `dvc metrics`), gates.json.
 """
 
 from __future__ import annotations
