@@ -53,7 +53,8 @@ run: install
 # where missing and root can (about 35 s); elsewhere those tests skip, and say how to install them.
 SERVICES := slurmctld slurmd slurm-client slurmdbd munge mariadb-server postgresql
 services:
-	@missing=$$(for p in $(SERVICES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
+	@# dpkg -s also answers for a package removed with its config files left: ask for the installed state.
+	@missing=$$(for p in $(SERVICES); do dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q 'install ok installed' || echo $$p; done); \
 	if [ -z "$$missing" ]; then exit 0; fi; \
 	if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 		echo "installing the tests' services: $$missing"; \
