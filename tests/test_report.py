@@ -308,9 +308,14 @@ def test_the_deployable_is_the_recommended_precision_s_fastest_format_within_the
     for name, kl, speed, size in (("q8", 1e-4, 500.0, 2.0), ("q4", 5e-3, 900.0, 1.0)):  # no speed rounds: ≈ in speed
         rows["bf16"]["artifacts"][name].update(kl=kl, output_tokens_per_s=speed, size_mb=size)
     decision = {"status": "provisional", "precision": "bf16", "passing": ["fp32", "bf16"], "reasons": []}
-    assert deployable(rows, decision, 0.01, 100, 0.95) == {"precision": "bf16", "format": "q4", "decision": "provisional",
-                                                           "kl_budget": 0.01}
-    assert deployable(rows, decision, 1e-3, 100, 0.95)["format"] == "q8"  # q4 is smaller, but beyond the budget
+    assert deployable(rows, decision, 0.01, 100, 0.95) == {
+        "precision": "bf16", "format": "q4", "decision": "provisional", "kl_budget": 0.01,
+        "why": "the smallest file of the served formats ≈ in speed"}
+    for name, rates in (("q8", (500, 505, 498)), ("q4", (900, 910, 905))):  # three serving rounds each
+        rows["bf16"]["artifacts"][name]["speed_rounds"] = [{"rate": r, "latency_s": [0.1, 0.1]} for r in rates]
+    assert deployable(rows, decision, 0.01, 100, 0.95)["why"] == "the served format significantly faster than the others"
+    only = deployable(rows, decision, 1e-3, 100, 0.95)  # q4 is smaller and faster, but beyond the budget
+    assert (only["format"], only["why"]) == ("q8", "the only served format")
     beyond = deployable(rows, decision, 1e-5, 100, 0.95)
     assert beyond == {"reason": "no served format of the bf16-trained model has a KL within report.deploy_kl=1e-05"}
     # No recommendation: nothing to register, and the report says so where it registers.
@@ -319,7 +324,8 @@ def test_the_deployable_is_the_recommended_precision_s_fastest_format_within_the
                                                    "precision is recommended (see above)."]
     assert deploy_lines(nothing, None) == []
     (line,) = deploy_lines(deployable(rows, decision, 0.01, 100, 0.95), "tiny-pydoc")
-    assert line.startswith("- **To deploy**: the bf16-trained model as q4,") and "registered in MLflow's Model Registry as tiny-pydoc" in line
+    assert line.startswith("- **To deploy**: the bf16-trained model as q4, the served format significantly faster than the "
+                           "others with a KL within report.deploy_kl=0.010") and "registered in MLflow's Model Registry as tiny-pydoc" in line
 
 
 def test_registering_needs_an_mlflow_store_and_is_on_for_a_server(tmp_path):

@@ -218,7 +218,8 @@ def fastest_within(row: dict, budget: float, resamples: int, confidence: float) 
     best = max(fitting, key=lambda nc: nc[1]["output_tokens_per_s"])
     tied = [(n, c) for n, c in fitting if n == best[0] or not faster(best[1], c, resamples, confidence)]
     pick = min(tied, key=lambda nc: nc[1].get("size_mb", math.inf)) if len(tied) > 1 else best
-    return {"format": pick[0], "cell": pick[1], "same_speed": [n for n, _ in tied] if len(tied) > 1 else []}
+    return {"format": pick[0], "cell": pick[1], "same_speed": [n for n, _ in tied] if len(tied) > 1 else [],
+            "within": len(fitting)}
 
 
 def decide(rows: dict, comparisons: dict, r: DictConfig, cfg: DictConfig) -> dict:
@@ -269,7 +270,11 @@ def deployable(rows: dict, decision: dict, budget: float, resamples: int, confid
     found = fastest_within(rows[precision], budget, resamples, confidence)
     if found is None:
         return {"reason": f"no served format of the {precision}-trained model has a KL within report.deploy_kl={budget}"}
-    return {"precision": precision, "format": found["format"], "decision": decision["status"], "kl_budget": budget}
+    why = ("the only served format" if found["within"] == 1 else
+           "the smallest file of the served formats ≈ in speed" if found["same_speed"] else
+           "the served format significantly faster than the others")
+    return {"precision": precision, "format": found["format"], "decision": decision["status"], "kl_budget": budget,
+            "why": why}
 
 
 def gate_results(rows: dict, precisions, gates) -> list[dict]:

@@ -126,8 +126,8 @@ def deploy_lines(deploy: dict, registered_model: str | None) -> list[str]:
         return [f"- **Nothing registered** in MLflow's Model Registry: {deploy['reason']}."] if registered_model else []
     where = (f"; registered in MLflow's Model Registry as {registered_model}, with the alias `candidate` where every "
              "gate passes" if registered_model else "")
-    return [f"- **To deploy**: the {deploy['precision']}-trained model as {deploy['format']}, the fastest served format "
-            f"with a KL within report.deploy_kl={fmt(deploy['kl_budget'])}{where}."]
+    return [f"- **To deploy**: the {deploy['precision']}-trained model as {deploy['format']}, {deploy['why']} with a KL "
+            f"within report.deploy_kl={fmt(deploy['kl_budget'])}{where}."]
 
 
 def qat_lines(found: dict, level: str) -> list[str]:
