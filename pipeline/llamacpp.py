@@ -17,6 +17,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import NamedTuple
 
 from pipeline.artifacts import keep_log
 from pipeline.contract import PipelineError, last_words
@@ -220,22 +221,46 @@ class GGUFError(ValueError):
 
 def tensor_types(path: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
     """{tensor name: (GGML type name, shape)} read from the file's header."""
+    return dict(_header(path).tensors)
+
+
+def metadata_value(path: Path, key: str):
+    """One metadata value of a GGUF file (a string, a number, or a list such as the vocabulary), or None."""
+    header = _header(path)
+    if key not in header.arrays:
+        return header.scalars.get(key)
+    import gguf
+
+    return gguf.GGUFReader(str(path)).fields[key].contents()  # read again when asked: kept, it would be large
+
+
+class Header(NamedTuple):
+    tensors: dict[str, tuple[str, tuple[int, ...]]]
+    scalars: dict
+    arrays: frozenset[str]
+
+
+def _header(path: Path) -> Header:
     try:
         stat = os.stat(path)
     except OSError as error:
         raise GGUFError(f"{path} is not a valid GGUF file: {error}") from error
-    return dict(_tensor_types(str(path), stat.st_size, stat.st_mtime_ns))
+    return _parsed(str(path), stat.st_size, stat.st_mtime_ns)
 
 
-# gguf-py parses the whole header in Python (the vocabulary is most of it: about 0.3 s a file), and
-# a stage reads the same file's header again for every load; a file rewritten since is read anew.
+# gguf-py parses the whole header in Python (the vocabulary is most of it: about 0.2 s a file), and
+# a stage reads the same file's tensors and metadata for each check and load; a file rewritten since
+# is read anew.
 @functools.lru_cache(maxsize=64)
-def _tensor_types(path: str, size: int, mtime_ns: int) -> dict[str, tuple[str, tuple[int, ...]]]:
+def _parsed(path: str, size: int, mtime_ns: int) -> Header:
     import gguf
 
     try:
         reader = gguf.GGUFReader(path)
-        return {t.name: (t.tensor_type.name, tuple(int(d) for d in t.shape)) for t in reader.tensors}
+        fields = reader.fields.items()
+        return Header({t.name: (t.tensor_type.name, tuple(int(d) for d in t.shape)) for t in reader.tensors},
+                      {k: f.contents() for k, f in fields if f.types[:1] != [gguf.GGUFValueType.ARRAY]},
+                      frozenset(k for k, f in fields if f.types[:1] == [gguf.GGUFValueType.ARRAY]))
     except (ValueError, IndexError, KeyError, OSError) as error:
         raise GGUFError(f"{path} is not a valid GGUF file (truncated or corrupted?): {error}") from error
 
@@ -390,14 +415,6 @@ def perplexity_bos(llm) -> int | None:
 
     vocab = llama_cpp.llama_model_get_vocab(llm.model)
     return llama_cpp.llama_vocab_bos(vocab) if llama_cpp.llama_vocab_get_add_bos(vocab) else None
-
-
-def metadata_value(path: Path, key: str):
-    """One metadata value of a GGUF file (a string or a number), or None."""
-    import gguf
-
-    field = gguf.GGUFReader(str(path)).fields.get(key)
-    return None if field is None else field.contents()
 
 
 if __name__ == "__main__":

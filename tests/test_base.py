@@ -15,10 +15,11 @@ from stages.report.stats import paired_ratio
 from tests.conftest import compose_with, only_dir, pipeline, runs
 
 BASE = "model=base"
-# The default chain up to the measurements its assertions read, on the trained model's files alone
-# (the AWQ-smoothed source doubles the export and the evaluation; tests/test_formats.py covers it).
-MEASURED = ["stage=[prepare,train,quantize,export,evaluate]", "quantize.methods=[rtn]", "export.sources=[trained]",
-            "export.imatrix=[]"]
+# The default chain up to the measurements its assertions read, on the trained model's GGUF files
+# alone: llm-compressor's checkpoints, the AWQ-smoothed source (which doubles the export and the
+# evaluation) and llama-perplexity's second opinion have tests of their own on the smoke chain.
+MEASURED = ["stage=[prepare,train,export,evaluate]", "export.sources=[trained]", "export.imatrix=[]",
+            "evaluate.second_opinion.enabled=false"]
 
 
 @pytest.mark.slow  # reads every docstring of the standard library and every pydoc topic (seconds)
