@@ -19,7 +19,8 @@ SMALL = ["model=tiny", "report.precisions=[fp32]", "train.max_steps=6", "train.w
          "train.eval_batches=1", "quantize.calibration.samples=4", "quantize.calibration.seq_len=64", "quantize.awq.n_grid=3",
          "evaluate.max_sequences=8", "evaluate.bootstrap=100", "evaluate.prompts=2", "serve.llamacpp.files=[trained.q4_k_m]",
          "quantize.methods=[awq]", "export.sources=[trained]", "export.types=[q4_k_m,q4_0]", "export.imatrix=[]",
-         "serve.load.levels=[1]", "serve.load.requests=4", "tracking=journal"]
+         "serve.load.levels=[1]", "serve.load.requests=4", "evaluate.second_opinion.enabled=false",
+         "tracking=journal"]
 
 
 def run(repo, *args, stdout_only=False):
