@@ -17,9 +17,7 @@ install: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
-	# --no-compile: Python compiles each module the first time it is imported, not all of every
-	# package's now (about 45 s of the install's 110 s on 2 cores, most of it for modules never run).
-	CMAKE_ARGS="$(NO_LLAMA_BUILD)" $(VENV)/bin/pip install --quiet --no-compile "$(TORCH)" -e '.[$(EXTRAS)]'
+	CMAKE_ARGS="$(NO_LLAMA_BUILD)" $(VENV)/bin/pip install --quiet "$(TORCH)" -e '.[$(EXTRAS)]'
 	# llama.cpp's source at the binding's version, for its GGUF converter, and one build of it: the
 	# binding's library and the tools (llama-server, llama-perplexity, llama-quantize, llama-imatrix).
 	# About 3 minutes on 2 cores the first time, seconds when the build is cached (pipeline/llamacpp_build.py).

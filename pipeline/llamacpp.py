@@ -115,19 +115,63 @@ class ConverterProcess:
     """llama.cpp's converter, imported once in a process of its own (it brings its own gguf-py,
     which must not meet the installed one), that forks a child for each conversion: a conversion
     costs its own work, not the ~5 s of imports a fresh interpreter pays each time. The process
-    itself never computes, so its forks are safe; it ends when this process closes its stdin."""
+    itself never computes, so its forks are safe; it ends when this process closes its pipe.
+
+    Started early (`fork_early`), it is a fork of the pipeline's process before that has computed
+    anything, and inherits torch and transformers, which the pipeline imports anyway, instead of
+    importing them again. Started later, it is a new interpreter: a fork of a process that has
+    trained would copy the state of threads it cannot use."""
 
     _running: ConverterProcess | None = None
 
     @classmethod
+    def fork_early(cls) -> None:
+        """Fork it now, where none runs yet; call before this process computes anything."""
+        if cls._running is None:
+            import torch  # noqa: F401  (imports start no threads; computing would)
+            from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: F401
+
+            cls._running = cls(forked=True)
+
+    @classmethod
     def get(cls) -> ConverterProcess:
-        if cls._running is None or cls._running.process.poll() is not None:
-            cls._running = cls()
+        if cls._running is None or not cls._running.alive():
+            cls._running = cls(forked=False)
         return cls._running
 
-    def __init__(self):
-        self.process = subprocess.Popen([sys.executable, "-m", "pipeline.llamacpp", "serve"], stdin=subprocess.PIPE,
-                                        stdout=subprocess.PIPE, text=True)
+    def __init__(self, forked: bool):
+        if not forked:
+            process = subprocess.Popen([sys.executable, "-m", "pipeline.llamacpp", "serve"], stdin=subprocess.PIPE,
+                                       stdout=subprocess.PIPE, text=True)
+            self.pid, self.requests, self.answers = process.pid, process.stdin, process.stdout
+            return
+        to_child, from_parent = os.pipe()
+        to_parent, from_child = os.pipe()
+        self.pid = os.fork()
+        if self.pid == 0:
+            code = 1
+            try:
+                os.close(from_parent)
+                os.close(to_parent)
+                import logging
+
+                logging.root.handlers.clear()  # the pipeline's log handlers: the converter's lines go to its logs
+                # The installed gguf, which the pipeline's process may have imported, gives way to the converter's.
+                for name in [m for m in sys.modules if m == "gguf" or m.startswith("gguf.")]:
+                    del sys.modules[name]
+                _serve(os.fdopen(to_child), os.fdopen(from_child, "w"))
+                code = 0
+            finally:  # never the parent's exit handlers, nor a traceback of Ctrl-C on the console
+                os._exit(code)
+        os.close(to_child)
+        os.close(from_child)
+        self.requests, self.answers = os.fdopen(from_parent, "w"), os.fdopen(to_parent)
+
+    def alive(self) -> bool:
+        try:
+            return os.waitpid(self.pid, os.WNOHANG) == (0, 0)
+        except ChildProcessError:
+            return False
 
     def convert(self, args: list[str]) -> tuple[int, str]:
         """The exit code of one conversion, and what it printed."""
@@ -135,13 +179,13 @@ class ConverterProcess:
 
         with tempfile.NamedTemporaryFile("r", suffix=".log") as log:
             try:
-                self.process.stdin.write(json.dumps([*args, log.name]) + "\n")
-                self.process.stdin.flush()
-                answer = self.process.stdout.readline()
+                self.requests.write(json.dumps([*args, log.name]) + "\n")
+                self.requests.flush()
+                answer = self.answers.readline()
             except BrokenPipeError:
                 answer = ""
             if not answer:
-                return -1, f"{log.read()}\nRuntimeError: llama.cpp's converter process ended ({self.process.poll()})"
+                return -1, f"{log.read()}\nRuntimeError: llama.cpp's converter process ended"
             return int(answer), log.read()
 
 
@@ -155,13 +199,14 @@ def _import_converter():
     return convert_hf_to_gguf
 
 
-def _serve() -> None:
-    """The converter process: a conversion a line of JSON on stdin, in a forked child whose output
-    goes to the log file the line names; its exit code a line on stdout."""
+def _serve(requests, answers) -> None:
+    """The converter process: a conversion a line of JSON from `requests`, in a forked child whose
+    output goes to the log file the line names; its exit code a line to `answers`. The converter is
+    imported at the first line: a process forked early may never be asked."""
     import traceback
 
-    _import_converter()
-    for line in sys.stdin:
+    for line in requests:
+        _import_converter()
         *args, log = json.loads(line)
         child = os.fork()
         if child == 0:
@@ -180,7 +225,7 @@ def _serve() -> None:
             sys.stderr.flush()
             os._exit(code)
         _, status = os.waitpid(child, 0)
-        print(os.waitstatus_to_exitcode(status), flush=True)
+        print(os.waitstatus_to_exitcode(status), file=answers, flush=True)
 
 
 def _convert(checkpoint: str, out: str, outtype: str, name: str, pre: str, metadata: str, parts: str) -> None:
@@ -421,4 +466,4 @@ if __name__ == "__main__":
     # The converter's own process (ConverterProcess starts it).
     if sys.argv[1:] != ["serve"]:
         sys.exit("usage: python -m pipeline.llamacpp serve  (conversions as JSON lines on stdin)")
-    _serve()
+    _serve(sys.stdin, sys.stdout)

@@ -13,11 +13,11 @@ from pathlib import Path
 from filelock import FileLock
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from pipeline import distributed
+from pipeline import distributed, llamacpp
 from pipeline.artifacts import keep_log, references, stage_dir, verify_stage_output
 from pipeline.console import captured, say, shown, stage_lines
 from pipeline.contract import PipelineError
-from pipeline.graph import STAGES, upstream
+from pipeline.graph import STAGES, selected_stages, upstream
 from pipeline.preflight import BASE_STAGES, preflight, print_report, report_only, reused
 from pipeline.tracking import JOURNAL, NoTracker, flatten, installed_packages, open_tracker, quiet_libraries, run_tags
 
@@ -107,6 +107,13 @@ def run_stage(cfg: DictConfig, name: str, label: str, out: Path, plan: dict, tag
                 tracker.log_artifact(log_file, "log")
 
 
+def exports(cfg: DictConfig) -> bool:
+    try:
+        return "export" in selected_stages(cfg.stage)
+    except ValueError:
+        return False  # the checks say what is wrong with it
+
+
 def run(cfg: DictConfig) -> None:
     quiet_libraries()
     only, stages = report_only(cfg.stage)
@@ -118,6 +125,8 @@ def run(cfg: DictConfig) -> None:
         return
     # The checks import the libraries, whose import-time warnings are no reading for the terminal.
     with captured(None if cfg.verbose else keep_log("preflight", "")):
+        if exports(cfg):
+            llamacpp.ConverterProcess.fork_early()  # before the checks compute anything
         plan = preflight(cfg)
     say(f"precision: {cfg.train.precision} (requested {plan['requested']}: {plan['reason']})")
     tags = run_tags(plan["hardware"].tags())
