@@ -32,7 +32,8 @@ FAST = ["profile=smoke", "train.max_steps=8"]
 
 # The longest test modules first: the two test processes of `make test` (each takes whole modules,
 # whose tests share module fixtures) then finish close together.
-LONGEST_FIRST = ("test_dvc.py", "test_report.py", "test_team.py", "test_reuse.py", "test_chat.py", "test_families.py", "test_train.py")
+LONGEST_FIRST = ("test_report.py", "test_dvc.py", "test_base.py", "test_team.py", "test_vllm.py", "test_quantize_evaluate.py",
+                 "test_families.py", "test_train.py", "test_reuse.py", "test_qat.py", "test_serve.py")
 
 
 def pytest_collection_modifyitems(items):

@@ -157,7 +157,8 @@ def test_scrambled_weights_score_badly(chain, own_chain, tmp_path):
             flat.copy_(flat[torch.randperm(flat.numel(), generator=generator)])
     model.save_pretrained(tmp_path / "scrambled")
     shutil.copy(trained_dir / "tokenizer.json", tmp_path / "scrambled")
-    pipeline(own_chain, "stage=evaluate", *SMALL_CHAIN, f"+evaluate.extra.scrambled={tmp_path}/scrambled")
+    pipeline(own_chain, "stage=evaluate", *SMALL_CHAIN, f"+evaluate.extra.scrambled={tmp_path}/scrambled",
+             "evaluate.second_opinion.enabled=false")
     evaluations = sorted((own_chain / "artifacts" / "evaluate").iterdir(), key=lambda p: p.stat().st_mtime)
     summary = read_json(evaluations[-1] / "summary.json")
     assert summary["scrambled"]["kl"] > 1.0 and summary["scrambled"]["top1"] < 0.5
