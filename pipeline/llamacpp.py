@@ -143,29 +143,29 @@ class ConverterProcess:
         if not forked:
             process = subprocess.Popen([sys.executable, "-m", "pipeline.llamacpp", "serve"], stdin=subprocess.PIPE,
                                        stdout=subprocess.PIPE, text=True)
-            self.pid, self.requests, self.answers = process.pid, process.stdin, process.stdout
+            self.process, self.pid, self.requests, self.answers = process, process.pid, process.stdin, process.stdout
             return
-        to_child, from_parent = os.pipe()
-        to_parent, from_child = os.pipe()
+        child_reads, parent_writes = os.pipe()
+        parent_reads, child_writes = os.pipe()
         self.pid = os.fork()
         if self.pid == 0:
             code = 1
             try:
-                os.close(from_parent)
-                os.close(to_parent)
+                os.close(parent_writes)
+                os.close(parent_reads)
                 import logging
 
                 logging.root.handlers.clear()  # the pipeline's log handlers: the converter's lines go to its logs
                 # The installed gguf, which the pipeline's process may have imported, gives way to the converter's.
                 for name in [m for m in sys.modules if m == "gguf" or m.startswith("gguf.")]:
                     del sys.modules[name]
-                _serve(os.fdopen(to_child), os.fdopen(from_child, "w"))
+                _serve(os.fdopen(child_reads), os.fdopen(child_writes, "w"))
                 code = 0
             finally:  # never the parent's exit handlers, nor a traceback of Ctrl-C on the console
                 os._exit(code)
-        os.close(to_child)
-        os.close(from_child)
-        self.requests, self.answers = os.fdopen(from_parent, "w"), os.fdopen(to_parent)
+        os.close(child_reads)
+        os.close(child_writes)
+        self.requests, self.answers = os.fdopen(parent_writes, "w"), os.fdopen(parent_reads)
 
     def alive(self) -> bool:
         try:

@@ -170,6 +170,33 @@ def test_one_llama_cpp_build_serves_the_tools_and_the_binding(tmp_path):
     assert f"libllama.so.0 => {Path(loaded).resolve().parent}/" in server
 
 
+@pytest.mark.slow
+def test_the_converter_process_is_a_fork_of_the_pipeline_s_and_writes_what_llama_cpp_loads(tmp_path):
+    """Forked before the pipeline computes (in a process of its own here: this one has computed),
+    the converter's process shares its imports, yet converts with the converter's own gguf-py."""
+    from tests.families import checkpoint
+
+    model, out = checkpoint("llama2", tmp_path / "llama2"), tmp_path / "vocab.gguf"
+    script = f"""
+import os, sys
+from pathlib import Path
+import gguf  # the installed gguf-py, as the pipeline's process may hold it
+from pipeline import llamacpp
+llamacpp.ConverterProcess.fork_early()
+converter = llamacpp.ConverterProcess.get()
+llamacpp.convert(Path({str(model)!r}), Path({str(out)!r}), "f16", "llama2", "auto", {{}}, vocab_only=True)
+assert llamacpp.ConverterProcess.get() is converter
+with open(f"/proc/{{converter.pid}}/stat") as stat:
+    parent = int(stat.read().rsplit(")", 1)[1].split()[1])
+with open(f"/proc/{{converter.pid}}/cmdline") as child, open("/proc/self/cmdline") as this:
+    print(parent == os.getpid(), child.read() == this.read())  # a fork keeps its parent's command line
+"""
+    ran = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert ran.returncode == 0, ran.stderr[-3000:]
+    assert ran.stdout.split() == ["True", "True"], ran.stdout
+    assert llamacpp.load_vocabulary(out).n_vocab() == json.loads((model / "config.json").read_text())["vocab_size"]
+
+
 def test_missing_llama_cpp_tools_are_refused_before_any_work(tmp_path, monkeypatch):
     message = refused(tmp_path, "stage=serve", "serve.llamacpp.server=/nowhere/llama-server")
     assert "llama.cpp's llama-server is not at /nowhere/llama-server: point the setting at an executable" in message
