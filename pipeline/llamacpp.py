@@ -143,6 +143,7 @@ class ConverterProcess:
         if not forked:
             process = subprocess.Popen([sys.executable, "-m", "pipeline.llamacpp", "serve"], stdin=subprocess.PIPE,
                                        stdout=subprocess.PIPE, text=True)
+            # The Popen kept while the process runs: dropped, it would warn that its process still runs.
             self.process, self.pid, self.requests, self.answers = process, process.pid, process.stdin, process.stdout
             return
         child_reads, parent_writes = os.pipe()

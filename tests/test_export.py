@@ -173,7 +173,8 @@ def test_one_llama_cpp_build_serves_the_tools_and_the_binding(tmp_path):
 @pytest.mark.slow
 def test_the_converter_process_is_a_fork_of_the_pipeline_s_and_writes_what_llama_cpp_loads(tmp_path):
     """Forked before the pipeline computes (in a process of its own here: this one has computed),
-    the converter's process shares its imports, yet converts with the converter's own gguf-py."""
+    the converter's process is that process's child, not a new interpreter; the installed gguf-py
+    imported before the fork does not stop it from writing a file llama.cpp loads."""
     from tests.families import checkpoint
 
     model, out = checkpoint("llama2", tmp_path / "llama2"), tmp_path / "vocab.gguf"
