@@ -9,7 +9,7 @@ from omegaconf import OmegaConf
 from pipeline.chat import CHATML, ChatDataError, conversation, tokenize_answers
 from pipeline.data import load_sequences
 from stages.prepare import train_tokenizer
-from tests.conftest import pipeline, refused
+from tests.conftest import FAST, pipeline, refused
 
 END_OF_TURN = "<|im_end|>\n"
 ANSWERS = ["Four.", "It returns a JSON string.", "Yes: `sorted(x, key=len)`."]
@@ -122,7 +122,7 @@ def test_loss_on_answers_needs_chat_data(tmp_path):
 
 @pytest.mark.slow
 def test_chat_default_runs_offline_with_answer_only_metrics(tmp_path):
-    pipeline(tmp_path, "stage=all", "profile=smoke", "train.precision=fp32", "data=stdlib", "quantize.methods=[rtn]",
+    pipeline(tmp_path, "stage=all", *FAST, "train.precision=fp32", "data=stdlib", "quantize.methods=[rtn]",
              "export.sources=[trained]", "export.types=[q8_0]", "serve.llamacpp.files=[trained.q8_0]",
              "serve.load.levels=[1]", "serve.load.requests=4")
     artifacts = tmp_path / "artifacts"
