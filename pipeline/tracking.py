@@ -68,8 +68,20 @@ def versions() -> dict[str, str]:
 
 
 def installed_packages() -> str:
-    names = sorted(f"{d.metadata['Name']}=={d.version}" for d in metadata.distributions() if d.metadata["Name"])
-    return "\n".join(names) + "\n"
+    """Every installed distribution, name==version, read from the head of its metadata file: its
+    `metadata` property runs the email parser over the whole file, long descriptions included
+    (0.15-0.45 s a run for some 220 packages, against 0.015 s)."""
+    found = []
+    for dist in metadata.distributions():
+        head = (dist.read_text("METADATA") or dist.read_text("PKG-INFO") or "").split("\n\n", 1)[0]
+        fields = {}
+        for line in head.splitlines():
+            key, colon, value = line.partition(": ")
+            if colon and key in ("Name", "Version"):
+                fields.setdefault(key, value.strip())
+        if fields.get("Name"):
+            found.append(f"{fields['Name']}=={fields.get('Version')}")
+    return "\n".join(sorted(found)) + "\n"
 
 
 def require_server(uri: str) -> None:
