@@ -141,6 +141,31 @@ def test_damaged_gguf_is_rejected_clearly(chain, tmp_path):
             llamacpp.load(bad, n_ctx=128)
 
 
+def write_gguf(path: Path, shape: tuple[int, ...]) -> None:
+    import gguf
+
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_tensor("token_embd.weight", np.zeros(shape, dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+def test_a_gguf_header_is_parsed_once_a_file_and_again_once_rewritten(tmp_path):
+    """The export checks a file in its unfinished folder and the rename into place keeps the file:
+    evaluate's loads find its header parsed. A file written anew at the same path is read anew."""
+    unfinished, final = tmp_path / "unfinished", tmp_path / "final"
+    unfinished.mkdir()
+    write_gguf(unfinished / "model.gguf", (2, 8))
+    header = llamacpp._header(unfinished / "model.gguf")
+    assert llamacpp.tensor_types(unfinished / "model.gguf") == {"token_embd.weight": ("F32", (8, 2))}
+    unfinished.rename(final)
+    assert llamacpp._header(final / "model.gguf") is header
+    write_gguf(final / "model.gguf", (3, 8))
+    assert llamacpp.tensor_types(final / "model.gguf") == {"token_embd.weight": ("F32", (8, 3))}
+
+
 def test_unsupported_architecture_refused_before_writing(tmp_path, opt_checkpoint):
     message = refused(tmp_path, "stage=export", "model=hf", f"model.name_or_path={opt_checkpoint}")
     assert "llama.cpp's converter does not write OPTForCausalLM (config.json architectures); it writes" in message

@@ -11,7 +11,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from pipeline.server import Server, free_port
-from pipeline.tracking import JournalTracker, Tracker, flatten, git_state, open_tracker
+from pipeline.tracking import JournalTracker, Tracker, flatten, git_state, installed_packages, open_tracker
 from tests import services
 from tests.conftest import FAST, compose_with, mlflow_client, pipeline, refused, replace
 
@@ -61,6 +61,15 @@ def test_git_state_without_git_is_unknown_not_fatal(monkeypatch):
     assert len(git_state()["git.commit"]) == 40
     monkeypatch.setenv("PATH", "")  # as in the container images, which have no git
     assert git_state() == {"git.commit": "unknown", "git.dirty": "unknown"}
+
+
+def test_the_environment_lists_every_installed_package_at_its_version():
+    from importlib import metadata
+
+    listed = installed_packages().splitlines()
+    assert listed == sorted(listed) and f"torch=={metadata.version('torch')}" in listed
+    # What importlib.metadata's own parser reads from the same files.
+    assert listed == sorted(f"{d.metadata['Name']}=={d.version}" for d in metadata.distributions() if d.metadata["Name"])
 
 
 def test_flatten_is_dotted_and_lists_are_json():
