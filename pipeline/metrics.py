@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import numpy as np
 
 
@@ -63,32 +65,60 @@ def binomial_ci(successes: int, trials: int, confidence: float) -> tuple[float, 
     return max(0.0, centre - half), min(1.0, centre + half)
 
 
+class Draws(NamedTuple):
+    """A bootstrap's draws of measurements made in rounds, every replicate at once: `values[name]`
+    [replicates, rounds, items] (NaN past a drawn round's own count of items) and `rounds`
+    [replicates, rounds], which round each drawn one is."""
+    values: dict
+    rounds: np.ndarray
+
+
 def round_replicates(rounds: list[dict], statistics: dict, resamples: int, seed: int = 0) -> dict:
     """Bootstrap replicates of each statistic of measurements made in rounds (a served format's
     requests, measured in several interleaved rounds): each replicate draws the rounds with
     replacement, then each drawn round's items with replacement, so that the drift between rounds
     widens an interval as well as the spread between requests. `rounds`: {name: per-item values}
-    each; `statistics`: {name: function of the drawn [(round index, {name: values})]}."""
+    each; `statistics`: {name: function of the Draws, giving [resamples] values}. Drawn as arrays:
+    a replicate at a time in Python, a serve stage's thousands of replicates took seconds."""
     rng = np.random.default_rng(seed)
-    rounds = [{k: np.asarray(v, dtype=float) for k, v in r.items()} for r in rounds]
-    out = {name: np.empty(resamples) for name in statistics}
-    for b in range(resamples):
-        drawn = []
-        for i in rng.integers(0, len(rounds), len(rounds)):
-            n = len(next(iter(rounds[i].values())))
-            pick = rng.integers(0, n, n)
-            drawn.append((int(i), {k: v[pick] for k, v in rounds[i].items()}))
-        for name, statistic in statistics.items():
-            out[name][b] = statistic(drawn)
-    return out
+    sizes = np.array([len(next(iter(r.values()))) for r in rounds])
+    which = rng.integers(0, len(rounds), (resamples, len(rounds)))
+    count = sizes[which][..., None]
+    slots = np.arange(max(sizes.max(), 1))
+    picks = rng.integers(0, np.maximum(count, 1), (*which.shape, len(slots)))
+    values = {}
+    for key in rounds[0]:
+        table = np.full((len(rounds), len(slots)), np.nan)
+        for i, r in enumerate(rounds):
+            table[i, : sizes[i]] = r[key]
+        values[key] = np.where(slots < count, table[which[..., None], picks], np.nan)
+    draws = Draws(values, which)
+    return {name: statistic(draws) for name, statistic in statistics.items()}
 
 
 def round_rate(rounds: list[dict]):
     """The statistic for round_replicates of a served rate measured in rounds ({"rate", "output_tokens",
     "latency_s"} each): a drawn round's resampled sum(output tokens) / sum(latency), scaled to that
     round's measured rate (which counts the requests in flight together), averaged over the draw."""
-    scale = [r["rate"] * sum(r["latency_s"]) / sum(r["output_tokens"]) for r in rounds]
-    return lambda drawn: float(np.mean([scale[i] * x["output_tokens"].sum() / x["latency_s"].sum() for i, x in drawn]))
+    scale = np.array([r["rate"] * sum(r["latency_s"]) / sum(r["output_tokens"]) for r in rounds])
+
+    def rate(draws: Draws) -> np.ndarray:
+        tokens, latency = (np.nansum(draws.values[k], -1) for k in ("output_tokens", "latency_s"))
+        return (scale[draws.rounds] * tokens / latency).mean(-1)
+
+    return rate
+
+
+def nan_percentile(values: np.ndarray, q: float) -> np.ndarray:
+    """np.nanpercentile(values, q, axis=-1) (its default, linear interpolation), NaN for a row of
+    NaN alone: numpy computes it a row at a time in Python, 30 ms for a thousand replicates."""
+    ordered = np.sort(values, axis=-1)  # NaN last
+    count = (~np.isnan(values)).sum(-1)
+    position = np.maximum(count - 1, 0) * q / 100
+    low = np.floor(position).astype(int)
+    high = np.minimum(low + 1, np.maximum(count - 1, 0))
+    below, above = (np.take_along_axis(ordered, i[..., None], -1)[..., 0] for i in (low, high))
+    return np.where(count > 0, below + (position - low) * (above - below), np.nan)
 
 
 def percentile_interval(replicates, confidence: float) -> list[float]:

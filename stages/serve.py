@@ -39,7 +39,7 @@ from pipeline.artifacts import atomic_dir, disk_bytes, read_json, require_stage_
 from pipeline.chat import heldout_chat_prompts, is_chat, prompt_ids
 from pipeline import llamacpp, vllm
 from pipeline.data import load_blocks
-from pipeline.metrics import percentile_interval, round_rate, round_replicates
+from pipeline.metrics import Draws, nan_percentile, percentile_interval, round_rate, round_replicates
 from pipeline.models import shape_only_model
 from pipeline.server import Server, ServerError, free_port, log_tail, port_is_free
 from pipeline.config import LOAD_LEVELS
@@ -288,9 +288,10 @@ def merge_rounds(rounds: list[dict], resamples: int, confidence: float) -> dict:
     return levels
 
 
-def pooled_statistic(drawn: list, name: str, q: float | None) -> float:
-    values = np.concatenate([x[name] for _, x in drawn])
-    return float(np.nanmean(values) if q is None else np.nanpercentile(values, q))
+def pooled_statistic(draws: Draws, name: str, q: float | None) -> np.ndarray:
+    """The mean or a percentile of each replicate's drawn requests, pooled over its drawn rounds."""
+    values = draws.values[name].reshape(len(draws.rounds), -1)
+    return np.nanmean(values, -1) if q is None else nan_percentile(values, q)
 
 
 def stream(client, url: str, model: str, prompt, max_tokens: int) -> tuple[float, dict | None]:

@@ -266,6 +266,28 @@ def test_guidellm_report_parsing_on_a_saved_report():
     assert [len(r["latency_s"]) for r in merged["rounds"]] == [len(requests)] * 2
 
 
+def test_round_replicates_draw_rounds_then_their_own_requests():
+    """Every replicate at once: each drawn slot holds a drawn round's own values, as many as it has
+    (NaN after), and a statistic sees all replicates; percentiles skip NaN as numpy's do."""
+    import numpy as np
+
+    from pipeline.metrics import nan_percentile, round_replicates
+
+    rounds = [{"v": [1.0, 2.0, 3.0]}, {"v": [10.0, 20.0, 30.0, 40.0, 50.0]}]
+    draws = round_replicates(rounds, {"draws": lambda d: d}, 500, seed=3)["draws"]
+    values, which = draws.values["v"], draws.rounds
+    assert values.shape == (500, 2, 5) and which.shape == (500, 2)
+    for b, j in np.ndindex(which.shape):
+        own = rounds[which[b, j]]["v"]
+        assert set(values[b, j, : len(own)]) <= set(own) and np.isnan(values[b, j, len(own):]).all()
+    assert set(np.unique(which)) == {0, 1} and len(set(map(tuple, values[:, 0]))) > 100
+    table = np.random.default_rng(0).normal(size=(40, 9))
+    table[table < -0.5], table[7] = np.nan, np.nan
+    for q in (0, 37.5, 50, 99, 100):
+        found = nan_percentile(table, q)
+        assert np.isnan(found[7]) and np.allclose(np.delete(found, 7), np.nanpercentile(np.delete(table, 7, 0), q, axis=-1))
+
+
 def test_a_request_dropped_on_a_kept_alive_connection_is_sent_again_once(tmp_path):
     """A server that closes the connection instead of answering (as llama-server now and then does
     with a kept-alive one after a load): the request goes again on a new connection, once."""
