@@ -76,10 +76,11 @@ def replace(overrides: list[str], *new: str) -> list[str]:
 
 
 # The libraries `python -m pipeline` spends its first ~10 s importing. Our own code is not among
-# them: a test may run a changed copy of it (root=).
+# them: a test may run a changed copy of it (root=). Nor is GuideLLM: its import starts a logging
+# thread, which a forked child would not have.
 PRELOAD = ["torch", "transformers", "transformers.models.llama.modeling_llama", "mlflow",
            "mlflow.store.tracking.sqlalchemy_store", "llmcompressor.modifiers.transform.awq.mappings", "peft",
-           "accelerate", "datasets", "hydra", "omegaconf", "llama_cpp", "gguf"]
+           "accelerate", "datasets", "hydra", "omegaconf", "llama_cpp", "gguf", "matplotlib.pyplot"]
 _forks = None
 
 
