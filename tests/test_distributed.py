@@ -19,7 +19,7 @@ from pipeline.config import validate
 from tests.conftest import FAST, GROUPS, compose_with, mlflow_client, pipeline, refused, replace, runs, with_test_model
 
 TWO = ["accelerate=ddp", "accelerate.num_processes=2"]
-SETTINGS = ["stage=[prepare,train]", "train.precision=fp32", *FAST, "train.eval_batches=2"]
+SETTINGS = ["stage=[prepare,train]", "train.precision=fp32", *FAST, "train.eval_batches=2", "train.checkpoint_every=4"]
 # Two processes with micro-batches of 4 see the batches of one process with micro-batches of 8;
 # only the order of the floating-point reductions differs.
 TOLERANCE = 1e-4
@@ -69,7 +69,8 @@ def _rank_process(parent: psutil.Process, rank: str) -> psutil.Process | None:
 @pytest.mark.slow
 def test_a_failing_rank_fails_the_stage_with_its_error(tmp_path):
     log = tmp_path / "pipeline.log"
-    command = [sys.executable, "-m", "pipeline", *with_test_model([*replace(SETTINGS, "train.max_steps=100000"), *TWO])]
+    command = [sys.executable, "-m", "pipeline",
+               *with_test_model([*replace(SETTINGS, "train.max_steps=100000", "train.checkpoint_every=2"), *TWO])]
     with open(log, "w") as out:
         process = subprocess.Popen(command, cwd=tmp_path, stdout=out, stderr=subprocess.STDOUT)
     try:

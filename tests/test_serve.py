@@ -232,7 +232,7 @@ def test_one_file_served_under_two_names_is_not_ranked(own_chain):
     write_json(export / "manifest.json", {**manifest, "twin": manifest["trained"]})
     record_files(export)  # this changed output is the test's own, not one to be refused
     overrides = ["serve.llamacpp.files=[trained.q4_k_m,twin.q4_k_m]", "serve.rounds=3", "serve.load.levels=[1]",
-                 "serve.load.requests=24"]
+                 "serve.load.requests=12"]
     pipeline(own_chain, "stage=serve", *SMALL_CHAIN, *overrides)
     summary = read_json(stage_dir(config(own_chain, *overrides), "serve") / "summary.json")
     assert sorted(map(sorted, summary["rounds"])) == [["trained.q4_k_m", "twin.q4_k_m"]] * 3
