@@ -14,9 +14,11 @@ from stages.report.register import CANDIDATE
 from tests.conftest import pipeline, replace
 from tests.services import mlflow_server, postgres, sacct, slurm_cluster
 
-# The smoke chain, one export source and one load level, for two precisions; the report, run once
-# both are done, reads both (the report's CI gates apply to it).
-SWEEP = ["stage=[prepare,train,quantize,export,evaluate,serve]", "profile=smoke", "train.max_steps=8", "export.sources=[trained]", "export.types=[q8_0,q4_k_m]",
+# The smoke chain, one export source, the quantize method and the files the CI gates read, and one
+# load level, for two precisions; the report, run once both are done, reads both (the report's CI
+# gates apply to it).
+SWEEP = ["stage=[prepare,train,quantize,export,evaluate,serve]", "profile=smoke", "train.max_steps=8", "quantize.methods=[awq]",
+         "export.sources=[trained]", "export.types=[q8_0,q4_k_m]",
          "export.imatrix=[]", "evaluate.second_opinion.enabled=false", "serve.load.levels=[1]", "train.precision=fp32,bf16"]
 # Its fp32 job, run here with Hydra's local launcher: what SLURM's job must match.
 LOCAL = replace(SWEEP, "train.precision=fp32")
