@@ -79,7 +79,7 @@ def round_replicates(rounds: list[dict], statistics: dict, resamples: int, seed:
     replacement, then each drawn round's items with replacement, so that the drift between rounds
     widens an interval as well as the spread between requests. `rounds`: {name: per-item values}
     each; `statistics`: {name: function of the Draws, giving [resamples] values}. Drawn as arrays:
-    a replicate at a time in Python, a serve stage's thousands of replicates took seconds."""
+    a replicate at a time in Python, the smoke chain's serve stage spent about a second on them."""
     rng = np.random.default_rng(seed)
     sizes = np.array([len(next(iter(r.values()))) for r in rounds])
     which = rng.integers(0, len(rounds), (resamples, len(rounds)))

@@ -55,6 +55,8 @@ PERCENTILES = (50, 90, 99)
 RATES = ("requests_per_s", "output_tokens_per_s", "goodput_requests_per_s")
 # Seconds GuideLLM waits between starting a level's workers and sending its first request.
 LEVEL_START_DELAY_S = 0.2
+# How often GuideLLM's processes poll one another (start-up, the last request, shut-down); its default,
+# 0.1 s, is a third of a short level, and a poll costs microseconds.
 LEVEL_POLL_S = 0.02
 
 
@@ -199,8 +201,6 @@ def run_guidellm(url: str, model: str, cfg: DictConfig, tokenizer_dir: Path, req
     # enough: the stage takes half the time, and measures the server undisturbed (benchmarks/RESULTS.md).
     settings.mp_context_type = "forkserver"
     settings.scheduler_start_delay_non_distributed = LEVEL_START_DELAY_S
-    # Its processes wait on one another (start-up, the last request, shut-down) by polling, every
-    # 0.1 s by default: a third of a short level. Every 20 ms costs microseconds a poll.
     settings.mp_poll_interval = LEVEL_POLL_S
     multiprocessing.get_context("forkserver").set_forkserver_preload(["guidellm.scheduler", "guidellm.backends"])
     disable_progress_bar()  # the bar of reading the requests file into a dataset
