@@ -2,6 +2,7 @@
 `pipeline`), run by runpy.run_path with ARGV, CWD, ENV, STDOUT and STDERR given as globals."""
 
 import atexit
+import multiprocessing
 import os
 import runpy
 import sys
@@ -16,6 +17,10 @@ for fd, path in ((1, STDOUT), (2, STDERR)):  # noqa: F821
     os.dup2(opened, fd)
     os.close(opened)
 sys.argv = ["pipeline", *ARGV]  # noqa: F821
+# A forkserver's child would start its processes through the forkserver too, where a new interpreter
+# uses the platform's default (fork on Linux). GuideLLM's data loader starts its worker with the
+# default: through the forkserver, that worker imported GuideLLM's data modules anew (5 s a level).
+multiprocessing.set_start_method(None, force=True)
 try:
     runpy.run_module("pipeline", run_name="__main__", alter_sys=True)
 finally:
