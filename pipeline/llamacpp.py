@@ -335,12 +335,14 @@ def load_vocabulary(path: Path):
         raise GGUFError(f"llama.cpp could not load the vocabulary in {path}: {error}") from error
 
 
-def load(path: Path, n_ctx: int, threads: int = 1):
-    """A llama.cpp model with per-position logits. The file is checked first: llama.cpp itself
-    may crash the process on a damaged file rather than raise."""
+def load(path: Path, n_ctx: int, threads: int = 1, checked: bool = False):
+    """A llama.cpp model with per-position logits. The file's header is read first, since llama.cpp
+    itself may crash the process on a damaged file rather than raise; `checked` skips that for a
+    file already loaded once and verified unchanged since (an export output, in a later stage)."""
     import llama_cpp
 
-    tensor_types(path)
+    if not checked:
+        tensor_types(path)
     try:
         return llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, n_batch=n_ctx, logits_all=True,
                                n_threads=threads, verbose=False)
