@@ -15,6 +15,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from pipeline import distributed, llamacpp
 from pipeline.artifacts import keep_log, references, stage_dir, verify_stage_output
+from pipeline.config import validate
 from pipeline.console import captured, say, shown, stage_lines
 from pipeline.contract import PipelineError
 from pipeline.graph import STAGES, selected_stages, upstream
@@ -108,7 +109,10 @@ def run_stage(cfg: DictConfig, name: str, label: str, out: Path, plan: dict, tag
 
 
 def exports(cfg: DictConfig) -> bool:
+    """Whether the run exports, and its settings are valid: a bad one is reported by the checks at
+    once, not after the imports that forking the converter costs (5 s in a new interpreter)."""
     try:
+        validate(cfg)
         return "export" in selected_stages(cfg.stage)
     except ValueError:
         return False  # the checks say what is wrong with it
