@@ -10,12 +10,12 @@ import sys
 import pytest
 import yaml
 
-from tests.conftest import ROOT
+from tests.conftest import ROOT, TEST_MODEL
 
 # One precision (a matrix of one) plus the noise-floor and QAT chains: every kind of stage, in the fewest runs.
 # Each stage is a process of its own; tracked in the journal, it starts without MLflow's imports and
 # store (seconds apiece): the tracking tests cover MLflow.
-SMALL = ["model=tiny", "report.precisions=[fp32]", "train.max_steps=6", "train.warmup_steps=1", "train.eval_every=3",
+SMALL = [*TEST_MODEL, "report.precisions=[fp32]", "train.max_steps=6", "train.warmup_steps=1", "train.eval_every=3",
          "train.eval_batches=1", "quantize.calibration.samples=4", "quantize.calibration.seq_len=64", "quantize.awq.n_grid=3",
          "evaluate.max_sequences=8", "evaluate.bootstrap=100", "evaluate.prompts=2", "serve.llamacpp.files=[trained.q4_k_m]",
          "quantize.methods=[awq]", "export.sources=[trained]", "export.types=[q4_k_m,q4_0]", "export.imatrix=[]",

@@ -14,7 +14,7 @@ from pipeline.artifacts import read_json
 from pipeline.models import load_causal_lm
 from pipeline.llamacpp import PRE_TOKENIZERS
 from pipeline.llamacpp import pre_tokenizer as pre_tokenizer_name
-from tests.conftest import FAST, only_dir, pipeline, refused, runs
+from tests.conftest import FAST, compose_with, only_dir, pipeline, refused, runs
 
 EXPORT_ONLY = ["stage=[prepare,train,export]", "train.precision=fp32", *FAST, "export.sources=[trained]"]
 
@@ -118,15 +118,16 @@ def test_qwen2_exports_and_round_trips(run_pipeline, tmp_path):
 @pytest.mark.slow
 def test_fallback_types_fail_with_a_report_unless_allowed(run_pipeline, tmp_path):
     narrow = ["model.arch.intermediate_size=640", "export.types=[q4_k_m]"]  # 640 rows: not a multiple of 256
+    layers = compose_with().model.arch.num_hidden_layers
     result = run_pipeline(*EXPORT_ONLY, *narrow, check=False)
     assert result.returncode != 0
-    assert "llama.cpp fell back to other types for 4 tensor(s)" in result.stderr
+    assert f"llama.cpp fell back to other types for {layers} tensor(s)" in result.stderr
     assert "blk.0.ffn_down.weight [640, 256]" in result.stderr and "do not fill blocks of 256" in result.stderr
     assert list((tmp_path / "artifacts" / "export").iterdir()) == []  # no file, not even a partial one
 
     run_pipeline(*EXPORT_ONLY, *narrow, "export.allow_fallback=true")
     report = read_json(gguf_dir(tmp_path) / "manifest.json")["trained"]["q4_k_m"]["fallbacks"]
-    assert sorted(f["tensor"] for f in report) == [f"blk.{i}.ffn_down.weight" for i in range(4)]
+    assert sorted(f["tensor"] for f in report) == [f"blk.{i}.ffn_down.weight" for i in range(layers)]
 
 
 @pytest.mark.slow
@@ -272,7 +273,7 @@ def test_the_importance_matrix_comes_from_the_train_split_and_makes_a_second_fil
     matrix = files["q4_k_m-imat"]["imatrix"]
     assert matrix["quantize.imatrix.file"] == "imatrix.gguf" and matrix["quantize.imatrix.chunks_count"] >= 2
     assert matrix["quantize.imatrix.dataset"] == "calibration.txt"
-    assert matrix["quantize.imatrix.entries_count"] == 7 * 4  # every Linear of the tiny model's 4 blocks
+    assert matrix["quantize.imatrix.entries_count"] == 7 * compose_with().model.arch.num_hidden_layers  # every block's Linears
     assert llamacpp.metadata_value(out / "trained" / "model-q4_k_m.gguf", "quantize.imatrix.file") is None
     assert files["q4_k_m-imat"]["fallbacks"] == []
     # The calibration text is the train split's, never the held-out split's.

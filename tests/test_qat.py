@@ -61,7 +61,7 @@ def test_fake_quantized_layers_round_forward_and_pass_gradients_back():
 
     from pipeline.models import model_config
 
-    cfg = compose_with(TEST_MODEL, "train.qat=q4_0")
+    cfg = compose_with(*TEST_MODEL, "train.qat=q4_0")
     model = AutoModelForCausalLM.from_config(model_config(cfg))
     before = dict(model.named_parameters())
     linear = len([m for m in model.modules() if isinstance(m, torch.nn.Linear)])
@@ -84,7 +84,7 @@ def test_w4a16_targets_follow_quantize_ignore():
 
     from pipeline.models import model_config
 
-    cfg = compose_with(TEST_MODEL, "train.qat=w4a16", "quantize.ignore=[lm_head,re:.*down_proj]", "quantize.group_size=64")
+    cfg = compose_with(*TEST_MODEL, "train.qat=w4a16", "quantize.ignore=[lm_head,re:.*down_proj]", "quantize.group_size=64")
     model = AutoModelForCausalLM.from_config(model_config(cfg))
     names = qat.targets(model, cfg)
     assert names and not [n for n in names if n.endswith(("down_proj", "lm_head"))]
@@ -134,7 +134,7 @@ def qat_run(tmp_path, fmt: str) -> tuple[dict, dict]:
     """A short QAT run up to its deployed artifact: the saved (latent) weights and the model's config."""
     from safetensors.torch import load_file
 
-    pipeline(tmp_path, f"stage=[prepare,train,{QAT[fmt].stage}]", TEST_MODEL, "train.precision=fp32", f"train.qat={fmt}",
+    pipeline(tmp_path, f"stage=[prepare,train,{QAT[fmt].stage}]", *TEST_MODEL, "train.precision=fp32", f"train.qat={fmt}",
              *FAST, *WRITES_ONLY[fmt])
     trained = only_dir(tmp_path / "artifacts" / "train")
     assert f"-qat_{fmt}-" in trained.name and read_json(trained / "summary.json")["qat"] == fmt
@@ -188,7 +188,7 @@ def test_a_w4a16_qat_run_deploys_exactly_the_weights_it_trained_with(tmp_path):
 @pytest.mark.slow
 @pytest.mark.parametrize("fmt", sorted(QAT))
 def test_the_report_sets_qat_against_ptq_at_the_same_format(tmp_path, fmt):
-    settings = [TEST_MODEL, "train.precision=fp32", *FAST, *WRITES_ONLY[fmt], "evaluate.second_opinion.enabled=false"]
+    settings = [*TEST_MODEL, "train.precision=fp32", *FAST, *WRITES_ONLY[fmt], "evaluate.second_opinion.enabled=false"]
     pipeline(tmp_path, f"stage=[prepare,train,{QAT[fmt].stage},evaluate,report]", f"train.qat=none,{fmt}", *settings,
              multirun=True)
     # One report per arm; the plain arm's, written before the QAT arm existed, compares both once rerun.

@@ -46,7 +46,10 @@ def test_compressed_checkpoints_reload_and_stay_close(chain):
             kls[method] = mean_kl(reference, logits)
     assert all(0 < kl < 0.05 for kl in kls.values()), kls
     summary = read_json(quantized / "summary.json")
-    assert summary["methods"]["awq"]["bytes"] < summary["source_bytes"] / 1.8
+    # At 4 bits, with a scale and a zero point for each group of 128, the blocks' Linear weights
+    # (fp32 in the source) shrink to under a seventh; embeddings, head and norms stay as they were.
+    linear = sum(p.numel() * p.element_size() for n, p in trained.named_parameters() if n.endswith("proj.weight"))
+    assert summary["source_bytes"] - summary["methods"]["awq"]["bytes"] > 0.8 * linear
 
 
 @pytest.mark.slow

@@ -13,7 +13,7 @@ from omegaconf import OmegaConf
 from pipeline.server import Server, free_port
 from pipeline.tracking import JournalTracker, Tracker, flatten, git_state, installed_packages, open_tracker
 from tests import services
-from tests.conftest import FAST, compose_with, mlflow_client, pipeline, refused, replace
+from tests.conftest import FAST, compose_with, mlflow_client, pipeline, refused, replace, with_test_model
 
 
 def test_long_params_are_truncated_not_fatal_and_metrics_batched(tmp_path, monkeypatch):
@@ -120,9 +120,10 @@ def test_metrics_survive_a_server_that_drops_mid_run(tmp_path):
     # Fail fast instead of MLflow's default minutes of retries, which ride out brief outages.
     env = {**os.environ, "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
     with mlflow_server_at(tmp_path / "server") as server:
-        command = [sys.executable, "-m", "pipeline", "stage=[prepare,train]", "train.precision=fp32",
-                   *replace(FAST, "train.max_steps=100000", "train.log_every=1", "train.checkpoint_every=5"),
-                   "tracking=server", f"tracking.uri={server.url}"]
+        command = [sys.executable, "-m", "pipeline",
+                   *with_test_model(["stage=[prepare,train]", "train.precision=fp32",
+                                     *replace(FAST, "train.max_steps=100000", "train.log_every=1", "train.checkpoint_every=5"),
+                                     "tracking=server", f"tracking.uri={server.url}"])]
         with open(log, "w") as out:
             process = subprocess.Popen(command, cwd=tmp_path, stdout=out, stderr=subprocess.STDOUT, env=env)
         client = MlflowClient(server.url)

@@ -121,7 +121,7 @@ def test_resume_after_kill_matches_uninterrupted_run(tmp_path):
     pipeline(straight, *settings)
 
     pipeline(broken, "stage=prepare")
-    proc = subprocess.Popen([sys.executable, "-m", "pipeline", TEST_MODEL, *settings[1:], "stage=train"], cwd=broken,
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline", *TEST_MODEL, *settings[1:], "stage=train"], cwd=broken,
                             env={**os.environ, "PYTHONPATH": str(ROOT)},  # the same threads as the straight run: sums in the same order
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300

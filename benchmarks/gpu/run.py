@@ -48,7 +48,7 @@ GPU_MODEL = ["model=tiny", "model.name=llama-0.5b", "model.arch.hidden_size=1536
 GPU_STEPS, TINY_STEPS = 40, 6
 # Steps left out of every timing: the allocator's, cuBLAS's and torchao's first calls.
 WARMUP = {"gpu": 8, "tiny": 2}
-TINY_MODEL = ["model=tiny", "data.seq_len=64", "train.micro_batch_size=4"]
+TINY_MODEL = ["model=tiny", "model.arch.num_hidden_layers=2", "data.seq_len=64", "train.micro_batch_size=4"]
 RESAMPLES, CONFIDENCE = 2000, 0.95
 PACKAGES = ("torch", "accelerate", "transformers", "torchao", "hydra-core", "llmcompressor", "mlflow")
 
