@@ -125,7 +125,6 @@ def pipeline(cwd: Path, *overrides: str, check: bool = True, multirun: bool = Fa
     run expected to succeed on the default local store starts from a copy of `empty_store()` where
     `cwd` has none; one expected to fail does not, so that it can be seen to write nothing. With
     `terminal` (a terminal device's path), what the run writes goes there instead of into the result."""
-    import runpy
     import tempfile
 
     args = [*(["-m"] if multirun else []), *with_test_model(overrides)]
@@ -136,10 +135,7 @@ def pipeline(cwd: Path, *overrides: str, check: bool = True, multirun: bool = Fa
     if fork:
         with tempfile.TemporaryDirectory() as logs:
             out, err = (Path(terminal),) * 2 if terminal else (Path(logs) / "stdout", Path(logs) / "stderr")
-            child = forks().Process(target=runpy.run_path, args=(str(Path(__file__).with_name("forked.py")),),
-                                    kwargs={"init_globals": {"ARGV": args, "CWD": str(cwd), "ENV": env,
-                                                             "STDOUT": str(out), "STDERR": str(err)}})
-            child.start()
+            child = _forked(cwd, args, env, out, err)
             child.join()
             written = ("", "") if terminal else (out.read_text(), err.read_text())
             result = subprocess.CompletedProcess(cmd, child.exitcode, *written)
@@ -148,6 +144,23 @@ def pipeline(cwd: Path, *overrides: str, check: bool = True, multirun: bool = Fa
     if check and result.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed ({result.returncode}):\n{result.stderr[-4000:]}")
     return result
+
+
+def started(cwd: Path, *overrides: str, log: Path, env: dict | None = None):
+    """`python -m pipeline` with these overrides in `cwd`, forked as `pipeline` runs it but left
+    running, for a test that acts while it runs or interrupts it: the process (multiprocessing's).
+    What it writes goes to `log`; `env` adds to the environment."""
+    return _forked(cwd, with_test_model(overrides), {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}, log, log)
+
+
+def _forked(cwd: Path, args: list[str], env: dict, out: Path, err: Path):
+    import runpy
+
+    child = forks().Process(target=runpy.run_path, args=(str(Path(__file__).with_name("forked.py")),),
+                            kwargs={"init_globals": {"ARGV": args, "CWD": str(cwd), "ENV": env,
+                                                     "STDOUT": str(out), "STDERR": str(err)}})
+    child.start()
+    return child
 
 
 @pytest.fixture

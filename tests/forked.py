@@ -12,10 +12,13 @@ os.environ.clear()
 os.environ.update(ENV)  # noqa: F821
 # As `python -m` with PYTHONPATH sets it: the working directory, then the code under test.
 sys.path[:0] = [CWD, *ENV["PYTHONPATH"].split(os.pathsep)]  # noqa: F821
+opened = {}  # one file for both where they are the same: two openings would overwrite each other
 for fd, path in ((1, STDOUT), (2, STDERR)):  # noqa: F821
-    opened = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
-    os.dup2(opened, fd)
-    os.close(opened)
+    if path not in opened:
+        opened[path] = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+    os.dup2(opened[path], fd)
+for descriptor in opened.values():
+    os.close(descriptor)
 sys.argv = ["pipeline", *ARGV]  # noqa: F821
 # A forkserver's child would start its processes through the forkserver too, where a new interpreter
 # uses the platform's default (fork on Linux). GuideLLM's data loader starts its worker with the

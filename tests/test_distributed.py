@@ -2,8 +2,6 @@
 CPU, two processes on gloo."""
 
 import signal
-import subprocess
-import sys
 import time
 
 import psutil
@@ -16,7 +14,7 @@ from safetensors.torch import load_file
 from pipeline import distributed
 from pipeline.artifacts import read_json
 from pipeline.config import validate
-from tests.conftest import FAST, GROUPS, compose_with, mlflow_client, pipeline, refused, replace, runs, with_test_model
+from tests.conftest import FAST, GROUPS, compose_with, mlflow_client, pipeline, refused, replace, runs, started
 
 TWO = ["accelerate=ddp", "accelerate.num_processes=2"]
 SETTINGS = ["stage=[prepare,train]", "train.precision=fp32", *FAST, "train.eval_batches=2", "train.checkpoint_every=4"]
@@ -69,10 +67,7 @@ def _rank_process(parent: psutil.Process, rank: str) -> psutil.Process | None:
 @pytest.mark.slow
 def test_a_failing_rank_fails_the_stage_with_its_error(tmp_path):
     log = tmp_path / "pipeline.log"
-    command = [sys.executable, "-m", "pipeline",
-               *with_test_model([*replace(SETTINGS, "train.max_steps=100000", "train.checkpoint_every=2"), *TWO])]
-    with open(log, "w") as out:
-        process = subprocess.Popen(command, cwd=tmp_path, stdout=out, stderr=subprocess.STDOUT)
+    process = started(tmp_path, *replace(SETTINGS, "train.max_steps=100000", "train.checkpoint_every=2"), *TWO, log=log)
     try:
         deadline = time.monotonic() + 180
         # Once a checkpoint is written, both processes are past their setup and training.
@@ -81,11 +76,11 @@ def test_a_failing_rank_fails_the_stage_with_its_error(tmp_path):
         rank1 = _rank_process(psutil.Process(process.pid), "1")
         assert rank1 is not None, log.read_text()[-3000:]
         rank1.send_signal(signal.SIGINT)  # a Python exception on that one process
-        process.wait(timeout=180)
+        process.join(timeout=180)
     finally:
         process.kill()
     output = log.read_text()
-    assert process.returncode != 0
+    assert process.exitcode != 0
     assert "stage train failed on rank 1 of 2: KeyboardInterrupt" in output
     (run,) = runs(tmp_path, "train")
     assert run.info.status == "FAILED" and "rank 1 of 2" in run.data.tags["error"]

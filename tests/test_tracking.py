@@ -1,9 +1,6 @@
 """Tracking against a real MLflow sqlite store and a real MLflow server."""
 
 import json
-import os
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -13,7 +10,7 @@ from omegaconf import OmegaConf
 from pipeline.server import Server, free_port
 from pipeline.tracking import JournalTracker, Tracker, flatten, git_state, installed_packages, open_tracker
 from tests import services
-from tests.conftest import FAST, compose_with, mlflow_client, pipeline, refused, replace, with_test_model
+from tests.conftest import FAST, compose_with, mlflow_client, pipeline, refused, replace, started
 
 
 def test_long_params_are_truncated_not_fatal_and_metrics_batched(tmp_path, monkeypatch):
@@ -118,17 +115,14 @@ def test_metrics_survive_a_server_that_drops_mid_run(tmp_path):
 
     log = tmp_path / "pipeline.log"
     # Fail fast instead of MLflow's default minutes of retries, which ride out brief outages.
-    env = {**os.environ, "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
+    env = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
     with mlflow_server_at(tmp_path / "server") as server:
-        command = [sys.executable, "-m", "pipeline",
-                   *with_test_model(["stage=[prepare,train]", "train.precision=fp32",
-                                     *replace(FAST, "train.max_steps=100000", "train.log_every=1", "train.checkpoint_every=5"),
-                                     "tracking=server", f"tracking.uri={server.url}"])]
-        with open(log, "w") as out:
-            process = subprocess.Popen(command, cwd=tmp_path, stdout=out, stderr=subprocess.STDOUT, env=env)
+        process = started(tmp_path, "stage=[prepare,train]", "train.precision=fp32",
+                          *replace(FAST, "train.max_steps=100000", "train.log_every=1", "train.checkpoint_every=5"),
+                          "tracking=server", f"tracking.uri={server.url}", log=log, env=env)
         client = MlflowClient(server.url)
         received, deadline = [], time.monotonic() + 300
-        while not received and process.poll() is None and time.monotonic() < deadline:
+        while not received and process.is_alive() and time.monotonic() < deadline:
             time.sleep(1)
             found = client.search_runs(["0", *[e.experiment_id for e in client.search_experiments()]],
                                        "attributes.run_name = 'train'")
@@ -137,12 +131,12 @@ def test_metrics_survive_a_server_that_drops_mid_run(tmp_path):
         run_id = found[0].info.run_id
     # The server is gone; training goes on until its next delivery fails.
     try:
-        process.wait(timeout=300)
+        process.join(timeout=300)
     finally:
         process.kill()
     output = log.read_text()
     journal = tmp_path / "artifacts" / "metrics-journal" / f"{run_id}.jsonl"
-    assert process.returncode != 0
+    assert process.exitcode != 0
     assert f"its metrics computed so far are kept in {journal}" in output
     kept = [json.loads(line) for line in journal.read_text().splitlines()]
     kept_steps = {m["step"] for m in kept if m["key"] == "train/loss"}

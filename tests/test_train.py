@@ -2,10 +2,6 @@
 
 import json
 import math
-import os
-import signal
-import subprocess
-import sys
 import time
 
 import pytest
@@ -14,7 +10,7 @@ from safetensors import safe_open
 
 from pipeline.artifacts import read_json, sha256_file
 from stages.train import batch_at, lr_lambda
-from tests.conftest import FAST, ROOT, TEST_MODEL, mlflow_client, only_dir, pipeline, refused, runs
+from tests.conftest import FAST, mlflow_client, only_dir, pipeline, refused, runs, started
 
 PREP_AND_TRAIN = "stage=[prepare,train]"
 
@@ -121,15 +117,13 @@ def test_resume_after_kill_matches_uninterrupted_run(tmp_path):
     pipeline(straight, *settings)
 
     pipeline(broken, "stage=prepare")
-    proc = subprocess.Popen([sys.executable, "-m", "pipeline", *TEST_MODEL, *settings[1:], "stage=train"], cwd=broken,
-                            env={**os.environ, "PYTHONPATH": str(ROOT)},  # the same threads as the straight run: sums in the same order
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = started(broken, *settings[1:], "stage=train", log=tmp_path / "broken.log")
     deadline = time.time() + 300
     while not list(broken.glob("artifacts/checkpoints/*/step-000008/trainer_state.json")):
-        assert proc.poll() is None and time.time() < deadline, "training ended before it could be interrupted"
+        assert proc.is_alive() and time.time() < deadline, "training ended before it could be interrupted"
         time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    proc.kill()
+    proc.join()
     assert not (broken / "artifacts" / "train").exists()
 
     pipeline(broken, *settings[1:], "stage=train", "train.resume=true")
