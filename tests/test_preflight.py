@@ -7,7 +7,7 @@ import os
 import pytest
 
 from pipeline import llamacpp
-from tests.conftest import pipeline, refused
+from tests.conftest import compose_with, pipeline, refused
 from tests.families import FAMILIES, checkpoint
 
 
@@ -130,6 +130,16 @@ def test_known_refusals_are_one_line(tmp_path, pickle_checkpoint):
 
     setting = pipeline(tmp_path, "stage=prepare", "verify=sometimes", check=False)
     assert one_line_error(setting) == "error: verify='sometimes' is not one of quick, full."
+
+
+def test_the_converter_is_forked_only_for_valid_settings_that_export():
+    """The runner forks llama.cpp's converter (importing torch and transformers first) only after the
+    settings pass: a bad one is reported by the checks in a second, not after those imports."""
+    from pipeline.runner import exports
+
+    assert exports(compose_with("stage=all"))
+    assert not exports(compose_with("stage=all", "train.max_steps=0"))
+    assert not exports(compose_with("stage=[prepare,train]"))
 
 
 def test_a_damaged_gguf_file_is_one_line(tmp_path):

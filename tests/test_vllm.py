@@ -71,8 +71,8 @@ def test_the_report_puts_vllm_and_llama_server_side_by_side(served):
     report = (stage_dir(cfg, "report") / "report.md").read_text()
     assert "tokens/s served by vLLM" in report and "tokens/s served by llama-server" in report
     awq = next(line for line in report.splitlines() if line.startswith("  - awq:"))
-    served = re.search(r"served perplexity ×([0-9.]+) of the checkpoint's", awq)
-    assert "served by vLLM" in awq and served and abs(float(served.group(1)) - 1) < 0.02, awq
+    ratio = re.search(r"served perplexity ×([0-9.]+) of the checkpoint's", awq)
+    assert "served by vLLM" in awq and ratio and abs(float(ratio.group(1)) - 1) < 0.02, awq
     lines = report.splitlines()
     assert any(line.startswith("| fp32 | awq | ") and "| vLLM |" in line for line in lines)
     assert any(line.startswith("| fp32 | trained.q4_k_m | ") and "| llama-server |" in line for line in lines)
