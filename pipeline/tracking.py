@@ -28,6 +28,11 @@ PARAM_BATCH = 100  # and on params
 JOURNAL = "journal"
 
 
+def now_ms() -> int:
+    """A time as MLflow keeps it: milliseconds since the epoch."""
+    return int(time.time() * 1000)
+
+
 def flatten(cfg: DictConfig) -> dict[str, str]:
     """Dotted-key view of a resolved config; lists become JSON strings."""
     out = {}
@@ -99,6 +104,57 @@ class TrackingError(PipelineError):
     """The tracking store stopped answering; the message says where the metrics are kept."""
 
 
+class DamagedStore(PipelineError):
+    """The MLflow sqlite store is damaged; the message names the file and what to do."""
+
+
+def sqlite_file(uri: str) -> Path | None:
+    """The file of a sqlite:/// tracking uri (sqlite:///mlflow.db is relative to the working
+    directory, sqlite:////abs/mlflow.db absolute); None for any other store."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    path = uri.removeprefix("sqlite:///").split("?", 1)[0]
+    return Path(path) if path and path != ":memory:" else None
+
+
+def check_store(uri: str) -> str:
+    """An existing sqlite store must pass SQLite's `PRAGMA quick_check` before a run writes to it:
+    SQLite writes to a damaged file without a word, and the runs logged there may be lost with it.
+    Opened read-only, so the check itself writes nothing. Returns what it verified."""
+    import sqlite3
+
+    path = sqlite_file(uri)
+    if path is None or not path.is_file():
+        return f"no existing sqlite store to check (tracking.uri={uri})"
+    started = time.perf_counter()
+    try:
+        with contextlib.closing(sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True, timeout=30)) as db:
+            found = [str(row[0]) for row in db.execute("PRAGMA quick_check")]
+    except sqlite3.OperationalError as error:
+        # Locked past the timeout, unreadable, or a hot journal a read-only connection may not roll
+        # back: no verdict on its pages. MLflow opens it next and reports what it finds.
+        return f"{path}: SQLite's quick_check could not run ({error}); left to MLflow"
+    except sqlite3.DatabaseError as error:  # the header itself: "file is not a database", "malformed"
+        found = [str(error)]
+    if found != ["ok"]:
+        words = "; ".join(" ".join(line.split()) for line in found[:3]) + ("; ..." if len(found) > 3 else "")
+        raise DamagedStore(
+            f"The MLflow store {path.resolve()} (tracking.uri={uri}) is damaged: SQLite's quick_check says "
+            f"\"{words}\". Nothing was written to it. Move it aside (mv {path} {path}.damaged), and the next "
+            "run starts a new store in its place (sqlite3's .recover may save its runs); MLflow's artifacts "
+            "(./mlruns) and the pipeline's outputs (paths.artifacts) are untouched.")
+    return f"{path} passes SQLite's quick_check ({(time.perf_counter() - started) * 1000:.0f} ms)"
+
+
+def param_value(value) -> str:
+    """A param as MLflow takes it: MLflow rejects longer values, so they are cut (the full config is
+    kept as the resolved_config.yaml artifact)."""
+    from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH
+
+    value = str(value)
+    return value if len(value) <= MAX_PARAM_VAL_LENGTH else value[: MAX_PARAM_VAL_LENGTH - 15] + "...[truncated]"
+
+
 class OpenRuns:
     """The runs a tracker has open, outermost (the pipeline run) first, and where each one's
     journal is: <paths.artifacts>/metrics-journal/<run id>.jsonl."""
@@ -140,6 +196,8 @@ class Tracker(OpenRuns):
         # experiment; the first creates them while the others wait.
         lock = FileLock(uri.removeprefix("sqlite:///") + ".lock") if uri.startswith("sqlite:///") else contextlib.nullcontext()
         with lock:
+            if attach is None:  # a launched process writes into a run its pipeline process opened on a checked store
+                check_store(uri)
             self.client = MlflowClient(tracking_uri=uri)
             if attach is None:
                 self.experiment_id = self._experiment(cfg.tracking.experiment, cfg.tracking.artifact_location)
@@ -209,15 +267,8 @@ class Tracker(OpenRuns):
 
     def log_params(self, params: dict[str, str]) -> None:
         from mlflow.entities import Param
-        from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH
 
-        items = []
-        for key, value in params.items():
-            value = str(value)
-            if len(value) > MAX_PARAM_VAL_LENGTH:
-                # MLflow rejects longer values; the full config is kept as the resolved_config.yaml artifact.
-                value = value[: MAX_PARAM_VAL_LENGTH - 15] + "...[truncated]"
-            items.append(Param(key, value))
+        items = [Param(key, param_value(value)) for key, value in params.items()]
         for i in range(0, len(items), PARAM_BATCH):
             self._call("log_batch", self.run_id, params=items[i : i + PARAM_BATCH])
 
@@ -229,7 +280,7 @@ class Tracker(OpenRuns):
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
         from mlflow.entities import Metric
 
-        now = int(time.time() * 1000)
+        now = now_ms()
         batch = [Metric(k, float(v), now, step or 0) for k, v in metrics.items()]
         self.journal_dir.mkdir(parents=True, exist_ok=True)
         with open(self.journal(self.run_id), "a") as journal:
@@ -258,7 +309,18 @@ class JournalTracker(OpenRuns):
     """tracking.uri=journal, for a machine without an MLflow store (a lent GPU machine, an air-gapped
     one): each run's tags, params and metrics go to its journal, <paths.artifacts>/metrics-journal/
     <run id>.jsonl, one JSON object a line, which is kept. Artifacts stay where the stages wrote them;
-    the journal names them."""
+    the journal names them. `python -m pipeline.journal import` puts journals into an MLflow store
+    (pipeline.journal reads them).
+
+    The lines: first {"run": name, "parent": parent's run id or null, "tags", "experiment",
+    "start_time"}, then any of {"params"}, {"tags"}, {"key", "value", "step", "timestamp"} (a metric),
+    {"artifact": absolute path of a file or folder, "artifact_path"}, {"text", "artifact_file"}, and
+    last {"status": FINISHED or FAILED, "error" (FAILED only), "end_time"}. Times in ms since the epoch."""
+
+    def __init__(self, cfg: DictConfig, attach: str | None = None):
+        super().__init__(cfg, attach)
+        # The experiment the runs would have gone to, where an import puts them.
+        self.experiment = OmegaConf.select(cfg, "tracking.experiment", default=None)
 
     def _write(self, record: dict, run_id: str | None = None) -> None:
         self.journal_dir.mkdir(parents=True, exist_ok=True)
@@ -270,15 +332,16 @@ class JournalTracker(OpenRuns):
         import uuid
 
         run_id = uuid.uuid4().hex
-        self._write({"run": name, "parent": self._runs[-1] if self._runs else None, "tags": tags}, run_id)
+        self._write({"run": name, "parent": self._runs[-1] if self._runs else None, "tags": tags,
+                     "experiment": self.experiment, "start_time": now_ms()}, run_id)
         self._runs.append(run_id)
         try:
             yield run_id
         except BaseException as error:
-            self._write({"status": "FAILED", "error": f"{type(error).__name__}: {error}"[:5000]})
+            self._write({"status": "FAILED", "error": f"{type(error).__name__}: {error}"[:5000], "end_time": now_ms()})
             raise
         else:
-            self._write({"status": "FINISHED"})
+            self._write({"status": "FINISHED", "end_time": now_ms()})
         finally:
             self._runs.pop()
 
@@ -289,7 +352,7 @@ class JournalTracker(OpenRuns):
         self._write({"tags": {k: str(v) for k, v in tags.items()}}, run_id)
 
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
-        now = int(time.time() * 1000)
+        now = now_ms()
         for key, value in metrics.items():
             self._write({"key": key, "value": float(value), "step": step or 0, "timestamp": now})
 
@@ -362,3 +425,4 @@ def quiet_libraries() -> None:
 
 def run_tags(hardware_tags: dict[str, str]) -> dict[str, str]:
     return {**git_state(), **versions(), **hardware_tags, "command": " ".join(["python -m pipeline", *sys.argv[1:]])}
+
