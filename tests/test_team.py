@@ -135,10 +135,14 @@ def test_a_job_that_fails_on_slurm_fails_the_sweep_with_its_error(team, tmp_path
     on_cluster(monkeypatch, team)
     result = pipeline(tmp_path, "stage=prepare", "data.seq_len=64,0", *ON_SLURM, "tracking=journal", multirun=True,
                       check=False)
-    assert result.returncode != 0
-    assert "error: data.seq_len=0 must be at least 2." in result.stderr and "state: FAILED" in result.stderr
-    (failed,) = re.findall(r"Job (\d+_\d+) \(task: 0\)", result.stderr)
+    assert result.returncode == 1
+    # One line, the job's own error with its id, state and log: not submitit's traceback.
+    (line,) = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert "Traceback" not in result.stderr and "HYDRA_FULL_ERROR" not in result.stderr, result.stderr[-3000:]
+    (failed, log) = re.fullmatch(r"error: SLURM job (\d+_\d+) failed \(FAILED\): data.seq_len=0 must be at least 2\. "
+                                 r"\(its log: (\S+_log\.err)\)", line).groups()
     assert sacct(team.slurm, failed)[failed]["state"] == "FAILED"
+    assert "error: data.seq_len=0 must be at least 2." in Path(log).read_text()
 
 
 @pytest.mark.slow
