@@ -49,12 +49,13 @@ LOAD_LEVELS = {"concurrent": "streams", "constant": "rate", "poisson": "rate", "
 
 
 def setting(*, choices: tuple | None = None, each: tuple | None = None, low=None, high=None, factory=None,
-            default=MISSING, nested: bool = False):
+            default=MISSING, nested: bool = False, auto: bool = False):
     """A field with the constraints beyond its type: `choices` for a name, `each` for every item
     of a list, `low` / `high` inclusive bounds, `nested` for an optional section whose own fields
-    have constraints. Without a default the YAML must give the value."""
+    have constraints, `auto` for a number that may also be "auto" (the pipeline chooses it, before
+    any work). Without a default the YAML must give the value."""
     metadata = {k: v for k, v in (("choices", choices), ("each", each), ("low", low), ("high", high),
-                                  ("nested", nested or None)) if v is not None}
+                                  ("nested", nested or None), ("auto", auto or None)) if v is not None}
     if factory is not None:
         return field(default_factory=factory, metadata=metadata)
     return field(default=default, metadata=metadata)
@@ -205,7 +206,8 @@ class AWQ:
 @dataclass
 class Quantize:
     methods: list[str] = setting(each=tuple(METHODS), factory=list)
-    group_size: int = setting(low=1)
+    # A number, or "auto": the largest of GROUP_SIZES that divides every quantized layer's input width.
+    group_size: Any = setting(low=1, auto=True)
     symmetric: bool = MISSING
     ignore: list[str] = setting(factory=list)
     calibration: Calibration = field(default_factory=Calibration)
@@ -215,7 +217,8 @@ class Quantize:
 @dataclass
 class ExportCheck:
     sequences: int = setting(low=1)
-    max_logit_diff: float = setting(low=0)
+    max_logit_diff_rel: float = setting(low=0)
+    max_kl: float = setting(low=0)
     texts: int = setting(low=1)
     conversations: int = setting(low=1, default=8)
     allow_chat_template_mismatch: bool = False
@@ -263,6 +266,7 @@ class LlamaCpp:
     threads: int = setting(low=1)
     parallel: Optional[int] = setting(low=1)
     server: Optional[str] = None
+    jinja: bool = True
 
 
 @dataclass
@@ -373,6 +377,12 @@ def problems(value, schema, path: str) -> list[str]:
             continue
         if item is None or not rule:
             continue
+        if rule.get("auto"):
+            if item == "auto":
+                continue
+            if not isinstance(item, int) or isinstance(item, bool):
+                found.append(f"{where}={item!r} must be auto or a whole number.")
+                continue
         if "choices" in rule and item not in rule["choices"]:
             found.append(f"{where}={item!r} is not one of {', '.join(rule['choices'])}.")
         if "each" in rule and (not item or any(i not in rule["each"] for i in item)):

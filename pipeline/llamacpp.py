@@ -112,10 +112,12 @@ def convert(checkpoint: Path, out: Path, outtype: str, name: str, pre: str, meta
 
 
 class ConverterProcess:
-    """llama.cpp's converter, imported once in a process of its own (it brings its own gguf-py,
-    which must not meet the installed one), that forks a child for each conversion: a conversion
-    costs its own work, not the ~5 s of imports a fresh interpreter pays each time. The process
-    itself never computes, so its forks are safe; it ends when this process closes its pipe.
+    """llama.cpp's own process: its converter, imported once in a process of its own (it brings its
+    own gguf-py, which must not meet the installed one), that forks a child for each conversion, so
+    that a conversion costs its own work, not the ~5 s of imports a fresh interpreter pays each
+    time; and llama.cpp's runs on files made from what a user supplied (`isolated`), a child each,
+    where an abort ends the child only. The process itself never computes, so its forks are safe;
+    it ends when this process closes its pipe.
 
     Started early (`fork_early`), it is a fork of the pipeline's process before that has computed
     anything, and inherits torch and transformers, which the pipeline imports anyway, instead of
@@ -176,18 +178,29 @@ class ConverterProcess:
 
     def convert(self, args: list[str]) -> tuple[int, str]:
         """The exit code of one conversion, and what it printed."""
+        code, output, _ = self._request({"job": "convert", "args": args})
+        return code, output
+
+    def call(self, name: str, args) -> tuple[int, str, bytes | None]:
+        """This module's function `name` on `args` (JSON) in a child: its exit code, what it
+        printed, and its pickled (ok, result or exception)."""
+        return self._request({"job": "call", "name": name, "args": list(args)})
+
+    def _request(self, request: dict) -> tuple[int, str, bytes | None]:
         import tempfile
 
-        with tempfile.NamedTemporaryFile("r", suffix=".log") as log:
+        with tempfile.TemporaryDirectory(prefix="llamacpp-") as tmp:
+            log, result = Path(tmp) / "output.log", Path(tmp) / "result.pickle"
+            log.touch()
             try:
-                self.requests.write(json.dumps([*args, log.name]) + "\n")
+                self.requests.write(json.dumps({**request, "log": str(log), "result": str(result)}) + "\n")
                 self.requests.flush()
                 answer = self.answers.readline()
             except BrokenPipeError:
                 answer = ""
             if not answer:
-                return -1, f"{log.read()}\nRuntimeError: llama.cpp's converter process ended"
-            return int(answer), log.read()
+                return -1, f"{log.read_text(errors='replace')}\nRuntimeError: llama.cpp's process ended", None
+            return int(answer), log.read_text(errors="replace"), result.read_bytes() if result.is_file() else None
 
 
 @functools.cache
@@ -201,22 +214,44 @@ def _import_converter():
 
 
 def _serve(requests, answers) -> None:
-    """The converter process: a conversion a line of JSON from `requests`, in a forked child whose
-    output goes to the log file the line names; its exit code a line to `answers`. The converter is
-    imported at the first line: a process forked early may never be asked."""
+    """llama.cpp's process: a job a line of JSON from `requests` (a conversion, or a call of one of
+    this module's functions), each in a forked child whose output goes to the log file the line
+    names; its exit code a line to `answers`. The converter is imported at the first conversion,
+    llama-cpp-python at the first call: a process forked early may never be asked. This process
+    never computes, so its forks are safe."""
+    import pickle
     import traceback
 
     for line in requests:
-        _import_converter()
-        *args, log = json.loads(line)
+        request = json.loads(line)
+        if request["job"] == "convert":
+            _import_converter()
+        else:
+            import llama_cpp  # noqa: F401  (loading the library starts no threads; computing would)
         child = os.fork()
         if child == 0:
-            output = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+            import faulthandler
+
+            faulthandler.disable()  # an inherited handler would write an abort's dump past the log
+            output = os.open(request["log"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
             os.dup2(output, 1)
             os.dup2(output, 2)
             code = 0
             try:
-                _convert(*args)
+                if request["job"] == "convert":
+                    _convert(*request["args"])
+                else:
+                    try:
+                        value = (True, globals()[request["name"]](*request["args"]))
+                    except Exception as error:  # the caller's to raise, as if called there
+                        value = (False, error)
+                    with open(request["result"], "wb") as f:
+                        try:
+                            pickle.dump(value, f, protocol=pickle.HIGHEST_PROTOCOL)
+                        except Exception:  # an exception that does not pickle travels as its message
+                            f.seek(0)
+                            f.truncate()
+                            pickle.dump((False, PipelineError(f"{type(value[1]).__name__}: {value[1]}")), f)
             except SystemExit as done:
                 code = done.code if isinstance(done.code, int) else (0 if done.code is None else 1)
             except BaseException:
@@ -325,27 +360,103 @@ def cpu_threads() -> int:
     return int(os.environ.get("OMP_NUM_THREADS") or 0) or len(os.sched_getaffinity(0))
 
 
-def load_vocabulary(path: Path):
+def load_vocabulary(path: Path, verbose: bool = False):
     """The vocabulary of a GGUF file (as `--vocab-only` writes it) loaded in llama.cpp, to tokenize."""
     import llama_cpp
 
     try:
-        return llama_cpp.Llama(model_path=str(path), vocab_only=True, verbose=False)
+        return llama_cpp.Llama(model_path=str(path), vocab_only=True, verbose=verbose)
     except ValueError as error:
         raise GGUFError(f"llama.cpp could not load the vocabulary in {path}: {error}") from error
 
 
-def load(path: Path, n_ctx: int, threads: int = 1, checked: bool = False):
-    """A llama.cpp model with per-position logits. The file's header is read first, since llama.cpp
-    itself may crash the process on a damaged file rather than raise; `checked` skips that for a
-    file already loaded once and verified unchanged since (an export output, in a later stage)."""
+class NativeAbort(GGUFError):
+    """llama.cpp ended the process it ran in (a C++ exception, an assertion), which Python cannot
+    catch: only a child process can take it."""
+
+
+def isolated(what: str, name: str, *args):
+    """`name`(*args), a function of this module, run by llama.cpp's own process (ConverterProcess)
+    in a child forked for it, for llama.cpp calls on files and vocabularies made from what a user
+    supplied: an abort there (llama.cpp throws std::out_of_range on some vocabularies, and a C++
+    exception or GGML_ASSERT ends the process) ends the child, not the run, and becomes one line
+    naming `what` and llama.cpp's last words, with its whole output kept in a log. The child is
+    not forked from this process, which may have computed: ggml computes with the OpenMP runtime
+    torch loaded, whose thread pool a fork of a process that used it cannot use (it waits forever).
+    The result (or the function's Python exception) comes back pickled."""
+    import pickle
+    import signal
+
+    code, text, result = ConverterProcess.get().call(name, args)
+    if code == 0 and result is not None:
+        ok, value = pickle.loads(result)
+        if ok:
+            return value
+        raise value
+    ended = f"was killed by {signal.Signals(-code).name}" if code < 0 else f"exited with status {code}"
+    raise NativeAbort(f"llama.cpp {ended} while {what}: {native_last_words(text)} "
+                      f"(its output: {keep_log('llama.cpp', text)}).")
+
+
+def native_last_words(text: str) -> str:
+    """Why llama.cpp stopped, from its output: an uncaught C++ exception's type and what(), an
+    assertion, or an error line of its log; a debugger's backtrace after them is left out."""
+    import re
+
+    thrown = re.search(r"terminate called after throwing an instance of '([^']+)'\s*what\(\):\s*(.*)", text)
+    if thrown:
+        return f"uncaught {thrown[1]}: {thrown[2].strip()}"
+    before_backtrace = re.split(r"^(?:#\d+ |\[New LWP|\[Thread debugging|warning: process )", text, maxsplit=1,
+                                flags=re.MULTILINE)[0]
+    return last_words(before_backtrace)
+
+
+def inspect(path: Path, texts: list[str], logits_of=None, vocab_only: bool = False) -> dict:
+    """What llama.cpp makes of a GGUF file, computed in a child process (`isolated`): its metadata,
+    the token ids of each text as a Hugging Face tokenizer gives them by default (`tokenize`) and,
+    for token ids [n, seq] in `logits_of` (numpy), the logits [n, seq, vocab]. The caller compares
+    them with transformers' in its own process."""
+    import numpy as np
+
+    what = (f"loading {'the vocabulary in ' if vocab_only else ''}{path} and tokenizing text with it"
+            + (", then computing logits" if logits_of is not None else ""))
+    rows = None if logits_of is None else np.asarray(logits_of).tolist()
+    return isolated(what, "_inspect", str(path), list(texts), rows, vocab_only)
+
+
+def _inspect(path: str, texts: list[str], rows, vocab_only: bool) -> dict:
+    import numpy as np
+
+    # verbose: llama.cpp's own log goes to the child's output, which a failure keeps.
+    llm = (load_vocabulary(path, verbose=True) if vocab_only else
+           load(path, n_ctx=max([len(r) for r in rows or []] + [512]), threads=cpu_threads(), verbose=True))
+    found = {"metadata": dict(llm.metadata), "tokens": [tokenize(llm, text) for text in texts]}
+    if rows is not None:
+        found["logits"] = np.stack([_row_logits(llm, row) for row in rows])
+    llm.close()
+    return found
+
+
+def _row_logits(llm, row: list[int]):
+    import numpy as np
+
+    llm.reset()
+    llm.eval(row)
+    return np.array(llm.scores[: len(row)], dtype=np.float32)
+
+
+def load(path: Path, n_ctx: int, threads: int = 1, checked: bool = False, verbose: bool = False):
+    """A llama.cpp model with per-position logits, in this process: for files the export stage
+    wrote and checked through `inspect` in a child process. The file's header is read first, since
+    llama.cpp itself may crash the process on a damaged file rather than raise; `checked` skips that
+    for a file already loaded once and verified unchanged since (an export output, in a later stage)."""
     import llama_cpp
 
     if not checked:
         tensor_types(path)
     try:
         return llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, n_batch=n_ctx, logits_all=True,
-                               n_threads=threads, verbose=False)
+                               n_threads=threads, verbose=verbose)
     except ValueError as error:
         raise GGUFError(f"llama.cpp could not load {path}: {error}") from error
 
@@ -356,12 +467,7 @@ def logits_fn(llm):
     import torch
 
     def logits(ids):
-        rows = []
-        for row in ids.tolist():
-            llm.reset()
-            llm.eval(row)
-            rows.append(np.array(llm.scores[: len(row)], dtype=np.float32))
-        return torch.from_numpy(np.stack(rows))
+        return torch.from_numpy(np.stack([_row_logits(llm, row) for row in ids.tolist()]))
 
     return logits
 
@@ -391,30 +497,6 @@ def tokenize(llm, text: str) -> list[int]:
     """Token ids as a Hugging Face tokenizer gives them by default: no BOS, special tokens written
     in the text parsed as such."""
     return llm.tokenize(text.encode("utf-8"), add_bos=False, special=True)
-
-
-def apply_chat_template(llm, messages: list[dict]) -> str | None:
-    """The prompt llama.cpp renders for `messages` (then the assistant's turn) with the chat template
-    embedded in the model's file, as llama-server does without --jinja; None where the file has no
-    template or llama.cpp does not recognise it."""
-    import ctypes
-
-    import llama_cpp
-
-    template = llm.metadata.get("tokenizer.chat_template")
-    if not template:
-        return None
-    encoded = [(m["role"].encode(), m["content"].encode()) for m in messages]
-    chat = (llama_cpp.llama_chat_message * len(encoded))(*(llama_cpp.llama_chat_message(r, c) for r, c in encoded))
-    size = 1024 + 2 * sum(len(r) + len(c) for r, c in encoded)
-    buffer = ctypes.create_string_buffer(size)
-    needed = llama_cpp.llama_chat_apply_template(template.encode(), chat, len(encoded), True, buffer, size)
-    if needed < 0:
-        return None
-    if needed > size:
-        buffer = ctypes.create_string_buffer(needed)
-        llama_cpp.llama_chat_apply_template(template.encode(), chat, len(encoded), True, buffer, needed)
-    return buffer.raw[:needed].decode("utf-8")
 
 
 def perplexity(model: Path, text: Path, n_ctx: int, chunks: int, kl_base: Path, log: Path) -> dict:

@@ -128,10 +128,63 @@ def save_tokenizer(tokenizer, directory: Path) -> None:
         declared = json.loads((source / "tokenizer_config.json").read_text())
         if "tokenizer_class" in declared:
             config["tokenizer_class"] = declared["tokenizer_class"]
+    if tokenizer.init_kwargs.get("tokenizer_class") == "GPT2Tokenizer":  # a byte-level BPE (byte_level_rebuilt)
+        config["tokenizer_class"] = "GPT2Tokenizer"
     config_file.write_text(json.dumps(config, indent=2, ensure_ascii=False))
 
 
 BYTE_PIECE = re.compile(r"<0x[0-9A-F]{2}>")
+# Byte-level BPE writes every byte as one of 256 printable characters: a space as "Ġ", a newline as "Ċ".
+BYTE_LEVEL_SPACE, BYTE_LEVEL_NEWLINE = "\u0120", "\u010a"
+
+
+def checkpoint_tokenizer(source: str):
+    """A checkpoint's tokenizer, as every stage that starts from it loads it: transformers' own,
+    except a byte-level BPE vocabulary that a tokenizer.json declares a byte-fallback
+    (SentencePiece-style) one, which is rebuilt as what it is (`byte_level_rebuilt`)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    rebuilt = byte_level_rebuilt(tokenizer)
+    return tokenizer if rebuilt is None else rebuilt
+
+
+def byte_level_rebuilt(tokenizer):
+    """None, or the tokenizer rebuilt as a byte-level BPE where its tokenizer.json calls a byte-level
+    vocabulary a byte-fallback one. transformers' GGUF loader writes such files for byte-level
+    models of the Llama architecture (SmolLM2 loaded with gguf_file=): with them transformers
+    tokenizes a space as "▁", which such a vocabulary lacks, and llama.cpp's converter takes the
+    SentencePiece path, where llama.cpp aborts on the missing byte pieces. The vocabulary and
+    merges are kept; the pre-tokenizer is GPT-2's byte-level one, with digits split one by one
+    where no token of the vocabulary holds two digits (as SmolLM2's pre-tokenizer does). The
+    export's checks then compare llama.cpp's ids with these."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    state = json.loads(tokenizer.backend_tokenizer.to_str())
+    model = state["model"]
+    vocab = model.get("vocab") or {}
+    if (model.get("type") != "BPE" or not model.get("byte_fallback") or any(BYTE_PIECE.fullmatch(p) for p in vocab)
+            or not {BYTE_LEVEL_SPACE, BYTE_LEVEL_NEWLINE} <= set("".join(vocab))):
+        return None
+    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model["merges"]]
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=merges, byte_fallback=False, fuse_unk=False))
+    level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    digits_apart = not any(re.search(r"\d\d", piece) for piece in vocab)
+    backend.pre_tokenizer = (pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), level])
+                             if digits_apart else level)
+    backend.decoder = decoders.ByteLevel()
+    backend.post_processor = processors.ByteLevel(trim_offsets=False)
+    added = sorted(state.get("added_tokens", []), key=lambda t: t["id"])
+    backend.add_special_tokens([AddedToken(t["content"], special=t["special"], normalized=False) for t in added
+                                if t["special"]])
+    backend.add_tokens([AddedToken(t["content"], special=False, normalized=False) for t in added if not t["special"]])
+    specials = {k: v for k, v in tokenizer.special_tokens_map.items() if isinstance(v, str)}
+    rebuilt = PreTrainedTokenizerFast(tokenizer_object=backend, **specials)
+    rebuilt.chat_template = tokenizer.chat_template
+    rebuilt.name_or_path = tokenizer.name_or_path
+    rebuilt.init_kwargs["tokenizer_class"] = "GPT2Tokenizer"
+    return rebuilt
 
 
 def sentencepiece_model(tokenizer) -> bytes | None:

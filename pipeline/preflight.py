@@ -21,6 +21,8 @@ from pipeline.config import validate
 from pipeline.contract import USER_ERRORS
 from pipeline.graph import STAGES, downstream, selected_stages, stage_names
 from pipeline.models import base_config
+from pipeline.tracking import JOURNAL, check_store
+from stages.quantize import group_size_chosen
 
 log = logging.getLogger(__name__)
 # The stages that make a base model (model.pretrain), and that read it: prepare its tokenizer,
@@ -122,9 +124,12 @@ def preflight(cfg: DictConfig, report: bool = False) -> dict:
         return f"{chosen} (requested {plan['requested']}: {plan['reason']})"
 
     checks("precision", precision)
+    checks("group size", group_size_chosen, cfg, selected_stages(cfg.stage))
     checks("launch", lambda: distributed.resolve(cfg, plan["stages"]) or
            f"{cfg.accelerate.num_processes} process(es) on {cfg.accelerate.num_machines} machine(s)")
     checks("output folders", require_writable, cfg)
+    if str(cfg.tracking.uri) != JOURNAL and distributed.main_node(cfg):
+        checks("tracking store", check_store, str(cfg.tracking.uri))
     stages = plan["stages"]
     base = plan["base"] = base_config(cfg) if set(stages) & set(BASE_STAGES) else None
     for name in BASE_STAGES if base is not None else ():
@@ -145,7 +150,41 @@ def preflight(cfg: DictConfig, report: bool = False) -> dict:
                               f"(rerun=[{name}] runs it again)")
         else:
             checks(name, STAGES[name].check, cfg)
+    # After the stages' own checks: a wrong setting is the first thing to say.
+    checks("upstream outputs", upstream_outputs, cfg, stages)
     return plan
+
+
+# Upstream outputs a stage can do without: it measures, serves or reports what exists of them.
+OPTIONAL_UPSTREAM = ("quantize", "export")
+
+
+def upstream_outputs(cfg: DictConfig, stages: list[str]) -> str:
+    """Every output the selected stages read and none of them makes must exist at its address for
+    these settings: an address moves with any setting or code change, and a stage run alone would
+    otherwise fail at its start (prepare, train) or measure less than asked without a word (an
+    evaluate that finds no GGUF files). A missing optional one (quantize, export) is said on the
+    console; a missing required one is refused."""
+    # The report is left to itself: it reads runs of other precisions and seeds too, and says which
+    # it lacks (a missing run is never a number).
+    wanted = {up: name for name in stages if name != "report" for up in STAGES[name].STAGE.reads if up not in stages}
+    missing = [(up, reader) for up, reader in wanted.items() if not stage_dir(cfg, up).is_dir()]
+    required = [(up, reader) for up, reader in missing if up not in OPTIONAL_UPSTREAM]
+    if required:
+        up, reader = required[0]
+        raise FileNotFoundError(f"stage {reader} reads the {up} stage's output, and none exists for these settings "
+                                f"(looked for {stage_dir(cfg, up)}; a change of settings or code gives an output a new "
+                                f"address): add {up} to the stages, e.g. stage=[{up},{','.join(stages)}], or stage=all.")
+    for up, reader in missing:
+        log.warning("stage %s: no %s output for these settings (%s), so what it would have made is not %s; "
+                    "add %s to the stages to make it, e.g. stage=[%s,%s]", reader, up, stage_dir(cfg, up),
+                    {"evaluate": "measured", "serve": "served"}.get(reader, "read"), up, up,
+                    ",".join(stages))
+    if not wanted:
+        return "every output the stages read is made in this run"
+    found = [up for up in wanted if (up, wanted[up]) not in missing]
+    return (f"read from earlier runs: {', '.join(found) or 'none'}"
+            + (f"; missing, so left out: {', '.join(up for up, _ in missing)}" if missing else ""))
 
 
 def reused(cfg: DictConfig, name: str, again: set) -> bool:

@@ -63,8 +63,10 @@ def rounding(cfg):
 
     if cfg.train.qat == "q4_0":
         return q4_0, 32
-    q = cfg.quantize
-    return functools.partial(w4a16, group_size=q.group_size, symmetric=q.symmetric), q.group_size
+    from pipeline.grouping import group_size
+
+    size = group_size(cfg)
+    return functools.partial(w4a16, group_size=size, symmetric=cfg.quantize.symmetric), size
 
 
 def _straight_through():

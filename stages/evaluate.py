@@ -36,7 +36,7 @@ from pipeline.data import load_sequences, pad_id
 from pipeline.metrics import batched_logprobs, greedy, prefix_agreement, summarize, token_metrics
 from pipeline.models import load_causal_lm, model_logits
 from pipeline.config import BASE_TYPES
-from pipeline.formats import METHODS, gguf_files, quantized_checkpoints
+from pipeline.formats import MANIFEST, METHODS, gguf_files, quantized_checkpoints
 from pipeline.contract import PipelineError, Stage, declared
 
 STAGE = Stage("evaluate", settings=("evaluate",), reads=("prepare", "train", "quantize", "export"), references=("train",),
@@ -110,6 +110,14 @@ def gguf_logits(path: Path, seq_len: int):
 def gguf_scorer(path: Path, seq_len: int) -> Scorer:
     llm = gguf_model(path, seq_len)
     return Scorer(llamacpp.logits_fn(llm), llamacpp.greedy_fn(llm))
+
+
+def gguf_layout(cfg: DictConfig, name: str) -> dict:
+    """A GGUF file's bits per weight and how many tensors llama.cpp stored in other types than its
+    own (rows that do not fill the type's blocks), as the export stage recorded them."""
+    source, _, kind = name.partition(".")
+    info = read_json(stage_dir(cfg, "export") / MANIFEST)[source][kind]
+    return {"bits_per_weight": info.get("bits_per_weight"), "fallback_tensors": len(info.get("fallbacks", []))}
 
 
 # Artifact kind -> loader(path, seq_len) returning its Scorer.
@@ -326,6 +334,8 @@ def run(cfg: DictConfig, tracker) -> None:
         result = measure(LOADERS[kind](path, cfg.data.seq_len), ids, ref_logprobs, masks, prompts, ref_continuation, e,
                          others)
         result["all"]["size_mb"] = disk_bytes(path) / 2**20
+        if kind == "gguf":  # what llama.cpp stored: its bits a weight, and the tensors it kept in other types
+            result["all"].update(gguf_layout(cfg, name))
         result["source"] = {"kind": kind, "path": str(path)}
         if name in METHODS:  # what a CPU can measure of a format it does not run natively
             result["source"]["measured_as"] = METHODS[name].measured_as

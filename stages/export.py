@@ -2,10 +2,12 @@
 
 For each source: a 16-bit base file written by llama.cpp's own converter (f16, or bf16 when the
 model was trained in bf16, where it is lossless), then llama.cpp's quantizer for every type in
-export.types. A file counts as an artifact only after it is validated: llama.cpp loads it, its
-tokenizer gives the Hugging Face tokenizer's ids, every tensor has the requested type (llama.cpp
-silently falls back to other types where a row does not fill a block), and, for the base file,
-its logits match the source model. What llama.cpp cannot export, or would run differently, is
+export.types. A file counts as an artifact only after it is validated: llama.cpp loads and runs
+it in a child process (an abort there ends the child, not the run), its tokenizer gives the Hugging
+Face tokenizer's ids, the tensors llama.cpp stored in other types than requested (where a row does
+not fill a block) are recorded, llama-server renders chat prompts into the tokens the model was
+trained on, and, for the base file, its logits match the source model's within their own spread.
+What llama.cpp cannot export, or would run differently, is
 refused from config.json and the tokenizer files before any work, and a user's checkpoint has its
 vocabulary through the converter and llama.cpp then too (dry_run), so that it is refused before
 training, not after.
@@ -36,15 +38,16 @@ from pipeline.artifacts import (atomic_dir, code_fingerprint, keep_log, machine_
                                 sha256_file, stage_dir, write_json)
 from pipeline.chat import heldout_chat_prompts, is_chat, prompt_ids
 from pipeline.data import calibration_blocks, load_blocks
-from pipeline.models import load_causal_lm, pretrained_source, save_tokenizer, shape_only_model
-from pipeline import llamacpp
+from pipeline.models import checkpoint_tokenizer, load_causal_lm, pretrained_source, save_tokenizer, shape_only_model
+from pipeline import llamacpp, llamacpp_chat
 from pipeline.config import BASE_TYPES
 from pipeline.hardware import PRECISION_TABLE
 from pipeline.formats import MANIFEST, SMOOTHED, gguf_file, require_qat_artifact, smoothed_checkpoint
 from pipeline.contract import PipelineError, Stage, last_words
 
 log = logging.getLogger(__name__)
-STAGE = Stage("export", settings=("export",), reads=("prepare", "train", "quantize"),
+# serve.llamacpp.jinja: how the deployed llama-server renders chat, which the export checks.
+STAGE = Stage("export", settings=("export", "serve.llamacpp.jinja"), reads=("prepare", "train", "quantize"),
               # A file quantized with an importance matrix: model-<type>-imat.gguf, artifact <source>.<type>-imat.
               names={"imatrix": "imat"})
 # The importance-matrix keys llama-quantize writes into a file it quantized with one.
@@ -66,6 +69,10 @@ LAYER_TYPES = {False: "sliding_attention", True: "full_attention"}
 # llama.cpp rounds a matmul's activations to its weights' 16-bit type, and bf16 keeps 3 mantissa bits
 # fewer than f16: a bf16 base file's logits may move 2**3 times as far from the source model's (a
 # bf16 fine-tune of the offline default's base: 0.051, where f16 files of fp32 models stay near 0.001).
+# The distance is measured in units of the logits' own spread (their standard deviation over the
+# vocabulary at each position): rounding error grows with depth and with the logits' size, so an
+# absolute limit set on a 4-layer model refuses correct files of a 30-layer one (SmolLM2's bf16 file
+# moved 0.44), while a file with a wrong rope layout or scrambled weights moves by whole spreads.
 LOGIT_TOLERANCE_SCALE = {"f16": 1, "f32": 1, "bf16": 8}
 # Text every tokenizer check includes: accents, CJK, emoji, symbols, code and whitespace runs.
 PROBE = "Grüße, naïve café: 東京 🦙 x² → ∞\n\tdef f(x):\n        return x  # 12345\n\n"
@@ -116,24 +123,25 @@ def dry_run(cfg: DictConfig, arch: str) -> str:
     """The deployment path tried on a user's checkpoint before any training: its tokenizer saved as
     the prepare and train stages save it (pipeline.models.save_tokenizer), llama.cpp's converter
     on that and config.json with --vocab-only, the vocabulary loaded in llama.cpp and its token
-    ids compared with transformers', as the export checks them after training. Refuses in one
-    line; a pass is kept in the machine cache under the hash of what it read and of the code."""
+    ids compared with transformers', as the export checks them after training; for chat data, the
+    prompts of PROBE_CONVERSATIONS as llama-server renders them compared with the chat template's.
+    llama.cpp runs in processes of its own. Refuses in one line; a pass is kept in the machine
+    cache under the hash of what it read and of the code."""
     import tempfile
-
-    from transformers import AutoTokenizer
 
     checkpoint = pretrained_source(cfg)
     if checkpoint is None or not Path(checkpoint).is_dir():
         return "the starting model's vocabulary is the pipeline's own (no dry run of a user's checkpoint)"
     read = sorted(f for f in Path(checkpoint).iterdir() if f.is_file() and not f.name.endswith(WEIGHTS))
+    chat = [cfg.data.chat_template, cfg.serve.llamacpp.jinja] if is_chat(cfg.data) else None
     key = hashlib.sha256(json.dumps([code_fingerprint("export"), llamacpp.source_dir().name, cfg.export.pre_tokenizer,
-                                     [(f.name, sha256_file(f)) for f in read]]).encode()).hexdigest()[:16]
+                                     chat, [(f.name, sha256_file(f)) for f in read]]).encode()).hexdigest()[:16]
     cached = machine_cache() / "dry-run" / f"{key}.json"
     if cached.is_file():
         return read_json(cached)["summary"] + " (cached)"
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
-        tokenizer = AutoTokenizer.from_pretrained(checkpoint)
+        tokenizer = checkpoint_tokenizer(checkpoint)  # as the prepare stage loads it
         save_tokenizer(tokenizer, Path(tmp))
         shutil.copy(Path(checkpoint) / "config.json", Path(tmp) / "config.json")
         vocabulary = Path(tmp) / "vocabulary.gguf"
@@ -144,16 +152,23 @@ def dry_run(cfg: DictConfig, arch: str) -> str:
             raise ValueError(f"export (dry run before training): llama.cpp's converter refuses the vocabulary of "
                              f"{checkpoint}: {reason}; {converter_fix(reason, tokenizer, checkpoint, arch)} (its output: "
                              f"{error.log}).") from None
-        llm = llamacpp.load_vocabulary(vocabulary)
+        texts = probe_texts(tokenizer, [])
         try:
-            report = tokenizer_agreement(llm, tokenizer, [], f"the vocabulary of {checkpoint}")
+            found = llamacpp.inspect(vocabulary, texts, vocab_only=True)
+            report = tokenizer_agreement(found["tokens"], tokenizer, texts, f"the vocabulary of {checkpoint}")
+            if is_chat(cfg.data):
+                chat_tokenizer = template_set(tokenizer, cfg.data)
+                served = llamacpp_chat.served_prompts(vocabulary, PROBE_CONVERSATIONS, cfg.serve.llamacpp.jinja, Path(tmp),
+                                                      cfg.serve.llamacpp.server)
+                report["chat_template"] = chat_template_agreement(
+                    served, chat_tokenizer, PROBE_CONVERSATIONS, f"the chat template of {checkpoint}", False, renderer(cfg))
         except ValueError as error:
             raise ValueError(f"export (dry run before training): {error}") from None
-        finally:
-            llm.close()
     seconds = time.perf_counter() - started
     summary = (f"llama.cpp's converter writes the vocabulary of {checkpoint}, llama.cpp loads it and tokenizes "
-               f"the probe as transformers does ({seconds:.1f} s)")
+               f"the probe as transformers does" + (f"; llama-server ({renderer(cfg)}) renders "
+               f"{len(PROBE_CONVERSATIONS)} conversations into the tokens of the chat template" if is_chat(cfg.data)
+               else "") + f" ({seconds:.1f} s)")
     cached.parent.mkdir(parents=True, exist_ok=True)
     write_json(cached, {"summary": summary, "seconds": seconds, "checkpoint": checkpoint, **report})
     return summary
@@ -299,25 +314,25 @@ def first_difference(ours: list[int], theirs: list[int]) -> int | None:
     return next((i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b), min(len(ours), len(theirs)))
 
 
-def token_difference(llm, tokenizer, text: str) -> tuple[int | None, list[int], list[int]]:
-    """Where llama.cpp's token ids for `text` first differ from the Hugging Face tokenizer's (None:
-    nowhere), both parsing special tokens written in the text."""
-    ours, theirs = llamacpp.tokenize(llm, text), tokenizer(text, add_special_tokens=False)["input_ids"]
-    return first_difference(ours, theirs), ours, theirs
+def probe_texts(tokenizer, texts: list[str]) -> list[str]:
+    """What a tokenizer check has llama.cpp tokenize: the probe, `texts`, and last the tokenizer's
+    added and special tokens written in text, as a chat template writes them."""
+    added = [t.content for t in tokenizer.added_tokens_decoder.values()]
+    return [PROBE, *texts, "".join(f"{t}Hi {t} {PROBE}" for t in added)]
 
 
-def tokenizer_agreement(llm, tokenizer, texts: list[str], name: str) -> dict:
-    """Refuses a llama.cpp vocabulary that tokenizes the probe or `texts` otherwise than the Hugging
-    Face tokenizer; reports how it tokenizes special tokens written in text."""
-    for text in [PROBE, *texts]:
-        at, ours, theirs = token_difference(llm, tokenizer, text)
+def tokenizer_agreement(llama_ids: list[list[int]], tokenizer, texts: list[str], name: str) -> dict:
+    """Refuses a llama.cpp vocabulary whose token ids (`llama_ids`, of `texts` as `probe_texts` gives
+    them) differ from the Hugging Face tokenizer's on the probe or the texts; reports how it
+    tokenizes special tokens written in text."""
+    *plain, specials = [(first_difference(ours, theirs), ours, theirs) for ours, theirs in
+                        zip(llama_ids, (tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts))]
+    for at, ours, theirs in plain:
         if at is not None:
             raise ValueError(f"{name}: llama.cpp tokenizes differently from the Hugging Face tokenizer at token "
                              f"{at} ({ours[at:at + 5]} vs {theirs[at:at + 5]}); the pre-tokenizer is likely wrong.")
-    report = {"tokenizer_texts_checked": len(texts) + 1}
-    # Added and special tokens written in the text, as a chat template writes them.
-    added = [t.content for t in tokenizer.added_tokens_decoder.values()]
-    at, ours, theirs = token_difference(llm, tokenizer, "".join(f"{t}Hi {t} {PROBE}" for t in added))
+    report = {"tokenizer_texts_checked": len(plain)}
+    at, ours, theirs = specials
     report["special_tokens_agree"] = at is None
     if at is not None:
         # SentencePiece vocabularies with a leading-space prefix: llama.cpp adds the prefix after every
@@ -328,73 +343,144 @@ def tokenizer_agreement(llm, tokenizer, texts: list[str], name: str) -> dict:
     return report
 
 
-def chat_template_agreement(llm, tokenizer, prompts: list[list[dict]], name: str, allow_mismatch: bool) -> dict:
-    """Whether llama.cpp, rendering each held-out prompt with the file's embedded chat template,
-    feeds the model the tokens apply_chat_template gives (BOS as the file adds it)."""
-    add_bos = llm.metadata.get("tokenizer.ggml.add_bos_token", "false") == "true"
-    checked = []
-    for prompt in prompts:
-        rendered = llamacpp.apply_chat_template(llm, prompt)
-        if rendered is None:
-            log.warning("%s: llama.cpp has no built-in rendering of the embedded chat template; llama-server needs "
-                        "--jinja to serve it, and the prompt tokens are not checked.", name)
-            return {"llama_cpp_renders": False}
-        ours = llm.tokenize(rendered.encode("utf-8"), add_bos=add_bos, special=True)
-        theirs = prompt_ids(tokenizer, prompt)
-        checked.append((ours == theirs, rendered, ours, theirs))
+# Conversations the dry run renders before training, where no held-out data exists yet: with and
+# without a system message (a template may add a default one), several turns, and text that a
+# template might trim or escape.
+PROBE_CONVERSATIONS = [
+    [{"role": "user", "content": "What does str.split() return?"}],
+    [{"role": "system", "content": "You answer in one sentence."},
+     {"role": "user", "content": "Name a  Python  keyword.\n"}],
+    [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello! How can I help?"},
+     {"role": "user", "content": PROBE}],
+]
+
+
+def renderer(cfg: DictConfig) -> str:
+    """How the deployed llama-server renders chat prompts: serve.llamacpp.jinja."""
+    return "Jinja" if cfg.serve.llamacpp.jinja else "--no-jinja"
+
+
+def template_set(tokenizer, data: DictConfig):
+    """The tokenizer with the chat template the prepare stage gives it (data.chat_template, else its own)."""
+    from pipeline.chat import template_for
+
+    tokenizer.chat_template = template_for(data, tokenizer)
+    return tokenizer
+
+
+def chat_template_agreement(served: list[tuple[str, list[int]]], tokenizer, prompts: list[list[dict]], name: str,
+                            allow_mismatch: bool, how: str) -> dict:
+    """Whether llama-server (`served`: each prompt as it renders and tokenizes it, rendering as `how`
+    says) feeds the model the tokens apply_chat_template gives for each prompt, which the model was
+    trained with."""
+    checked = [(ours == (theirs := prompt_ids(tokenizer, prompt)), rendered, ours, theirs)
+               for (rendered, ours), prompt in zip(served, prompts)]
     differ = [c for c in checked if not c[0]]
-    report = {"llama_cpp_renders": True, "conversations": len(checked), "same_prompt_tokens": len(checked) - len(differ)}
+    report = {"renderer": f"llama-server ({how})", "conversations": len(checked),
+              "same_prompt_tokens": len(checked) - len(differ)}
     if differ:
         _, rendered, ours, theirs = differ[0]
         at = first_difference(ours, theirs)
+        text = tokenizer.decode(theirs[:at]) if at else ""
         report["first_difference"] = {"rendered": rendered, "at": at, "llama_cpp": ours[at:at + 5],
                                       "transformers": theirs[at:at + 5]}
-        message = (f"{name}: llama.cpp renders {len(differ)} of {len(checked)} held-out prompts into other tokens than "
-                   f"the chat template the model was trained with (token {at}: {ours[at:at + 5]} vs {theirs[at:at + 5]}; "
-                   f"llama.cpp rendered {rendered[:200]!r}).")
+        message = (f"{name}: llama-server ({how}) renders {len(differ)} of {len(checked)} prompts into other tokens "
+                   f"than the chat template the model is trained with, first at token {at} ({ours[at:at + 5]} vs "
+                   f"{theirs[at:at + 5]}, after {text[-60:]!r}; llama-server rendered {rendered[:160]!r}).")
         if not allow_mismatch:
-            raise ValueError(message + " Set export.check.allow_chat_template_mismatch=true to keep such files.")
+            other = "serve.llamacpp.jinja=false" if how == "Jinja" else "serve.llamacpp.jinja=true"
+            raise ValueError(message + f" Set data.chat_template to a template both render alike, try {other}, or set "
+                             "export.check.allow_chat_template_mismatch=true to keep such files.")
         log.warning(message)
     return report
 
 
-def validate(path: Path, name: str, tokenizer, texts: list[str], reference=None, check_ids=None,
-             max_logit_diff: float = 0.0, allow_fallback: bool = False, chat_prompts=(),
-             allow_template_mismatch: bool = False) -> dict:
-    """Load in llama.cpp and check tokenizer, tensor types and (for a base file) logits."""
+def bits_per_weight(types: dict) -> float:
+    """The file's weights' size in bits over their count, as llama.cpp reports a model's BPW."""
+    import gguf
+
+    import numpy as np
+
+    bits = count = 0
+    for type_name, shape in types.values():
+        block, size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[type_name]]
+        elements = int(np.prod(shape))
+        bits, count = bits + elements // block * size * 8, count + elements
+    return bits / count
+
+
+def logit_agreement(logits, reference, name: str, rel: float, max_kl: float) -> dict:
+    """How far llama.cpp's logits moved from the source model's: the largest move in units of the
+    source logits' spread at that position (their standard deviation over the vocabulary), the mean
+    KL divergence, top-1 agreement, and top-1 flips where the source's two candidates were further
+    apart than the logits may move (elsewhere a flip is rounding between near-ties)."""
+    import torch
+
+    spread = reference.std(-1, keepdim=True).clamp_min(1e-6)
+    allowed = rel * LOGIT_TOLERANCE_SCALE[name]
+    moved = ((logits - reference).abs() / spread).amax(-1)
+    ours, theirs = logits.argmax(-1), reference.argmax(-1)
+    margin = (reference.gather(-1, theirs.unsqueeze(-1)) - reference.gather(-1, ours.unsqueeze(-1))) / spread
+    flips = int(((ours != theirs) & (margin.squeeze(-1) > 2 * allowed)).sum())
+    kl = torch.nn.functional.kl_div(torch.log_softmax(logits, -1), torch.log_softmax(reference, -1), log_target=True,
+                                    reduction="none").sum(-1).mean().item()
+    report = {"max_logit_diff": (logits - reference).abs().max().item(), "max_logit_diff_rel": moved.max().item(),
+              "kl": kl, "top1_agreement": (ours == theirs).float().mean().item(), "top1_flips_beyond_ties": flips}
+    if flips or report["max_logit_diff_rel"] > allowed or kl > max_kl:
+        scale = f" x {LOGIT_TOLERANCE_SCALE[name]} for {name}" if LOGIT_TOLERANCE_SCALE[name] != 1 else ""
+        raise ValueError(f"llama.cpp's logits differ from the source model's: top-1 agreement "
+                         f"{report['top1_agreement']:.4f} with {flips} flip(s) that are not near-ties, KL {kl:.3g} "
+                         f"(export.check.max_kl={max_kl}), largest move {report['max_logit_diff_rel']:.3g} of the "
+                         f"logits' spread (export.check.max_logit_diff_rel={rel}{scale}).")
+    return report
+
+
+def validate(path: Path, name: str, tokenizer, texts: list[str], check: DictConfig, reference=None, check_ids=None,
+             refuse_fallback: str | None = None, chat=None) -> dict:
+    """A file as llama.cpp has it: its tensor types (and where llama.cpp fell back to others), its
+    tokenizer and, for a base file, its logits and the chat prompts llama-server renders with it
+    (`chat`: the prompts, as llama-server served them, and how it rendered them), each compared
+    with the source's. llama.cpp runs in a child process."""
+    import torch
+
     types = llamacpp.tensor_types(path)
-    report = {"tensor_types": dict(Counter(t for t, _ in types.values()))}
+    report = {"tensor_types": dict(Counter(t for t, _ in types.values())), "bits_per_weight": bits_per_weight(types)}
     if name not in BASE_TYPES:
         report["fallbacks"] = fallbacks(types, name)
-        if report["fallbacks"] and not allow_fallback:
+        if report["fallbacks"] and refuse_fallback:
             listed = "; ".join(f"{f['tensor']} {f['shape']}: {f['type']} instead of {f['wanted']} ({f['why']})"
                                for f in report["fallbacks"][:3])
             more = f"; and {len(report['fallbacks']) - 3} more" if len(report["fallbacks"]) > 3 else ""
             raise ValueError(f"llama.cpp fell back to other types for {len(report['fallbacks'])} tensor(s) of "
-                             f"{path.name}: {listed}{more}. Set export.allow_fallback=true to keep such files.")
-    llm = llamacpp.load(path, n_ctx=max(len(r) for r in check_ids) if check_ids is not None else 512)
-    report.update(tokenizer_agreement(llm, tokenizer, texts, path.name))
-    if chat_prompts:
-        report["chat_template"] = chat_template_agreement(llm, tokenizer, chat_prompts, path.name,
-                                                          allow_template_mismatch)
+                             f"{path.name}: {listed}{more}. {refuse_fallback}")
+    probes = probe_texts(tokenizer, texts)
+    found = llamacpp.inspect(path, probes, logits_of=None if check_ids is None else check_ids.numpy())
+    report.update(tokenizer_agreement(found["tokens"], tokenizer, probes, path.name))
+    report["chat_template_sha256"] = hashlib.sha256(found["metadata"].get("tokenizer.chat_template", "").encode()).hexdigest()
+    if chat is not None:
+        prompts, served, how = chat
+        report["chat_template"] = chat_template_agreement(served, tokenizer, prompts, path.name,
+                                                          check.allow_chat_template_mismatch, how)
+    # Logits are computed in the child for every file, so that evaluate, which computes them in its
+    # own process, reads only files llama.cpp has run; they are compared where a reference exists.
     if reference is not None:
-        allowed = max_logit_diff * LOGIT_TOLERANCE_SCALE[name]
-        logits = llamacpp.logits_fn(llm)(check_ids)
-        diff = (logits - reference).abs().max().item()
-        ours, theirs = logits.argmax(-1), reference.argmax(-1)
-        # Where the source's two best logits are closer than the tolerance allows the logits
-        # to move, a different top-1 is rounding, not a broken file; anywhere else it is a bug.
-        margin = reference.gather(-1, theirs.unsqueeze(-1)) - reference.gather(-1, ours.unsqueeze(-1))
-        flips = int(((ours != theirs) & (margin.squeeze(-1) > 2 * allowed)).sum())
-        top1 = (ours == theirs).float().mean().item()
-        report.update(max_logit_diff=diff, top1_agreement=top1, top1_flips_beyond_ties=flips)
-        if flips or diff > allowed:
-            scale = f" x {LOGIT_TOLERANCE_SCALE[name]} for {name}" if LOGIT_TOLERANCE_SCALE[name] != 1 else ""
-            raise ValueError(f"{path.name}: llama.cpp's logits differ from the source model's (top-1 agreement "
-                             f"{top1:.4f} with {flips} flip(s) that are not near-ties, max |diff| {diff:.4g}; "
-                             f"export.check.max_logit_diff={max_logit_diff}{scale}).")
-    llm.close()
+        try:
+            report.update(logit_agreement(torch.from_numpy(found["logits"]), reference, name,
+                                          check.max_logit_diff_rel, check.max_kl))
+        except ValueError as error:
+            raise ValueError(f"{path.name}: {error}") from None
     return report
+
+
+def fallback_refusal(cfg: DictConfig, name: str) -> str | None:
+    """Why a file of type `name` may not hold tensors of other types (None: it may, and they are
+    recorded): QAT trained for exactly this format's rounding, or export.allow_fallback=false."""
+    if cfg.train.qat != "none" and name == cfg.train.qat:
+        return (f"train.qat={cfg.train.qat} trained every Linear for {name}'s rounding; make every quantized "
+                "layer's input width a multiple of the block size.")
+    if not cfg.export.allow_fallback:
+        return "Set export.allow_fallback=true to keep such files (llama.cpp's usual behaviour)."
+    return None
 
 
 def run(cfg: DictConfig, tracker) -> None:
@@ -414,7 +500,6 @@ def run(cfg: DictConfig, tracker) -> None:
     tokenizer = AutoTokenizer.from_pretrained(sources["trained"])
     texts = [json.loads(line)["text"][:2000] for line in (prepared / "heldout.jsonl").read_text().splitlines()[: x.check.texts]]
     chat_prompts = heldout_chat_prompts(prepared)[: x.check.conversations] if is_chat(cfg.data) else []
-    checks = {"chat_prompts": chat_prompts, "allow_template_mismatch": x.check.allow_chat_template_mismatch}
     check_ids = load_blocks(prepared, "heldout", cfg.data.seq_len)[: x.check.sequences]
 
     out = stage_dir(cfg, "export")
@@ -434,10 +519,18 @@ def run(cfg: DictConfig, tracker) -> None:
                           "training_precision": cfg.train.precision, "pipeline_run": tracker.pipeline_run_id}
             started = time.perf_counter()
             llamacpp.convert(path, base, dtype, gguf_name(cfg), x.pre_tokenizer, provenance)
-            files = {dtype: {"seconds": time.perf_counter() - started,
-                             "pre_tokenizer": llamacpp.metadata_value(base, "tokenizer.ggml.pre"),
-                             **validate(base, dtype, tokenizer, texts, reference, check_ids, x.check.max_logit_diff,
-                                        **checks)}}
+            seconds = time.perf_counter() - started
+            # Every file of a source carries the base file's vocabulary and template (llama-quantize
+            # copies them): the prompts llama-server renders are asked once, on the base file.
+            chat = None
+            if chat_prompts:
+                served = llamacpp_chat.served_prompts(base, chat_prompts, cfg.serve.llamacpp.jinja, tmp / source,
+                                                      cfg.serve.llamacpp.server)
+                chat = (chat_prompts, served, renderer(cfg))
+            files = {dtype: {"seconds": seconds, "pre_tokenizer": llamacpp.metadata_value(base, "tokenizer.ggml.pre"),
+                             **validate(base, dtype, tokenizer, texts, x.check, reference, check_ids, chat=chat)}}
+            for leftover in ("stand-in.gguf", "llama-server.log"):
+                (tmp / source / leftover).unlink(missing_ok=True)
             # llama-quantize reads the fp32 weights as trained: from the 16-bit file it would round
             # twice, and a QAT model's blocks would no longer be the ones it trained with.
             full = base if dtype == "f32" or not x.types else tmp / f"{source}-f32.gguf"
@@ -454,7 +547,15 @@ def run(cfg: DictConfig, tracker) -> None:
                 started = time.perf_counter()
                 quantize_gguf(full, target, name, x.embedding_types.get(name), matrix)
                 files[kind] = {"seconds": time.perf_counter() - started,
-                               **validate(target, name, tokenizer, texts, allow_fallback=x.allow_fallback, **checks)}
+                               **validate(target, name, tokenizer, texts, x.check, check_ids=check_ids[:1],
+                                          refuse_fallback=fallback_refusal(cfg, name))}
+                if files[kind]["chat_template_sha256"] != files[dtype]["chat_template_sha256"]:
+                    raise PipelineError(f"{target.name} carries another chat template than {base.name}, which "
+                                        "llama-quantize copied it from.")
+                if files[kind]["fallbacks"]:
+                    log.warning("%s: llama.cpp stored %d tensor(s) in other types than %s (rows that do not fill its "
+                                "blocks): %.2f bits per weight; listed in the manifest", target.name,
+                                len(files[kind]["fallbacks"]), name, files[kind]["bits_per_weight"])
                 if matrix:
                     files[kind]["imatrix"] = {"seconds": matrix_seconds,
                                               **{key: llamacpp.metadata_value(target, key) for key in IMATRIX_KEYS}}

@@ -23,7 +23,7 @@ from omegaconf import DictConfig
 from pipeline.artifacts import atomic_dir, read_json, sha256_dir, sha256_file, stage_dir, write_json
 from pipeline.chat import (CHATML, CHATML_TOKENS, ChatDataError, conversation, is_chat, render, template_for,
                            tokenize_answers)
-from pipeline.models import pretrained_source, save_tokenizer, starting_checkpoint
+from pipeline.models import checkpoint_tokenizer, pretrained_source, save_tokenizer, starting_checkpoint
 from pipeline.contract import Stage
 
 STAGE = Stage("prepare", settings=("data", "model.name_or_path", "model.arch.vocab_size", "model.pretrain"), scope="data",
@@ -53,9 +53,13 @@ def check(cfg: DictConfig) -> None:
     if not 0 < data.heldout_fraction < 1:
         raise ValueError(f"data.heldout_fraction={data.heldout_fraction} must be between 0 and 1 (exclusive).")
     if data.source == "text":
-        text_files(data.files)
+        for file in text_files(data.files):
+            file_records(file)  # a broken JSON line refused now, not after minutes of other stages' checks
     if data.source == "hf" and str(data.path).startswith(("/", ".", "~")) and not Path(data.path).expanduser().exists():
         raise FileNotFoundError(f"data.path={data.path!r} does not exist.")
+    local = Path(str(data.path)).expanduser() if data.source == "hf" else None
+    if local is not None and local.suffix == ".jsonl" and local.is_file():
+        file_records(local, "data.path")  # as data=text reads it: datasets' own error names no line
     if data.source in ("pydoc", "docstrings") and is_chat(data):
         raise ValueError(f"data.format={data.format} does not fit data.source={data.source} (plain text); data=stdlib "
                          "is the offline chat data.")
@@ -63,9 +67,7 @@ def check(cfg: DictConfig) -> None:
         raise ValueError(f"data.source=stdlib holds conversations: data.format must be messages, not {data.format}.")
     source = pretrained_source(cfg)
     if is_chat(data) and source is not None:
-        from transformers import AutoTokenizer
-
-        template_for(data, AutoTokenizer.from_pretrained(source))
+        template_for(data, checkpoint_tokenizer(source))
 
 
 def text_files(patterns) -> list[Path]:
@@ -166,14 +168,35 @@ def records(data: DictConfig) -> list[tuple[str, object]]:
         # Plain text reads one column, far faster than whole rows on a large dataset.
         rows = dataset if is_chat(data) else dataset[data.text_field]
         return [(f"{data.path} row {i}", row) for i, row in enumerate(rows)]
+    return [found for file in text_files(data.files) for found in file_records(file)]
+
+
+def file_records(file: Path, setting: str = "data.files") -> list[tuple[str, object]]:
+    """(where, record) of a local .txt or .jsonl file, as other tools write them too: a UTF-8 BOM
+    (Windows editors, PowerShell, Excel) dropped, CRLF read as LF (read_text's universal newlines).
+    A .jsonl line that is not a JSON object is refused with its line number in the file."""
+    try:
+        text = file.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as error:
+        raise ValueError(f"{setting}: {file} is not UTF-8 text ({error.reason} at byte {error.start}); "
+                         "save it as UTF-8.") from None
+    if file.suffix == ".txt":
+        return [(str(file), d) for d in re.split(r"\n\s*\n", text)]
     found = []
-    for file in text_files(data.files):
-        if file.suffix == ".txt":
-            found += [(str(file), d) for d in re.split(r"\n\s*\n", file.read_text(encoding="utf-8"))]
+    # split("\n"), not splitlines(): that also splits at U+2028, U+0085 and others, which a JSON
+    # string may hold unescaped, and would break the line and shift every line number after it.
+    for number, line in enumerate(text.split("\n"), 1):
+        if not line.strip():
             continue
-        for number, line in enumerate(file.read_text(encoding="utf-8").splitlines(), 1):
-            if line.strip():
-                found.append((f"{file}:{number}", json.loads(line)))
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{setting}: {file} line {number} is not valid JSON: {error.msg} "
+                             f"(column {error.colno}).") from None
+        if not isinstance(record, dict):
+            kind = {list: "an array", str: "a string", bool: "a boolean", type(None): "null"}.get(type(record), "a number")
+            raise ValueError(f"{setting}: {file} line {number} is {kind}, not a JSON object: {line.strip()[:80]}")
+        found.append((f"{file}:{number}", record))
     return found
 
 
@@ -209,6 +232,8 @@ def _hf_dataset(data: DictConfig):
     path = Path(str(data.path)).expanduser()
     builders = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet", ".txt": "text"}
     if path.is_file():
+        if path.suffix == ".jsonl":  # datasets' error on a broken line names neither the file nor the line
+            file_records(path, "data.path")
         dataset = datasets.load_dataset(builders.get(path.suffix, "text"), data_files=str(path), split="train")
     elif (path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists():
         dataset = datasets.load_from_disk(str(path))  # written by save_to_disk
@@ -309,9 +334,7 @@ def load_tokenizer(cfg: DictConfig, train_docs: list):
     if source is None:
         texts = [m["content"] for c in train_docs for m in c] if chat else train_docs
         return train_tokenizer(texts, cfg.model.arch.vocab_size, chat), None
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(source)
+    tokenizer = checkpoint_tokenizer(source)
     if tokenizer.eos_token_id is None:
         raise ValueError(f"The tokenizer of {source} has no end-of-text token to separate documents.")
     if chat:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import logging
 import os
 import time
 import traceback
@@ -27,10 +28,12 @@ from omegaconf import DictConfig
 from pipeline.artifacts import atomic_dir, disk_bytes, keep_log, read_json, require_stage_output, stage_dir, write_json
 from pipeline.data import calibration_blocks, load_blocks
 from pipeline.metrics import mean_kl
-from pipeline.formats import METHODS, SMOOTHED, SUMMARY, ignored, require_qat_artifact
+from pipeline.formats import METHODS, SMOOTHED, SUMMARY, require_qat_artifact
+from pipeline.grouping import GROUP_SIZES, auto_group_size, group_size, quantized_linears
 from pipeline.models import load_causal_lm, save_tokenizer, shape_only_model
 from pipeline.contract import PipelineError, Stage
 
+log = logging.getLogger(__name__)
 STAGE = Stage("quantize", settings=("quantize",), reads=("prepare", "train"))
 
 # llm-compressor logs every lifecycle step at INFO; keep its console to warnings unless asked.
@@ -38,22 +41,36 @@ os.environ.setdefault("LLM_COMPRESSOR_LOG_LEVEL", "WARNING")
 QUANT_PARAM_SUFFIXES = ("weight_scale", "weight_zero_point", "weight_g_idx", "weight_shape", "weight_packed")
 
 
-def check(cfg: DictConfig) -> list[str]:
-    import torch
+def group_size_chosen(cfg: DictConfig, stages: list[str]) -> str:
+    """What quantize.group_size is for this model, and why, for the pre-flight report and the log;
+    where the selected stages round in groups (a W4A16 method, QAT for W4A16)."""
+    grouped = any(METHODS[m].grouped for m in cfg.quantize.methods) and "quantize" in stages
+    if not (grouped or (cfg.train.qat == "w4a16" and "train" in stages)):
+        return "no selected stage rounds in groups"
+    size = group_size(cfg)
+    if cfg.quantize.group_size != "auto":
+        return f"quantize.group_size={size} (set)"
+    widths = auto_group_size(cfg)[1]
+    chosen = (f"quantize.group_size=auto: {size}, the largest of {', '.join(map(str, GROUP_SIZES))} that divides every "
+              f"quantized Linear layer's input width ({', '.join(map(str, widths))})")
+    log.info("%s", chosen)
+    return chosen
 
+
+def check(cfg: DictConfig) -> list[str]:
     q = cfg.quantize
     require_qat_artifact(cfg, "quantize", q.methods)
     # The model's shapes, without its weights, decide whether the scheme fits every layer.
     model = shape_only_model(cfg)
-    linears = {n: m.in_features for n, m in model.named_modules()
-               if isinstance(m, torch.nn.Linear) and not ignored(n, q.ignore)}
+    linears = quantized_linears(cfg, model)
     grouped = [m for m in q.methods if METHODS[m].grouped]
-    bad = {n: w for n, w in linears.items() if w % q.group_size} if grouped else {}
+    size = group_size(cfg) if grouped else None
+    bad = {n: w for n, w in linears.items() if w % size} if grouped else {}
     if bad:
         widths = sorted(set(linears.values()))
         valid = [g for g in (16, 32, 64, 128, 256, 512) if all(w % g == 0 for w in widths)]
         first = ", ".join(f"{n} (input width {w})" for n, w in list(bad.items())[:3])
-        raise ValueError(f"quantize.group_size={q.group_size} does not divide the input width of {len(bad)} Linear layer(s), "
+        raise ValueError(f"quantize.group_size={size} does not divide the input width of {len(bad)} Linear layer(s), "
                          f"which {', '.join(grouped)} quantize in groups: {first}. Input widths: {widths}; group sizes "
                          f"that fit: {valid or 'none of 16..512'} (or add the layers to quantize.ignore).")
     if "awq" in q.methods:
@@ -63,18 +80,18 @@ def check(cfg: DictConfig) -> list[str]:
         if arch not in AWQ_MAPPING_REGISTRY:
             raise ValueError(f"llm-compressor has no AWQ mapping for {arch}; supported: "
                              f"{', '.join(sorted(AWQ_MAPPING_REGISTRY))}. Use quantize.methods=[rtn].")
-    return [(f"quantize.group_size={q.group_size} divides the input width of all {len(linears)} Linear layers"
+    return [(f"quantize.group_size={size} divides the input width of all {len(linears)} Linear layers"
              if grouped else f"{len(linears)} Linear layers to quantize per channel")
             + (f"; llm-compressor has an AWQ mapping for {type(model).__name__}" if "awq" in q.methods else "")]
 
 
-def recipe(method: str, q: DictConfig) -> list:
+def recipe(method: str, q: DictConfig, size: int) -> list:
     from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
     from llmcompressor.modifiers.quantization import QuantizationModifier
 
     if not METHODS[method].grouped:  # a preset scheme: nothing of it is ours to set
         return [QuantizationModifier(targets=["Linear"], scheme=METHODS[method].scheme, ignore=list(q.ignore))]
-    weights = QuantizationArgs(num_bits=4, type="int", symmetric=q.symmetric, strategy="group", group_size=q.group_size)
+    weights = QuantizationArgs(num_bits=4, type="int", symmetric=q.symmetric, strategy="group", group_size=size)
     scheme = {"config_groups": {"group_0": QuantizationScheme(targets=["Linear"], weights=weights)}, "ignore": list(q.ignore)}
     if method == "gptq":
         from llmcompressor.modifiers.gptq import GPTQModifier
@@ -124,14 +141,15 @@ def run(cfg: DictConfig, tracker) -> None:
 
     out = stage_dir(cfg, "quantize")
     summary = {"calibration": {"samples": len(calibration), "seq_len": q.calibration.seq_len, "sha256": calibration_hash},
-               "group_size": q.group_size, "symmetric": q.symmetric, "ignore": list(q.ignore),
+               "group_size": group_size(cfg) if any(METHODS[m].grouped for m in q.methods) else None,
+               "group_size_setting": q.group_size, "symmetric": q.symmetric, "ignore": list(q.ignore),
                "source_bytes": disk_bytes(trained), "methods": {}}
     with atomic_dir(out) as tmp, _cpu_workaround():
         for method in q.methods:
             model = load_causal_lm(trained)
             started = time.perf_counter()
             try:
-                oneshot(model=model, dataset=dataset, recipe=recipe(method, q), num_calibration_samples=len(calibration),
+                oneshot(model=model, dataset=dataset, recipe=recipe(method, q, group_size(cfg)), num_calibration_samples=len(calibration),
                         max_seq_length=q.calibration.seq_len, pipeline="sequential" if METHODS[method].calibrated else "datafree")
             except Exception as error:  # llm-compressor's refusals come as any exception, deep in its pipelines
                 trace = keep_log(f"llm-compressor-{method}", traceback.format_exc())
@@ -153,7 +171,7 @@ def run(cfg: DictConfig, tracker) -> None:
 def record(cfg: DictConfig, tracker) -> None:
     q, out = cfg.quantize, stage_dir(cfg, "quantize")
     summary = read_json(out / SUMMARY)
-    tracker.log_params({f"quantize.{method}.scheme": (f"W4A16_{'SYM' if q.symmetric else 'ASYM'}_G{q.group_size}"
+    tracker.log_params({f"quantize.{method}.scheme": (f"W4A16_{'SYM' if q.symmetric else 'ASYM'}_G{summary['group_size']}"
                                                       if METHODS[method].grouped else METHODS[method].scheme)
                         for method in summary["methods"]} | {"quantize.calibration_sha256": summary["calibration"]["sha256"]})
     metrics = {"quantize/calibration_samples": summary["calibration"]["samples"],

@@ -1,6 +1,8 @@
 """Every config composes; bad names fail at once with the valid choices; --help stays light."""
 
 import itertools
+import os
+import shlex
 import subprocess
 import sys
 
@@ -72,6 +74,25 @@ def test_help_imports_no_heavy_library():
     assert result.stdout.strip().splitlines()[-1] == "[]"
 
 
+@pytest.mark.parametrize("args, quoted", [
+    # the shell splits an unquoted path at its spaces: Hydra gets three arguments
+    (["model.name_or_path=/tmp/my", "model", "(v2)/ckpt"], """'model.name_or_path="/tmp/my model (v2)/ckpt"'"""),
+    (["model.name_or_path=/tmp/ckpt(v2)"], """'model.name_or_path="/tmp/ckpt(v2)"'"""),
+])
+def test_unquoted_path_is_one_line_with_the_quoted_override(tmp_path, args, quoted):
+    """Hydra's grammar error, several lines and a traceback hint, before any work: one line that
+    shows the user's own override quoted, to paste."""
+    env = {key: value for key, value in os.environ.items() if key != "HYDRA_FULL_ERROR"}
+    result = subprocess.run([sys.executable, "-m", "pipeline", "stage=check", "model=hf", *args], cwd=tmp_path,
+                            env={**env, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True)
+    assert result.returncode == 1
+    (line,) = result.stderr.splitlines()
+    assert line.startswith(f"error: {' '.join(args)} is not valid Hydra override syntax (") and line.endswith(quoted)
+    assert not list(tmp_path.iterdir())
+    # what the line suggests is what Hydra takes: the whole path as one value
+    assert compose_with("model=hf", *shlex.split(quoted)).model.name_or_path == " ".join(args).split("=", 1)[1]
+
+
 def test_stage_dirs_differ_whenever_an_input_differs():
     base = compose_with()
     base.train.precision = "fp32"
@@ -97,8 +118,14 @@ def test_slurm_launcher_config_composes():
     with initialize_config_dir(str(CONF), version_base="1.3"):
         cfg = compose("config", overrides=["hydra/launcher=slurm", "hydra.launcher.partition=gpu"], return_hydra_config=True)
     launcher = cfg.hydra.launcher
-    assert launcher._target_ == "hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher"
+    assert launcher._target_ == "hydra_plugins.precision_pipeline_slurm.OneLineSlurmLauncher"
     assert launcher.partition == "gpu" and launcher.gpus_per_node == 1 and launcher.timeout_min == 240
+    # Hydra instantiates launchers it found in the hydra_plugins namespace only: ours is found.
+    from hydra.core.plugins import Plugins
+    from hydra.plugins.launcher import Launcher
+
+    found = {f"{p.__module__}.{p.__name__}" for p in Plugins.instance().discover(Launcher)}
+    assert launcher._target_ in found
 
 
 @pytest.mark.slow

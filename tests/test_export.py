@@ -116,18 +116,22 @@ def test_qwen2_exports_and_round_trips(run_pipeline, tmp_path):
 
 
 @pytest.mark.slow
-def test_fallback_types_fail_with_a_report_unless_allowed(run_pipeline, tmp_path):
+def test_fallback_types_are_kept_and_recorded_and_refused_only_where_asked(run_pipeline, tmp_path):
+    """llama.cpp's usual fallback (rows that do not fill a K-quant block) keeps the file, with each
+    tensor and the file's bits per weight in the manifest; export.allow_fallback=false refuses it."""
     narrow = ["model.arch.intermediate_size=640", "export.types=[q4_k_m]"]  # 640 rows: not a multiple of 256
     layers = compose_with().model.arch.num_hidden_layers
-    result = run_pipeline(*EXPORT_ONLY, *narrow, check=False)
-    assert result.returncode != 0
-    assert f"llama.cpp fell back to other types for {layers} tensor(s)" in result.stderr
-    assert "blk.0.ffn_down.weight [640, 256]" in result.stderr and "do not fill blocks of 256" in result.stderr
+    strict = run_pipeline(*EXPORT_ONLY, *narrow, "export.allow_fallback=false", check=False)
+    assert strict.returncode != 0
+    assert f"llama.cpp fell back to other types for {layers} tensor(s)" in strict.stderr
+    assert "blk.0.ffn_down.weight [640, 256]" in strict.stderr and "do not fill blocks of 256" in strict.stderr
     assert list((tmp_path / "artifacts" / "export").iterdir()) == []  # no file, not even a partial one
 
-    run_pipeline(*EXPORT_ONLY, *narrow, "export.allow_fallback=true")
-    report = read_json(gguf_dir(tmp_path) / "manifest.json")["trained"]["q4_k_m"]["fallbacks"]
-    assert sorted(f["tensor"] for f in report) == [f"blk.{i}.ffn_down.weight" for i in range(layers)]
+    run_pipeline(*EXPORT_ONLY, *narrow)
+    kept = read_json(gguf_dir(tmp_path) / "manifest.json")["trained"]
+    assert sorted(f["tensor"] for f in kept["q4_k_m"]["fallbacks"]) == [f"blk.{i}.ffn_down.weight" for i in range(layers)]
+    # Q4_K is 4.5 bits a weight; the fallbacks and the Q6_K output head raise the file's figure.
+    assert 4.5 < kept["q4_k_m"]["bits_per_weight"] < 16 <= kept["f16"]["bits_per_weight"] < 16.5  # f32 norms
 
 
 @pytest.mark.slow
@@ -287,3 +291,47 @@ def test_the_importance_matrix_comes_from_the_train_split_and_makes_a_second_fil
     report = read_json(only_dir(tmp_path / "artifacts" / "report") / "report.json")
     (step,) = [s for s in report["waterfall"]["fp32"]["trained.q4_k_m-imat"] if s["step"] == "importance matrix"]
     assert step["from"] == "trained.q4_k_m" and step["ratio_ci"][0] <= step["ratio"] <= step["ratio_ci"][1]
+
+
+def rope_permuted(weight, heads: int):
+    """q/k rows in llama.cpp's rope layout, as its converter permutes them: applied to a model
+    transformers runs, it stands for a file written without (or with twice) that permutation."""
+    return weight.reshape(heads, 2, weight.shape[0] // heads // 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
+
+
+@pytest.mark.slow
+def test_the_logit_check_takes_a_bf16_file_and_refuses_a_wrong_rope_layout_or_scrambled_weights(chain, tmp_path):
+    """The base file's check measures logits against their own spread: a correct bf16 file passes,
+    and the same file against a model whose q/k rows are in another rope layout, or whose weights
+    are scrambled, fails, with llama.cpp's real logits."""
+    from stages.export import logit_agreement, rounded_like_gguf
+
+    trained = only_dir(chain / "artifacts" / "train")
+    bf16 = tmp_path / "model-bf16.gguf"
+    llamacpp.convert(trained, bf16, "bf16", "tiny", "auto", {})
+    ids = heldout_ids(chain, 4)
+    logits = torch.from_numpy(llamacpp.inspect(bf16, [], logits_of=ids.numpy())["logits"])
+
+    def reference(change=None):
+        model = rounded_like_gguf(load_causal_lm(trained), "bf16")
+        if change:
+            change(model)
+        with torch.no_grad():
+            return model(ids).logits
+
+    report = logit_agreement(logits, reference(), "bf16", rel=0.05, max_kl=0.01)
+    assert report["top1_flips_beyond_ties"] == 0 and report["max_logit_diff_rel"] < 0.4
+
+    def wrong_rope(model):
+        for layer in model.model.layers:
+            attention, config = layer.self_attn, model.config
+            attention.q_proj.weight.data = rope_permuted(attention.q_proj.weight.data, config.num_attention_heads)
+            attention.k_proj.weight.data = rope_permuted(attention.k_proj.weight.data, config.num_key_value_heads)
+
+    def scrambled(model):
+        weight = model.model.layers[0].mlp.down_proj.weight
+        weight.data = weight.data[:, torch.randperm(weight.shape[1], generator=torch.Generator().manual_seed(0))]
+
+    for change in (wrong_rope, scrambled):
+        with pytest.raises(ValueError, match="llama.cpp's logits differ from the source model's"):
+            logit_agreement(logits, reference(change), "bf16", rel=0.05, max_kl=0.01)

@@ -59,10 +59,13 @@ def test_the_report_lists_every_check_and_runs_nothing(tmp_path):
                       "model.lora.enabled=true", "serve.engines=[external]", check=False)
     lines = result.stdout.splitlines()
     listed = {line.split()[1]: line.split()[0] for line in lines if line.startswith("  ")}
-    assert listed == {"settings": "passed", "precision": "passed", "launch": "passed", "output": "passed",
-                      "prepare": "passed", "train": "FAILED", "quantize": "passed", "export": "FAILED",
-                      "evaluate": "passed", "serve": "FAILED", "report": "passed"}, result.stdout
-    assert lines[-1] == "8 of 11 checks passed; failed: train, export, serve"
+    assert listed == {"settings": "passed", "precision": "passed", "group": "passed", "launch": "passed",
+                      "output": "passed", "tracking": "passed", "prepare": "passed", "train": "FAILED", "quantize": "passed",
+                      "export": "FAILED", "evaluate": "passed", "serve": "FAILED", "report": "passed",
+                      "upstream": "passed"}, result.stdout
+    # Phi-3's widths (256, 512) take auto's largest group size, and it says why.
+    assert "quantize.group_size=auto: 128, the largest of 128, 64, 32" in result.stdout
+    assert lines[-1] == "11 of 14 checks passed; failed: train, export, serve"
     assert "match no Linear layer of Phi3ForCausalLM" in result.stdout  # LoRA's default targets
     assert one_line_error(result) == "error: the pre-flight checks above failed; nothing was run."
     assert not (tmp_path / "artifacts").exists() and not (tmp_path / "mlflow.db").exists()
@@ -71,7 +74,7 @@ def test_the_report_lists_every_check_and_runs_nothing(tmp_path):
 def test_a_passing_report_says_what_each_check_verified(tmp_path):
     result = pipeline(tmp_path, "stage=[check,prepare,train]")
     assert "passed  train" in result.stdout and "no user checkpoint" in result.stdout
-    assert result.stdout.splitlines()[-1].startswith("6 of 6 checks passed")
+    assert result.stdout.splitlines()[-1].startswith("9 of 9 checks passed")
     assert not (tmp_path / "artifacts").exists()
 
 
@@ -148,3 +151,24 @@ def test_a_damaged_gguf_file_is_one_line(tmp_path):
     with pytest.raises(llamacpp.GGUFError) as error:
         llamacpp.load(damaged, n_ctx=64)
     assert "\n" not in str(error.value) and str(damaged) in str(error.value)
+
+
+def test_a_stage_run_alone_without_its_required_input_is_refused_before_any_work(tmp_path):
+    message = refused(tmp_path, "stage=evaluate")
+    assert message.startswith("stage evaluate reads the prepare stage's output, and none exists for these settings")
+    assert "stage=[prepare,evaluate]" in message
+
+
+@pytest.mark.slow
+def test_an_optional_input_that_moved_is_said_not_silently_skipped(chain, caplog):
+    """stage=evaluate after a change of export settings: the export's address moved, so no GGUF file
+    would be measured; the checks say so, and how to make one."""
+    from pipeline.preflight import upstream_outputs
+    from tests.conftest import SMALL_CHAIN
+
+    cfg = compose_with(*SMALL_CHAIN, f"paths.artifacts={chain}/artifacts", "export.types=[q8_0]")
+    with caplog.at_level("WARNING", logger="pipeline.preflight"):
+        said = upstream_outputs(cfg, ["evaluate"])
+    assert said == "read from earlier runs: prepare, train, quantize; missing, so left out: export"
+    assert "stage evaluate: no export output for these settings" in caplog.text
+    assert "is not measured; add export to the stages to make it, e.g. stage=[export,evaluate]" in caplog.text

@@ -1,14 +1,15 @@
 """prepare: deterministic split, a working tokenizer, token ids and hashes that match the files."""
 
 import json
+import re
 
 import numpy as np
 import pytest
 from transformers import AutoTokenizer
 
 from pipeline.artifacts import atomic_dir, read_json, sha256_file
-from stages.prepare import split
-from tests.conftest import only_dir, refused, runs
+from stages.prepare import load_documents, split
+from tests.conftest import compose_with, only_dir, refused, runs
 
 
 @pytest.mark.slow
@@ -62,6 +63,38 @@ def test_text_field_missing_names_the_fields(run_pipeline, tmp_path):
 
 def test_missing_text_file_fails_before_work(tmp_path):
     assert "'nope/*.txt' matches no file" in refused(tmp_path, "data=text", "data.files=[nope/*.txt]")
+
+
+def test_files_as_windows_tools_write_them(tmp_path):
+    """A UTF-8 BOM, CRLF line ends, blank and whitespace-only lines: as Windows editors, PowerShell
+    and Excel's exports write them."""
+    rows = [json.dumps({"text": f"Document {i}."}) for i in range(3)]
+    (tmp_path / "w.jsonl").write_bytes(("\ufeff" + "\r\n".join([rows[0], "", rows[1], "  ", "\r", rows[2], ""])).encode())
+    (tmp_path / "w.txt").write_bytes("\ufeffFirst paragraph,\r\nstill the first.\r\n\r\nSecond.\r\n \r\nThird.\r\n".encode())
+    docs = load_documents(compose_with("data=text", f"data.files=[{tmp_path}/w.jsonl,{tmp_path}/w.txt]").data)
+    assert docs == ["Document 0.", "Document 1.", "Document 2.", "First paragraph,\nstill the first.", "Second.", "Third."]
+    assert not any("\ufeff" in d or "\r" in d for d in docs)
+
+
+def test_broken_json_line_is_refused_with_its_line_in_the_file(tmp_path):
+    lines = [json.dumps({"text": f"Document {i}."}) for i in range(10_000)]
+    lines[99] = ""  # a blank line counts, as an editor counts it
+    lines[7344] = '{"text": "Document 7344." "and more"}'
+    (tmp_path / "big.jsonl").write_text("\n".join(lines) + "\n")
+    message = refused(tmp_path, "stage=prepare", "data=text", f"data.files=[{tmp_path}/big.jsonl]")
+    assert message == (f"data.files: {tmp_path}/big.jsonl line 7345 is not valid JSON: Expecting ',' delimiter "
+                       "(column 27).")
+
+    # data=hf reads a local .jsonl file through datasets, whose error names neither the file nor the line
+    message = refused(tmp_path, "stage=prepare", "data=hf", f"data.path={tmp_path}/big.jsonl")
+    assert message.startswith(f"data.path: {tmp_path}/big.jsonl line 7345 is not valid JSON")
+
+
+@pytest.mark.parametrize("line, found", [("[1, 2]", "an array"), ("42", "a number"), ('"plain text"', "a string")])
+def test_jsonl_line_that_is_no_object_is_refused(tmp_path, line, found):
+    (tmp_path / "a.jsonl").write_text(json.dumps({"text": "first"}) + "\n\n" + line + "\n")
+    with pytest.raises(ValueError, match=f"a.jsonl line 3 is {found}, not a JSON object: {re.escape(line)}$"):
+        load_documents(compose_with("data=text", f"data.files=[{tmp_path}/a.jsonl]").data)
 
 
 @pytest.mark.slow

@@ -57,8 +57,11 @@ def test_awq_smoothed_float_checkpoint_computes_the_trained_function(chain):
     quantized = only_dir(chain / "artifacts" / "quantize")
     trained_dir = only_dir(chain / "artifacts" / "train")
     smoothed, trained = load_causal_lm(quantized / "awq_smoothed"), load_causal_lm(trained_dir)
-    name = "model.layers.0.self_attn.q_proj.weight"
-    assert not torch.allclose(smoothed.state_dict()[name], trained.state_dict()[name])  # really rescaled
+    # Really rescaled: AWQ's grid search keeps a layer's scale at 1 where no other does better,
+    # which on the briefly trained test model depends on the CPU's arithmetic (layer 0's q_proj
+    # kept its weights on an AVX2 machine), so some layer's, not a given one's.
+    smoothed_weights, trained_weights = smoothed.state_dict(), trained.state_dict()
+    assert any(not torch.allclose(smoothed_weights[n], trained_weights[n]) for n in trained_weights if n.endswith("proj.weight"))
     ids = heldout(chain)
     with torch.no_grad():
         assert mean_kl(trained(ids).logits, smoothed(ids).logits) < 1e-6
@@ -105,8 +108,9 @@ def test_gguf_numbers_agree_with_llama_perplexity(chain):
         # The same file, token ids and positions: far closer than the stage's tolerance.
         assert ours["perplexity"] == pytest.approx(theirs["perplexity"], rel=1e-3)
         # Near-ties between the two best tokens break differently in the two programs' batch shapes:
-        # a few of some 7,500 tokens (an off-by-one position would disagree on most).
-        assert ours["top1"] == pytest.approx(theirs["top1"], abs=1e-3)
+        # a token or two of the 504 the smoke profile's 8 windows score (an off-by-one position would
+        # disagree on most).
+        assert ours["top1"] == pytest.approx(theirs["top1"], abs=2.5 / 504)
         assert metrics[f"eval/{name}/llama_perplexity/kl"] == theirs["kl"]
         assert metrics[f"eval/{name}/llama_perplexity/ours_kl"] == ours["kl"]
     q4 = read_json(evaluation / "metrics" / "trained.q4_k_m.json")["second_opinion"]
@@ -177,6 +181,27 @@ def test_indivisible_group_size_fails_before_any_work(tmp_path):
     message = refused(tmp_path, "stage=all", "quantize.group_size=100")
     assert "quantize.group_size=100 does not divide the input width" in message
     assert "model.layers.0.self_attn.q_proj (input width 256)" in message and "[256, 768]" in message
+
+
+def test_group_size_auto_takes_the_largest_that_fits_and_a_set_one_is_kept(tmp_path):
+    """SmolLM2's width of 576 fits groups of 64, not 128: auto takes 64 and says why; a number is the
+    user's, refused where it does not fit; auto stays in the settings, so outputs keep one address."""
+    from pipeline.grouping import group_size
+    from pipeline.preflight import preflight
+
+    smollm_wide = ["model.arch.hidden_size=576", "model.arch.intermediate_size=1536"]
+    cfg = compose_with(*smollm_wide, "stage=quantize", f"paths.artifacts={tmp_path}/artifacts")
+    assert cfg.quantize.group_size == "auto" and group_size(cfg) == 64
+    outcomes = {name: detail for name, _, detail in preflight(cfg, report=True)["checks"].outcomes}
+    assert outcomes["group size"] == ("quantize.group_size=auto: 64, the largest of 128, 64, 32 that divides every "
+                                      "quantized Linear layer's input width (576, 1536)")
+    assert outcomes["quantize"].startswith("quantize.group_size=64 divides the input width of all")
+    assert cfg.quantize.group_size == "auto"  # the checks leave it as asked: outputs keep one address
+    message = refused(tmp_path, *smollm_wide, "stage=quantize", "quantize.group_size=128")
+    assert message.startswith("quantize.group_size=128 does not divide the input width") and "[16, 32, 64]" in message
+    message = refused(tmp_path, "model.arch.hidden_size=200", "model.arch.num_attention_heads=4",
+                      "model.arch.num_key_value_heads=2", "stage=quantize")
+    assert message.startswith("quantize.group_size=auto: none of 128, 64, 32 divides every quantized Linear")
 
 
 def test_architecture_without_awq_mapping_is_refused(tmp_path, opt_checkpoint):

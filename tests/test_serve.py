@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import httpx
+import numpy as np
 import psutil
 import pytest
 import torch
@@ -336,3 +337,22 @@ def test_engines_that_cannot_go_together_are_refused(tmp_path):
     assert "names an engine twice" in refused(tmp_path, "serve.engines=[llamacpp,llamacpp]")
     assert "serve.engines=['gpu'] must be a non-empty list of auto, llamacpp, vllm, external" in refused(
         tmp_path, "serve.engines=[gpu]")
+
+
+@pytest.mark.slow
+def test_a_held_out_split_shorter_than_the_load_sends_its_prompts_again_in_turn(chain, caplog):
+    """Fewer held-out prompts than requests: each is sent again in turn, and the console says so,
+    where serve used to stop after export and evaluate had run."""
+    from transformers import AutoTokenizer
+
+    from stages.serve import held_out_prompts
+
+    cfg = config(chain)
+    tokenizer = AutoTokenizer.from_pretrained(only_dir(chain / "artifacts" / "train"))
+    available = held_out_prompts(cfg, tokenizer, 1)  # one exists, whatever the split's size
+    blocks = len(np.load(only_dir(chain / "artifacts" / "prepare") / "heldout.npy")) // cfg.serve.load.prompt_tokens
+    with caplog.at_level("WARNING", logger="stages.serve"):
+        prompts = held_out_prompts(cfg, tokenizer, blocks + 3)
+    assert len(prompts) == blocks + 3 and prompts[blocks:] == prompts[:3] and prompts[0] == available[0]
+    assert f"the held-out split has {blocks} prompts of {cfg.serve.load.prompt_tokens} tokens" in caplog.text
+    assert "sent again in turn" in caplog.text

@@ -55,6 +55,16 @@ def served_text(c: dict) -> str:
             f"{c['served_by']}, TTFT p50 {fmt(c['ttft_ms_p50'])}{interval(c.get('ttft_ms_p50_ci'))} ms{checked}")
 
 
+def layout_text(c: dict) -> str:
+    """A GGUF file's bits per weight, and the tensors llama.cpp kept in other types (its usual
+    fallback where rows do not fill the type's blocks: rows of 576 in blocks of 256)."""
+    if c.get("bits_per_weight") is None:
+        return ""
+    kept = c.get("fallback_tensors") or 0
+    return (f" ({c['bits_per_weight']:.2f} bits a weight"
+            + (f"; {kept} tensors in other types, whose rows do not fill its blocks" if kept else "") + ")")
+
+
 def budget_line(found: dict | None, budget: float) -> str:
     if found is None:
         return f"  - KL ≤ {fmt(budget)}: no served format"
@@ -92,7 +102,7 @@ def headline(rows: dict, comparisons: dict, decision: dict, columns: list[str], 
             own = comparisons["own"][precision]
             lines += [f"  - {n}: perplexity {ratio(own[n])}"
                       f"{f' ({UNDERTRAINED})' if below_source(own[n]) else ''}, KL {fmt(c['kl'])}, "
-                      f"top-1 {c['top1']:.1%}, {fmt(c['size_mb'])} MB{served_text(c)}"
+                      f"top-1 {c['top1']:.1%}, {fmt(c['size_mb'])} MB{layout_text(c)}{served_text(c)}"
                       for n in columns if n in own and (c := row["artifacts"][n])]
         else:
             lines.append(f"- **{precision}**: {cost}.")
@@ -187,12 +197,14 @@ def tables(data: dict, columns: list[str], confidence: float) -> list[dict]:
                          value_cell(data, f"{base}/perplexity", f"{base}/perplexity_ci"),
                          value_cell(data, f"comparisons/own/{p}/{n}/ratio", f"comparisons/own/{p}/{n}/ratio_ci", "×"),
                          value_cell(data, f"{base}/kl", f"{base}/kl_ci"), value_cell(data, f"{base}/top1"),
-                         value_cell(data, f"{base}/size_mb"), value_cell(data, f"{base}/served_by"),
+                         value_cell(data, f"{base}/size_mb"), value_cell(data, f"{base}/bits_per_weight"),
+                         value_cell(data, f"{base}/fallback_tensors"), value_cell(data, f"{base}/served_by"),
                          *(value_cell(data, f"{base}/{k}", f"{base}/{k}_ci") for k in SERVED)])
     out.append({"title": f"Deployed formats against their own trained model ({level} intervals; serving columns "
                          "empty where the format was not served)",
                 "header": ["training precision", "format", "perplexity", "perplexity / trained", "KL from trained",
-                           "top-1 agreement", "size (MB)", "served by", "output tokens/s", "TTFT p50 (ms)", "TTFT p99 (ms)",
+                           "top-1 agreement", "size (MB)", "bits a weight",
+                           "tensors in other types", "served by", "output tokens/s", "TTFT p50 (ms)", "TTFT p99 (ms)",
                            "ITL p50 (ms)"], "rows": body})
     body = []
     for p in ordered(rows):
