@@ -133,6 +133,10 @@ def run(cfg: DictConfig) -> None:
             llamacpp.ConverterProcess.fork_early()  # before the checks compute anything
         plan = preflight(cfg)
     say(f"precision: {cfg.train.precision} (requested {plan['requested']}: {plan['reason']})")
+    # What else the pipeline chose for this model, where it was asked to (quantize.group_size=auto).
+    for name, _, detail in plan["checks"].outcomes:
+        if name == "group size" and detail.startswith("quantize.group_size=auto"):
+            say(detail)
     tags = run_tags(plan["hardware"].tags())
     # The other machines of a multi-machine training only lend their processes to rank 0's run.
     tracker = open_tracker(cfg) if distributed.main_node(cfg) else NoTracker()

@@ -31,6 +31,10 @@ def test_a_plain_log_shows_each_stage_twice_and_where_the_report_is(chain):
         assert len(found) == 2, found
     assert not NOISE.search(text), NOISE.search(text)
     assert "\r" not in text  # no bar redrawn in place
+    # What the pipeline chose for the model, where it was asked to, under the precision it runs.
+    precision = next(i for i, line in enumerate(lines) if line.startswith("precision: "))
+    assert lines[precision + 1] == ("quantize.group_size=auto: 128, the largest of 128, 64, 32 that divides every "
+                                    "quantized Linear layer's input width (256, 768)"), lines[:3]
     assert lines[-2].startswith("report: artifacts/report/") and "report.html" in lines[-2]
     assert lines[-1].startswith("runs in MLflow: mlflow ui --backend-store-uri sqlite:///mlflow.db")
     # Where the noise went instead: each stage's log beside its output, also in the stage's MLflow run.
