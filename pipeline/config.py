@@ -217,6 +217,7 @@ class Quantize:
 @dataclass
 class ExportCheck:
     sequences: int = setting(low=1)
+    max_logit_diff: float = setting(low=0)
     max_logit_diff_rel: float = setting(low=0)
     max_kl: float = setting(low=0)
     texts: int = setting(low=1)

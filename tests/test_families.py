@@ -9,7 +9,7 @@ import pytest
 from pipeline import llamacpp
 from pipeline.artifacts import read_json
 from stages.export import gguf_problems
-from tests.conftest import only_dir, pipeline, refused
+from tests.conftest import compose_with, only_dir, pipeline, refused
 from tests.families import FAMILIES, checkpoint
 
 # data.seq_len 64 is longer than the Gemma sliding windows (32), so llama.cpp must apply them.
@@ -97,7 +97,8 @@ def test_other_rope_scalings_export_with_matching_logits(family, rope, tmp_path)
     ids = torch.randint(10, 1000, (2, 200), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         reference = rounded_like_gguf(load_causal_lm(model), "f32")(ids).logits
-    report = validate(tmp_path / "model.gguf", "f32", AutoTokenizer.from_pretrained(model), [], reference, ids, 0.01)
+    check = compose_with("export.check.max_logit_diff=0.01").export.check
+    report = validate(tmp_path / "model.gguf", "f32", AutoTokenizer.from_pretrained(model), [], check, reference, ids)
     assert report["max_logit_diff"] < 0.01 and report["top1_flips_beyond_ties"] == 0
 
 
