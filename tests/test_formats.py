@@ -56,7 +56,7 @@ def test_every_method_has_a_recipe_and_a_config_choice():
 
     q = OmegaConf.create({"group_size": 32, "symmetric": False, "ignore": ["lm_head"], "awq": {"n_grid": 3, "duo_scaling": True}})
     for method, declared_method in METHODS.items():
-        modifiers = recipe(method, q)
+        modifiers = recipe(method, q, 128)
         assert modifiers and (declared_method.calibrated or method != "awq")
     choices = {f.name: f.metadata.get("each") for f in Quantize.__dataclass_fields__.values()}
     assert set(choices["methods"]) == set(METHODS)

@@ -2,25 +2,20 @@
 
 Hydra finds launchers only in the `hydra_plugins` namespace package, hence this package's place.
 The stock launcher lets submitit's UncompletedJobError through, which Hydra prints as a traceback
-ending with the job's stderr; this one raises the job's own `error:` line (or its last words),
-with the job's id, its state and the path of its log, as a Hydra exception printed as it is.
+ending with the job's stderr; this one prints the job's own `error:` line (or its last words),
+with the job's id, its state and the path of its log, and exits with status 1.
 """
 
 from __future__ import annotations
 
 import re
+import sys
 from pathlib import Path
-
-from hydra.errors import CompactHydraException
 
 try:
     from hydra_plugins.hydra_submitit_launcher.submitit_launcher import SlurmLauncher
 except ImportError:  # the slurm extra is not installed: no launcher to extend
     SlurmLauncher = None
-
-
-class JobFailed(CompactHydraException):
-    """A sweep's job that failed on the cluster, in one line."""
 
 
 def one_line(message: str) -> str:
@@ -47,4 +42,7 @@ if SlurmLauncher is not None:
             try:
                 return super().launch(job_overrides, initial_job_idx)
             except UncompletedJobError as error:
-                raise JobFailed(one_line(str(error))) from None
+                # Said and ended here: Hydra prints any exception with a hint about HYDRA_FULL_ERROR
+                # after it, and a SystemExit is no Exception it catches.
+                print(one_line(str(error)), file=sys.stderr, flush=True)
+                raise SystemExit(1) from None
