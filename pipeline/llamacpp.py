@@ -427,9 +427,11 @@ def inspect(path: Path, texts: list[str], logits_of=None, vocab_only: bool = Fal
 def _inspect(path: str, texts: list[str], rows, vocab_only: bool) -> dict:
     import numpy as np
 
-    # verbose: llama.cpp's own log goes to the child's output, which a failure keeps.
+    # verbose: llama.cpp's own log goes to the child's output, which a failure keeps. The header is
+    # not read first (checked): in this child a crash on a damaged file is contained anyway.
     llm = (load_vocabulary(path, verbose=True) if vocab_only else
-           load(path, n_ctx=max([len(r) for r in rows or []] + [512]), threads=cpu_threads(), verbose=True))
+           load(path, n_ctx=max([len(r) for r in rows or []] + [512]), threads=cpu_threads(), checked=True,
+                verbose=True))
     found = {"metadata": dict(llm.metadata), "tokens": [tokenize(llm, text) for text in texts]}
     if rows is not None:
         found["logits"] = np.stack([_row_logits(llm, row) for row in rows])
