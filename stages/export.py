@@ -559,8 +559,8 @@ def run(cfg: DictConfig, tracker) -> None:
                     raise PipelineError(f"{target.name} carries another chat template than {base.name}, which "
                                         "llama-quantize copied it from.")
                 if files[kind]["fallbacks"]:
-                    log.warning("%s: llama.cpp stored %d tensor(s) in other types than %s (rows that do not fill its "
-                                "blocks): %.2f bits per weight; listed in the manifest", target.name,
+                    log.warning("%s/%s: llama.cpp stored %d tensor(s) in other types than %s (rows that do not fill its "
+                                "blocks): %.2f bits per weight; listed in the manifest", source, target.name,
                                 len(files[kind]["fallbacks"]), name, files[kind]["bits_per_weight"])
                 if matrix:
                     files[kind]["imatrix"] = {"seconds": matrix_seconds,

@@ -58,8 +58,8 @@ def check(cfg: DictConfig) -> None:
     if data.source == "hf" and str(data.path).startswith(("/", ".", "~")) and not Path(data.path).expanduser().exists():
         raise FileNotFoundError(f"data.path={data.path!r} does not exist.")
     local = Path(str(data.path)).expanduser() if data.source == "hf" else None
-    if local is not None and local.suffix == ".jsonl" and local.is_file():
-        file_records(local, "data.path")  # as data=text reads it: datasets' own error names no line
+    if local is not None and local.suffix in (".json", ".jsonl") and local.is_file():
+        json_file_check(local, "data.path")  # datasets' own error names neither the file nor the line
     if data.source in ("pydoc", "docstrings") and is_chat(data):
         raise ValueError(f"data.format={data.format} does not fit data.source={data.source} (plain text); data=stdlib "
                          "is the offline chat data.")
@@ -200,6 +200,30 @@ def file_records(file: Path, setting: str = "data.files") -> list[tuple[str, obj
     return found
 
 
+def json_file_check(file: Path, setting: str) -> None:
+    """A local .json or .jsonl file as datasets' json builder reads it: one JSON document (an array
+    of records, or an object), or JSON Lines. A broken one is refused with its line in the file."""
+    if file.suffix == ".jsonl":
+        file_records(file, setting)
+        return
+    text = file.read_text(encoding="utf-8-sig", errors="replace")
+    try:
+        json.loads(text)
+        return
+    except json.JSONDecodeError as error:
+        whole = error
+    first = next((line for line in text.split("\n") if line.strip()), "")
+    try:
+        lines = isinstance(json.loads(first), dict)
+    except json.JSONDecodeError:
+        lines = False
+    if lines:  # JSON Lines under a .json name: each line is checked
+        file_records(file, setting)
+        return
+    raise ValueError(f"{setting}: {file} is not valid JSON: {whole.msg} (line {whole.lineno} column {whole.colno}); "
+                     "a .json file holds one JSON document or one JSON object a line.")
+
+
 def load_documents(data: DictConfig) -> list:
     """Documents (strings), or for chat data conversations (lists of messages)."""
     found = records(data)
@@ -232,9 +256,15 @@ def _hf_dataset(data: DictConfig):
     path = Path(str(data.path)).expanduser()
     builders = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet", ".txt": "text"}
     if path.is_file():
-        if path.suffix == ".jsonl":  # datasets' error on a broken line names neither the file nor the line
-            file_records(path, "data.path")
-        dataset = datasets.load_dataset(builders.get(path.suffix, "text"), data_files=str(path), split="train")
+        if path.suffix in (".json", ".jsonl"):  # datasets' error on a broken line names neither the file nor the line
+            json_file_check(path, "data.path")
+        builder = builders.get(path.suffix, "text")
+        try:
+            dataset = datasets.load_dataset(builder, data_files=str(path), split="train")
+        except datasets.exceptions.DatasetGenerationError as error:
+            cause = error.__cause__ or error
+            raise ValueError(f"data.path: datasets' {builder} reader cannot read {path}: "
+                             f"{type(cause).__name__}: {str(cause).splitlines()[0] if str(cause) else ''}") from None
     elif (path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists():
         dataset = datasets.load_from_disk(str(path))  # written by save_to_disk
         if isinstance(dataset, datasets.DatasetDict):

@@ -264,6 +264,13 @@ def summarize(report: dict, slo: DictConfig) -> dict:
     return levels
 
 
+def short_levels(levels: dict, requests: int) -> dict[str, int]:
+    """The load levels of a round that counted fewer requests (finished or failed) than were asked
+    for, with the number counted: GuideLLM closed them with requests still in flight."""
+    return {label: level["requests"] + level["errors"] for label, level in levels.items()
+            if level["requests"] + level["errors"] < requests}
+
+
 def merge_rounds(rounds: list[dict], resamples: int, confidence: float) -> dict:
     """One format's load levels over its rounds: rates are the rounds' mean, latency statistics
     those of every request, each with a bootstrap interval that draws rounds and then their
@@ -401,8 +408,7 @@ def benchmark(cfg, engine, name, path, tokenizer_dir, requests, direct: list[str
         for attempt in range(1, SHORT_ROUND_ATTEMPTS + 1):
             run_guidellm(url, model, cfg, tokenizer_dir, requests, report, server, api_key)
             levels = summarize(json.loads(report.read_text()), s.slo)
-            short = {label: level["requests"] + level["errors"] for label, level in levels.items()
-                     if level["requests"] + level["errors"] < s.load.requests}
+            short = short_levels(levels, s.load.requests)
             if not short:
                 break
         else:

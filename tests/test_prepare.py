@@ -2,6 +2,7 @@
 
 import json
 import re
+import shutil
 
 import numpy as np
 import pytest
@@ -9,7 +10,7 @@ from transformers import AutoTokenizer
 
 from pipeline.artifacts import atomic_dir, read_json, sha256_file
 from stages.prepare import load_documents, split
-from tests.conftest import compose_with, only_dir, refused, runs
+from tests.conftest import compose_with, only_dir, pipeline, refused, runs
 
 
 @pytest.mark.slow
@@ -88,6 +89,26 @@ def test_broken_json_line_is_refused_with_its_line_in_the_file(tmp_path):
     # data=hf reads a local .jsonl file through datasets, whose error names neither the file nor the line
     message = refused(tmp_path, "stage=prepare", "data=hf", f"data.path={tmp_path}/big.jsonl")
     assert message.startswith(f"data.path: {tmp_path}/big.jsonl line 7345 is not valid JSON")
+    # the same under a .json name, which datasets' json builder reads as JSON Lines too
+    shutil.copy(tmp_path / "big.jsonl", tmp_path / "big.json")
+    message = refused(tmp_path, "stage=prepare", "data=hf", f"data.path={tmp_path}/big.json")
+    assert message.startswith(f"data.path: {tmp_path}/big.json line 7345 is not valid JSON")
+
+
+def test_broken_data_files_that_datasets_reads_are_refused_in_one_line(tmp_path):
+    """A .json file holding one document (an array of records) names its line; another format that
+    datasets cannot read gives its reader's reason, not its traceback."""
+    (tmp_path / "a.json").write_text('[{"text": "first"},\n {"text": "second"}\n {"text": "third"}]\n')
+    message = refused(tmp_path, "stage=prepare", "data=hf", f"data.path={tmp_path}/a.json")
+    assert message == (f"data.path: {tmp_path}/a.json is not valid JSON: Expecting ',' delimiter (line 3 column 2); "
+                       "a .json file holds one JSON document or one JSON object a line.")
+    (tmp_path / "a.json").write_text('[{"text": "first"},\n {"text": "second"}]\n')
+    assert load_documents(compose_with("data=hf", f"data.path={tmp_path}/a.json").data) == ["first", "second"]
+    (tmp_path / "a.csv").write_text('text,label\n"one,1\n')
+    failed = pipeline(tmp_path, "stage=prepare", "model=tiny", "data=hf", f"data.path={tmp_path}/a.csv", check=False)
+    assert failed.returncode == 1 and "Traceback" not in failed.stderr, failed.stderr
+    assert failed.stderr.strip().splitlines()[-1].startswith(
+        f"error: data.path: datasets' csv reader cannot read {tmp_path}/a.csv: ParserError: "), failed.stderr
 
 
 @pytest.mark.parametrize("line, found", [("[1, 2]", "an array"), ("42", "a number"), ('"plain text"', "a string")])

@@ -20,7 +20,7 @@ from pipeline import llamacpp, vllm
 from pipeline.artifacts import read_json, record_files, stage_dir, write_json
 from pipeline.server import Server, ServerError, free_port
 from stages.report.stats import fastest_within, speed_ratio
-from stages.serve import merge_rounds, server_command, stream, summarize, targets
+from stages.serve import merge_rounds, server_command, short_levels, stream, summarize, targets
 from tests.conftest import SMALL_CHAIN, compose_with, only_dir, pipeline, refused, runs
 
 
@@ -265,6 +265,24 @@ def test_guidellm_report_parsing_on_a_saved_report():
         low, high = merged[f"{key}_ci"]
         assert low <= merged[key] <= high and low < high, key
     assert [len(r["latency_s"]) for r in merged["rounds"]] == [len(requests)] * 2
+
+
+def test_a_level_closed_with_requests_unaccounted_for_is_short():
+    """GuideLLM 0.8.1 now and then closes a level with a request neither finished nor failed: such a
+    level is named short (and the round measured again), while one whose requests all finished or
+    failed is not."""
+    import copy
+
+    report = json.loads((Path(__file__).parent / "data" / "guidellm-report.json").read_text())
+    slo = OmegaConf.create({"ttft_ms": 1e9, "itl_ms": 1e9})
+    asked = len(report["benchmarks"][0]["requests"]["successful"])
+    assert short_levels(summarize(report, slo), asked) == {}
+    closed_early = copy.deepcopy(report)
+    del closed_early["benchmarks"][0]["requests"]["successful"][-1]
+    assert short_levels(summarize(closed_early, slo), asked) == {"c1": asked - 1}
+    failed = copy.deepcopy(closed_early)  # the same request, failed rather than lost: counted
+    failed["benchmarks"][0]["metrics"]["request_totals"]["errored"] += 1
+    assert short_levels(summarize(failed, slo), asked) == {}
 
 
 def test_round_replicates_draw_rounds_then_their_own_requests():
