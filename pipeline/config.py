@@ -181,6 +181,10 @@ class Model:
     name: str = MISSING
     # A local checkpoint directory (or a hub id where reachable); null: build from `arch`.
     name_or_path: Optional[str] = None
+    # A GGUF file to fine-tune, converted once per machine into a checkpoint in the cache
+    # (pipeline/gguf_checkpoint.py): its path, or package:<distribution>/<file> for one that an
+    # installed Python package ships. Stands instead of name_or_path.
+    gguf: Optional[str] = None
     # A transformers config (model_type and its keys) to build a model from, or null.
     arch: Optional[dict[str, Any]] = None
     lora: Lora = field(default_factory=Lora)

@@ -38,7 +38,8 @@ from pipeline.artifacts import (atomic_dir, code_fingerprint, keep_log, machine_
                                 sha256_file, stage_dir, write_json)
 from pipeline.chat import heldout_chat_prompts, is_chat, prompt_ids
 from pipeline.data import calibration_blocks, load_blocks
-from pipeline.models import checkpoint_tokenizer, load_causal_lm, pretrained_source, save_tokenizer, shape_only_model
+from pipeline.models import load_causal_lm, pretrained_source, shape_only_model
+from pipeline.tokenizer import checkpoint_tokenizer, save_tokenizer
 from pipeline import llamacpp, llamacpp_chat
 from pipeline.config import BASE_TYPES
 from pipeline.hardware import PRECISION_TABLE
@@ -120,7 +121,7 @@ WEIGHTS = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".msgpack", ".h5")
 
 def dry_run(cfg: DictConfig, arch: str) -> str:
     """The deployment path tried on a user's checkpoint before any training: its tokenizer saved as
-    the prepare and train stages save it (pipeline.models.save_tokenizer), llama.cpp's converter
+    the prepare and train stages save it (pipeline.tokenizer.save_tokenizer), llama.cpp's converter
     on that and config.json with --vocab-only, the vocabulary loaded in llama.cpp and its token
     ids compared with transformers', as the export checks them after training; for chat data, the
     prompts of PROBE_CONVERSATIONS as llama-server renders them compared with the chat template's.

@@ -23,7 +23,8 @@ from omegaconf import DictConfig
 from pipeline.artifacts import atomic_dir, read_json, sha256_dir, sha256_file, stage_dir, write_json
 from pipeline.chat import (CHATML, CHATML_TOKENS, ChatDataError, conversation, is_chat, render, template_for,
                            tokenize_answers)
-from pipeline.models import checkpoint_tokenizer, pretrained_source, save_tokenizer, starting_checkpoint
+from pipeline.models import pretrained_source, starting_checkpoint
+from pipeline.tokenizer import checkpoint_tokenizer, save_tokenizer
 from pipeline.contract import Stage
 
 STAGE = Stage("prepare", settings=("data", "model.name_or_path", "model.arch.vocab_size", "model.pretrain"), scope="data",

@@ -30,7 +30,8 @@ from pipeline.data import calibration_blocks, load_blocks
 from pipeline.metrics import mean_kl
 from pipeline.formats import METHODS, SMOOTHED, SUMMARY, require_qat_artifact
 from pipeline.grouping import GROUP_SIZES, auto_group_size, group_size, quantized_linears
-from pipeline.models import load_causal_lm, save_tokenizer, shape_only_model
+from pipeline.models import load_causal_lm, shape_only_model
+from pipeline.tokenizer import save_tokenizer
 from pipeline.contract import PipelineError, Stage
 
 log = logging.getLogger(__name__)

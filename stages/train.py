@@ -30,8 +30,8 @@ from pipeline.chat import is_chat
 from pipeline.data import load_sequences, pad_id
 from pipeline.distributed import SHARDED
 from pipeline.hardware import PRECISION_TABLE, PrecisionError, peak_memory_mb
-from pipeline.models import (model_config, pretrained_source, safe_weights, save_tokenizer, shape_only_model,
-                             starting_checkpoint)
+from pipeline.models import model_config, pretrained_source, safe_weights, shape_only_model, starting_checkpoint
+from pipeline.tokenizer import save_tokenizer
 from pipeline.contract import Stage, declared
 from pipeline.formats import NO_QAT, QAT, qat_settings
 from pipeline import console, qat

@@ -132,7 +132,7 @@ def checkpoint(family: str, path: Path, **config_overrides) -> Path:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from pipeline.models import save_tokenizer
+    from pipeline.tokenizer import save_tokenizer
 
     keys, vocabulary, special = FAMILIES[family]
     if vocabulary == "sentencepiece":

@@ -79,7 +79,7 @@ def test_the_gguf_loader_mislabels_the_vocabulary_and_llama_cpp_aborts_in_a_chil
 def test_a_checkpoint_from_the_gguf_loader_is_rebuilt_as_byte_level_and_passes_the_dry_run(from_gguf):
     from stages.export import PROBE, dry_run
 
-    from pipeline.models import checkpoint_tokenizer
+    from pipeline.tokenizer import checkpoint_tokenizer
     from transformers import AutoTokenizer
 
     source, target = from_gguf

@@ -81,7 +81,7 @@ def test_a_passing_report_says_what_each_check_verified(tmp_path):
 @pytest.mark.parametrize("family", ["gemma2", "phi3", "llama2"])
 def test_a_vocabulary_only_tokenizer_json_holds_passes_the_dry_run(family, tmp_path):
     """transformers 5 saves SentencePiece vocabularies as tokenizer.json alone: the converter gets the
-    tokenizer.model they stand for (pipeline.models.sentencepiece_model), and llama.cpp then tokenizes
+    tokenizer.model they stand for (pipeline.tokenizer.sentencepiece_model), and llama.cpp then tokenizes
     as transformers does. The second check of the same checkpoint is read from the machine cache."""
     from stages.export import dry_run
     from tests.conftest import compose_with
@@ -98,7 +98,7 @@ def test_a_sentencepiece_model_written_from_tokenizer_json_encodes_as_transforme
     import sentencepiece
     from transformers import AutoTokenizer
 
-    from pipeline.models import sentencepiece_model
+    from pipeline.tokenizer import sentencepiece_model
     from tests.families import documents
 
     for family in ("llama2", "gemma2"):
