@@ -28,7 +28,7 @@ from pipeline.artifacts import stage_dir  # noqa: E402
 from pipeline.config import register  # noqa: E402
 from pipeline.data import load_blocks  # noqa: E402
 from pipeline.runner import run  # noqa: E402
-from stages.train import batch_at, build_model, lr_lambda  # noqa: E402
+from stages.train import batch_at, build_model, lr_lambda, warmup_steps  # noqa: E402
 
 register()  # the typed schemas the config groups build on
 WARMUP = 5  # steps left out of every timing (allocator and kernel warm-up)
@@ -57,7 +57,7 @@ def hand_loop(cfg, steps: int) -> float:
     model = build_model(cfg, AutoTokenizer.from_pretrained(prepared / "tokenizer"))
     optimizer = torch.optim.AdamW(model.parameters(), lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, functools.partial(lr_lambda, warmup=t.warmup_steps, total=t.max_steps, min_ratio=t.min_lr_ratio))
+        optimizer, functools.partial(lr_lambda, warmup=warmup_steps(t), total=t.max_steps, min_ratio=t.min_lr_ratio))
     dtype = DTYPES[t.precision]
     scaler = torch.amp.GradScaler("cpu", init_scale=t.init_loss_scale, enabled=dtype is torch.float16)
     times = []

@@ -24,8 +24,12 @@ VALUE_OPTIONS = {"--cfg", "-c", "--package", "-p", "--config-path", "-cp", "--co
 @hydra.main(version_base="1.3", config_path=str(CONF), config_name="config")
 def main(cfg: DictConfig) -> None:
     from pipeline.contract import USER_ERRORS
-    from pipeline.runner import run
+    from pipeline.hardware import COMPARE
 
+    if cfg.train.precision == COMPARE:  # several runs and a report (pipeline.compare), else one run
+        from pipeline.compare import run_comparison as run
+    else:
+        from pipeline.runner import run
     try:
         run(cfg)
     except USER_ERRORS as error:

@@ -22,7 +22,7 @@ from omegaconf import MISSING, DictConfig
 
 from pipeline.chat import FORMATS
 from pipeline.formats import METHODS, NO_QAT, QAT, SMOOTHED
-from pipeline.hardware import PRECISIONS
+from pipeline.hardware import PRECISION_TABLE, PRECISIONS
 
 # Where prepare reads documents from (conf/data/<source>.yaml); stdlib: questions about the
 # standard library answered by its docstrings (chat); docstrings: the other docstrings, the base
@@ -35,7 +35,7 @@ LOSS_ON = ("auto", "all", "assistant")
 # Accelerate's distributed_type values the train stage launches with ("NO": one process).
 DISTRIBUTED_TYPES = ("NO", "MULTI_GPU", "FSDP", "DEEPSPEED")
 
-TRAINING_PRECISIONS = tuple(p for p in PRECISIONS if p != "auto")
+TRAINING_PRECISIONS = tuple(PRECISION_TABLE)
 # 16-bit (or f32) base types of a GGUF export; "auto" picks by training precision.
 BASE_TYPES = ("f16", "bf16", "f32")
 # Serving engines: llama-server on GGUF files, vLLM on checkpoints, an endpoint already running; auto
@@ -141,7 +141,10 @@ class Train:
     lr: float = setting(low=0)
     weight_decay: float = setting(low=0)
     betas: list[float] = setting(factory=lambda: [0.9, 0.95])
-    warmup_steps: int = setting(low=0)
+    # Warmup as a share of max_steps, so that a shorter run keeps its shape; warmup_steps, where
+    # set, counts steps instead and wins (as in Hugging Face's Trainer).
+    warmup_ratio: float = setting(low=0, high=0.5, default=0.0)
+    warmup_steps: Optional[int] = setting(low=0, default=None)
     min_lr_ratio: float = setting(low=0, high=1)
     max_grad_norm: float = setting(low=0)
     init_loss_scale: float = setting(low=1)

@@ -27,7 +27,10 @@ PRECISION_TABLE = {
     "fp16": TrainingPrecision("fp16", "float16", "f16", "tab:green"),
     "fp8": TrainingPrecision("fp8", "bfloat16", "f16", "tab:red"),
 }
-PRECISIONS = (*PRECISION_TABLE, "auto")
+# train.precision=compare: a run at each precision of report.precisions that this machine runs
+# (compared_precisions), the fp32 noise floor and the report, from one command (pipeline.compare).
+COMPARE = "compare"
+PRECISIONS = (*PRECISION_TABLE, "auto", COMPARE)
 # CPU flags that mean native (not emulated) low-precision arithmetic.
 CPU_BF16_FLAGS = ("amx_bf16", "avx512_bf16")
 CPU_FP16_FLAGS = ("amx_fp16", "avx512_fp16")
@@ -97,8 +100,8 @@ def detect() -> Hardware:
 
 def resolve_precision(requested: str, hw: Hardware) -> tuple[str, str]:
     """The precision to train in and why, or PrecisionError before any work is done."""
-    if requested not in PRECISIONS:
-        raise PrecisionError(f"train.precision={requested!r} is not one of {', '.join(PRECISIONS)}.")
+    if requested not in PRECISIONS or requested == COMPARE:
+        raise PrecisionError(f"train.precision={requested!r} is not one of {', '.join(PRECISIONS[:-1])}.")
     on = hw.describe()
     if hw.device == "cuda":
         cc = hw.compute_capability
@@ -129,6 +132,33 @@ def resolve_precision(requested: str, hw: Hardware) -> tuple[str, str]:
         raise PrecisionError(f"train.precision=fp8 needs a GPU of compute capability 8.9 or newer; this machine "
                              f"has {on}. Valid here: fp32, bf16, fp16, auto.")
     return requested, "requested"
+
+
+def emulated(precision: str, hw: Hardware) -> bool:
+    """Whether this machine trains in `precision` only by emulating it (a CPU without its instructions)."""
+    flags = {"bf16": CPU_BF16_FLAGS, "fp16": CPU_FP16_FLAGS}.get(precision)
+    return hw.device == "cpu" and flags is not None and not any(f in hw.cpu_flags for f in flags)
+
+
+def compared_precisions(wanted, hw: Hardware) -> tuple[list[str], dict[str, str]]:
+    """Of the precisions `wanted` (report.precisions, fp32 first and always: the others are measured
+    against it), those train.precision=compare trains on this machine, and why each other one is
+    left out. A GPU runs every one it supports. A CPU computes fp32 natively and bf16 or fp16 only
+    with AMX or AVX-512 support; bf16 is trained even where it is emulated, since what it does to
+    the deployed model is the same on any machine (its step time there is not, and the report's
+    cost line shows it), while fp16 is left out where emulated: nobody trains in it on a CPU."""
+    chosen, left_out = [], {}
+    for precision in ["fp32", *(p for p in wanted if p != "fp32")]:
+        if precision == "fp16" and emulated(precision, hw):
+            left_out[precision] = f"{hw.describe()} has no native fp16 (AMX-FP16 or AVX512-FP16)"
+            continue
+        try:
+            resolve_precision(precision, hw)
+        except PrecisionError as error:
+            left_out[precision] = str(error).split(";")[0].split(". ")[0]
+            continue
+        chosen.append(precision)
+    return chosen, left_out
 
 
 def peak_memory_mb(device: str) -> float:

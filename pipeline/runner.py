@@ -127,6 +127,13 @@ def run(cfg: DictConfig) -> None:
         if print_report(preflight(cfg, report=True), stages):
             raise PipelineError("the pre-flight checks above failed; nothing was run.")
         return
+    plan = checked(cfg)
+    execute(cfg, plan)
+    finish(cfg, plan["stages"])
+
+
+def checked(cfg: DictConfig) -> dict:
+    """Every pre-flight check (pipeline.preflight), the first failure raised; what was chosen, said."""
     # The checks import the libraries, whose import-time warnings are no reading for the terminal.
     with captured(None if cfg.verbose else keep_log("preflight", "")):
         if exports(cfg):
@@ -137,12 +144,22 @@ def run(cfg: DictConfig) -> None:
     for name, _, detail in plan["checks"].outcomes:
         if name == "group size" and detail.startswith("quantize.group_size=auto"):
             say(detail)
-    tags = run_tags(plan["hardware"].tags())
+    return plan
+
+
+def tracker_for(cfg: DictConfig):
     # The other machines of a multi-machine training only lend their processes to rank 0's run.
-    tracker = open_tracker(cfg) if distributed.main_node(cfg) else NoTracker()
-    run_name = f"{cfg.model.name}-{cfg.train.precision}"
-    with tracker.run(run_name, {**tags, **_hydra_context(), "precision.requested": plan["requested"],
-                                "precision.reason": plan["reason"], "stages": ",".join(plan["stages"])}):
+    return open_tracker(cfg) if distributed.main_node(cfg) else NoTracker()
+
+
+def execute(cfg: DictConfig, plan: dict, tracker=None, run_name: str | None = None) -> None:
+    """The checked stages in chain order, under one pipeline run in MLflow (`run_name`, by default
+    <model>-<precision>) with a child run a stage."""
+    tags = run_tags(plan["hardware"].tags())
+    tracker = tracker or tracker_for(cfg)
+    with tracker.run(run_name or f"{cfg.model.name}-{cfg.train.precision}",
+                     {**tags, **_hydra_context(), "precision.requested": plan["requested"],
+                      "precision.reason": plan["reason"], "stages": ",".join(plan["stages"])}):
         tracker.log_params(flatten(cfg))
         tracker.log_text(OmegaConf.to_yaml(cfg, resolve=True), "resolved_config.yaml")
         tracker.log_text(installed_packages(), "environment.txt")
@@ -157,7 +174,6 @@ def run(cfg: DictConfig) -> None:
             lock.parent.mkdir(parents=True, exist_ok=True)
             with FileLock(lock):
                 run_stage(cfg, name, f"[{number}/{len(plan['stages'])}] {name}", out, plan, tags, tracker)
-    finish(cfg, plan["stages"])
 
 
 def finish(cfg: DictConfig, stages: list[str]) -> None:

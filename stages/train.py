@@ -30,6 +30,7 @@ from pipeline.chat import is_chat
 from pipeline.data import load_sequences, pad_id
 from pipeline.distributed import SHARDED
 from pipeline.hardware import PRECISION_TABLE, PrecisionError, peak_memory_mb
+from pipeline.gguf_checkpoint import PROVENANCE
 from pipeline.models import model_config, pretrained_source, safe_weights, shape_only_model, starting_checkpoint
 from pipeline.tokenizer import save_tokenizer
 from pipeline.contract import Stage, declared
@@ -48,8 +49,9 @@ log = logging.getLogger(__name__)
 
 def check(cfg: DictConfig) -> list[str]:
     t = cfg.train
-    if t.warmup_steps >= t.max_steps:
-        raise ValueError(f"train.warmup_steps={t.warmup_steps} must be below train.max_steps={t.max_steps}.")
+    if t.warmup_steps is not None and t.warmup_steps >= t.max_steps:
+        raise ValueError(f"train.warmup_steps={t.warmup_steps} must be below train.max_steps={t.max_steps}, or null "
+                         f"to warm up for train.warmup_ratio={t.warmup_ratio} of the steps.")
     arch = cfg.model.arch
     if arch is not None and cfg.data.seq_len > arch.max_position_embeddings:
         raise ValueError(f"data.seq_len={cfg.data.seq_len} exceeds model.arch.max_position_embeddings="
@@ -200,6 +202,12 @@ def batch_at(blocks, index: int, batch_size: int, seed: int, rank: int = 0, worl
     first = (index * world + rank) * batch_size
     positions = range(first, first + batch_size)
     return blocks[torch.stack([_epoch_order(n, seed, p // n)[p % n] for p in positions])]
+
+
+def warmup_steps(t: DictConfig) -> int:
+    """train.warmup_steps where set, else the train.warmup_ratio share of max_steps (rounded up,
+    as Hugging Face's Trainer does; a ratio of at most a half leaves steps to decay over)."""
+    return t.warmup_steps if t.warmup_steps is not None else math.ceil(t.warmup_ratio * t.max_steps)
 
 
 def lr_lambda(step: int, warmup: int, total: int, min_ratio: float) -> float:
@@ -422,6 +430,9 @@ def finish(cfg: DictConfig, model, accelerator, tokenizer, progress: Progress, e
         "history": progress.history, "device": accelerator.device.type, "num_processes": world,
         "distributed_type": distributed, "replica_sha256": replicas,
     }
+    # What the report and MLflow flag about this fine-tune, in words (None: nothing).
+    summary["check"] = got_worse(summary)
+    summary["weights_origin"] = weights_origin(starting_checkpoint(cfg))
     if accelerator.is_main_process:
         unwrapped = accelerator.unwrap_model(model)
         with atomic_dir(out) as tmp:
@@ -464,7 +475,7 @@ def run(cfg: DictConfig, tracker) -> None:
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=t.lr, betas=tuple(t.betas),
                                   weight_decay=t.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, functools.partial(lr_lambda, warmup=t.warmup_steps, total=t.max_steps, min_ratio=t.min_lr_ratio)
+        optimizer, functools.partial(lr_lambda, warmup=warmup_steps(t), total=t.max_steps, min_ratio=t.min_lr_ratio)
     )
 
     accelerator = make_accelerator(t.precision, t.grad_accum_steps, t.init_loss_scale)
@@ -525,6 +536,28 @@ def run(cfg: DictConfig, tracker) -> None:
         record(cfg, tracker)
 
 
+def weights_origin(source: str | None) -> str | None:
+    """Where the starting weights came from, in words, where the checkpoint was converted from a
+    GGUF file (model.gguf): its grid is the file's, which fine-tuning moves the weights off."""
+    provenance = Path(source) / PROVENANCE if source else None
+    if provenance is None or not provenance.is_file():
+        return None
+    p = read_json(provenance)
+    package = f" (package {p['package']})" if p.get("package") else ""
+    return (f"{p.get('general_name') or p['gguf']} from {p['gguf']}{package}, dequantized to fp32 from the file's "
+            f"{'/'.join(p['tensor_types'])} tensors: the fine-tune starts on that grid")
+
+
+def got_worse(summary: dict) -> str | None:
+    """Why the fine-tune is suspect where it left the held-out loss above where the model started
+    (too high an lr, too many steps for the data), else None."""
+    start, end = summary.get("start_heldout_loss"), summary.get("heldout_loss")
+    if start is None or end is None or end <= start:
+        return None
+    return (f"the {summary['precision']} fine-tune left the held-out loss worse than before training ({start:.4g} -> "
+            f"{end:.4g}): the model over-fitted or diverged; lower train.lr or train.max_steps.")
+
+
 def record(cfg: DictConfig, tracker) -> None:
     out = stage_dir(cfg, "train")
     summary = read_json(out / "summary.json")
@@ -534,5 +567,10 @@ def record(cfg: DictConfig, tracker) -> None:
                          "final/heldout_perplexity": summary["heldout_perplexity"],
                          "final/skipped_steps": summary["skipped_steps"]}, step=summary["steps"])
     tracker.log_artifact(out / "summary.json")
+    if summary.get("weights_origin"):
+        tracker.set_tags({"model.weights_origin": summary["weights_origin"]})
+    if summary.get("check"):
+        tracker.set_tags({"train.check": summary["check"]})
+        log.warning(summary["check"])
     if cfg.tracking.log_model:
         tracker.log_artifacts(out, "model")

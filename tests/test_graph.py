@@ -130,6 +130,7 @@ def test_rerun_forces_a_stage_and_what_reads_it():
     ("report.noise_seed=0", "report.noise_seed=0 equals seed=0"),
     ("evaluate.confidence=1.5", "evaluate.confidence=1.5 must be at most 0.999"),
     ("train.warmup_steps=500", "train.warmup_steps=500 must be below train.max_steps=300"),
+    ("train.warmup_ratio=0.8", "train.warmup_ratio=0.8 must be at most 0.5"),
     ("verbose=maybe", "verbose='maybe' is not one of true, false"),
 ])
 def test_bad_settings_are_refused_before_any_work(override, message, tmp_path):

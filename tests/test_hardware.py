@@ -3,7 +3,7 @@
 import pytest
 
 from pipeline import hardware
-from pipeline.hardware import PRECISION_TABLE, Hardware, PrecisionError, resolve_precision
+from pipeline.hardware import PRECISION_TABLE, Hardware, PrecisionError, compared_precisions, resolve_precision
 
 AVX2 = Hardware("cpu", "AVX2 CPU", ["avx2"])
 BF16_CPU = Hardware("cpu", "Zen 4", ["avx2", "avx512f", "avx512_bf16"])
@@ -56,6 +56,23 @@ def test_fp8_needs_a_backend(monkeypatch):
 def test_unknown_precision_names_the_choices():
     with pytest.raises(PrecisionError, match="'fp4' is not one of fp32, bf16, fp16, fp8, auto"):
         resolve_precision("fp4", AVX2)
+
+
+ALL = ["fp32", "bf16", "fp16", "fp8"]
+
+
+@pytest.mark.parametrize("hw, chosen, left_out", [
+    (AVX2, ["fp32", "bf16"], ["fp16", "fp8"]),  # bf16 emulated, still compared
+    (Hardware("cpu", "Sapphire Rapids", ["avx512_bf16", "avx512_fp16", "amx_fp16"]), ["fp32", "bf16", "fp16"], ["fp8"]),
+    (T4, ["fp32", "fp16"], ["bf16", "fp8"]),
+])
+def test_compare_trains_each_precision_the_machine_runs_and_says_why_not_the_others(hw, chosen, left_out):
+    found, why = compared_precisions(["bf16", "fp16", "fp8"], hw)  # fp32 always, first
+    assert found == chosen and list(why) == left_out and all(why.values())
+    assert hardware.emulated("bf16", hw) == (hw is AVX2)
+    assert compared_precisions(ALL, H100)[0] == ALL or "fp8" in compared_precisions(ALL, H100)[1]
+    with pytest.raises(PrecisionError, match="'compare' is not one of fp32, bf16, fp16, fp8, auto"):
+        resolve_precision("compare", hw)  # the runner expands it; a stage never trains "compare"
 
 
 def test_fp8_matmuls_are_checked_for_their_bf16_output():

@@ -12,11 +12,13 @@ import numpy as np
 import pytest
 from omegaconf import OmegaConf
 
+from pipeline import hardware
 from pipeline.artifacts import read_json, stage_dir
 from stages.report.render import NOISE, plot_data
 from stages.report.register import registering
 from stages.report.stats import compare, decide, deployable, gate_results, paired_ratio, pareto_front, verdict
-from stages.report.text import deploy_lines, fmt, gate_line, lookup
+from stages.report.text import deploy_lines, fmt, gate_line, lookup, training_checks
+from stages.train import got_worse
 from tests.conftest import SMALL_CHAIN, compose_with, mlflow_client, only_dir, pipeline, refused, replace, runs
 
 CHAIN = SMALL_CHAIN
@@ -41,7 +43,11 @@ def reports(chain, tmp_path_factory):
     pair = keep("pair")
     pipeline(cwd, *replace(CHAIN, *NOISE_RUN))
     pipeline(cwd, "stage=report", *CHAIN)
-    return SimpleNamespace(cwd=cwd, single=single, pair=pair, noise=keep("noise"))
+    noise = keep("noise")
+    # The same comparison from one command, finding every output of the steps above at its address.
+    compared = pipeline(cwd, "stage=all", *replace(CHAIN, "train.precision=compare"), "report.precisions=[fp32,bf16]")
+    return SimpleNamespace(cwd=cwd, single=single, pair=pair, noise=noise, compared=keep("compared"),
+                           console=compared.stderr)
 
 
 def assert_every_value_has_its_source(data):
@@ -175,6 +181,24 @@ def test_noise_floor_comes_from_a_real_second_fp32_run(reports):
 
 
 @pytest.mark.slow
+def test_one_command_runs_each_precision_the_noise_floor_and_the_report(reports):
+    """train.precision=compare runs what the three steps ran, as the same runs: every stage's
+    output is found at the address those runs gave it, and the report is theirs."""
+    console = reports.console
+    assert "comparing training precisions fp32, bf16 with the fp32 noise floor: 4 runs" in console
+    assert ("bf16 emulated on this CPU" in console) == hardware.emulated("bf16", hardware.detect())
+    titles = [line for line in console.splitlines() if line.startswith("== ")]
+    assert titles == ["== 1/4: fp32", "== 2/4: bf16", "== 3/4: noise floor (fp32 at seed 1)", "== 4/4: report"]
+    assert " done in " not in console.split("== 4/4")[0]  # nothing run again: all reused
+    assert console.count(": reusing ") == 6 + 6 + 5
+    compared, noise = (read_json(path / "report.json") for path in (reports.compared, reports.noise))
+    assert compared["rows"] == noise["rows"] and compared["comparisons"] == noise["comparisons"]
+    assert compared["decision"]["status"] != "provisional"  # the noise floor was measured
+    for name in ("tiny-fp32", "tiny-bf16", "tiny-fp32-seed1", "tiny-report"):
+        assert runs(reports.cwd, name)[-1].info.status == "FINISHED", name
+
+
+@pytest.mark.slow
 def test_report_run_carries_the_answer_and_the_plots(reports):
     client = mlflow_client(reports.cwd)
     report_run = runs(reports.cwd, "report")[-1]
@@ -289,6 +313,20 @@ def test_decision_picks_the_cheapest_passing_precision():
     assert decision == {"status": "recommended", "precision": "bf16", "passing": ["fp32", "bf16"], "reasons": []}
     without_floor = decide(rows, compare(rows, None, ["trained", "q4"], 300, 0.95), REPORT, SEED)
     assert without_floor["status"] == "provisional" and "seed=1 evaluate.reference_seed=0" in without_floor["reasons"][0]
+
+
+def test_a_fine_tune_that_worsened_the_model_and_formats_better_than_their_source_are_flagged():
+    rows = {"fp32": fake_row({"trained": 3.0, "q4": 3.0}, 0.4), "bf16": fake_row({"trained": 3.0, "q4": 2.8}, 0.2)}
+    fp32 = {"precision": "fp32", "start_heldout_loss": 2.97, "heldout_loss": 3.17}
+    bf16 = {"precision": "bf16", "start_heldout_loss": 2.97, "heldout_loss": 2.5}
+    rows["fp32"]["train"]["check"], rows["bf16"]["train"]["check"] = got_worse(fp32), got_worse(bf16)
+    checks = training_checks(rows, compare(rows, None, ["trained", "q4"], 300, 0.95))
+    assert len(checks) == 2
+    assert checks[0].startswith("the fp32 fine-tune left the held-out loss worse than before training (2.97 -> 3.17)")
+    assert checks[1].startswith("the perplexity of bf16 q4 is lower than its trained model's")
+    rows["fp32"]["train"]["check"] = got_worse(fp32 | {"heldout_loss": 2.9})
+    rows["bf16"]["sequence_nll"]["q4"] = rows["bf16"]["sequence_nll"]["trained"]
+    assert training_checks(rows, compare(rows, None, ["trained", "q4"], 300, 0.95)) == []
 
 
 def test_decision_refuses_with_the_numbers_when_the_data_cannot_support_one():

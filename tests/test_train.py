@@ -6,10 +6,11 @@ import time
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 from safetensors import safe_open
 
 from pipeline.artifacts import read_json, sha256_file
-from stages.train import batch_at, lr_lambda
+from stages.train import batch_at, lr_lambda, warmup_steps
 from tests.conftest import FAST, mlflow_client, only_dir, pipeline, refused, runs, started
 
 PREP_AND_TRAIN = "stage=[prepare,train]"
@@ -227,6 +228,15 @@ def test_lr_schedule_warms_up_then_decays_to_its_floor():
     lrs = [lr_lambda(step, warmup=4, total=20, min_ratio=0.1) for step in range(21)]
     assert lrs[:4] == [0.25, 0.5, 0.75, 1.0] and lrs[4] == pytest.approx(1.0)
     assert all(a >= b for a, b in zip(lrs[4:], lrs[5:])) and lrs[20] == pytest.approx(0.1)
+
+
+def test_warmup_is_a_share_of_the_steps_unless_counted_in_steps():
+    t = OmegaConf.create({"warmup_ratio": 0.03, "warmup_steps": None, "max_steps": 300})
+    assert warmup_steps(t) == 9
+    t.max_steps = 10  # a short run still warms up, for one step, where 10 counted steps would refuse it
+    assert warmup_steps(t) == 1
+    t.warmup_steps = 4
+    assert warmup_steps(t) == 4
 
 
 def test_batch_order_covers_each_epoch_and_splits_across_processes_exactly():

@@ -41,7 +41,8 @@ from stages.report.register import register, registering
 from stages.report.render import TITLES, plot_data, render
 from stages.report.stats import (GATE_METRICS, compare, decide, deployable, faster, gate_results, ordered,
                                  qat_against_ptq, waterfall)
-from stages.report.text import RULE, deploy_lines, gate_line, headline, html_page, markdown, qat_lines, tables
+from stages.report.text import (RULE, deploy_lines, gate_line, headline, html_page, markdown, qat_lines, tables,
+                                training_checks)
 
 # It reads every precision's outputs, beyond its own address, so it always runs (in seconds).
 # It also reads the deployable artifact and the data hash where it registers (register.py).
@@ -108,6 +109,8 @@ def run(cfg: DictConfig, tracker) -> None:
     notes = [f"MLflow runs: {', '.join(r.runs)}." if r.runs else
              f"Settings: model {cfg.model.name}, data {cfg.data.name}, seed {cfg.seed}; "
              f"{len(rows[ran[0]]['sequence_tokens'])} held-out sequences; serving at {r.serve_level}."]
+    if rows[ran[0]]["train"].get("weights_origin"):
+        notes.append(f"Starting weights: {rows[ran[0]]['train']['weights_origin']}.")
     if rows[ran[0]].get("scored") == "answer tokens":
         notes.append("Chat data: perplexity, KL and top-1 are measured on the answer tokens of the held-out "
                      "conversations only, and greedy agreement on answers to their prompts.")
@@ -153,7 +156,9 @@ def record(cfg: DictConfig, tracker) -> None:
     out = stage_dir(cfg, "report")
     data = read_json(out / "report.json")
     answer, decision = "\n".join(data["headline"]), data["decision"]
+    checks = training_checks(data["rows"], data["comparisons"])
     tags = {"mlflow.note.content": answer, "report.decision": decision["status"],
+            **({"report.check_training": " ".join(checks)} if checks else {}),
             **({"report.precision": decision["precision"]} if "precision" in decision else {})}
     tracker.set_tags(tags)  # the report run's description in the MLflow UI, and the pipeline run's
     tracker.set_tags(tags, tracker.pipeline_run_id)

@@ -96,7 +96,8 @@ def register(cfg: DictConfig, tracker, data: dict) -> str:
         tags = {"precision": precision, "format": fmt_name, "decision": deploy["decision"], "sha256": digest,
                 "file": path.name, "kl_budget": str(deploy["kl_budget"]),
                 "data_hash": read_json(stage_dir(cfg, "prepare") / declared("prepare").names["manifest"])["data_hash"],
-                **evidence(data, precision, fmt_name), **links}
+                **evidence(data, precision, fmt_name), **links,
+                **({"weights_origin": origin} if (origin := data["rows"][precision]["train"].get("weights_origin")) else {})}
         version, how = client.create_model_version(name, source, run_id=tracker.run_id, tags=tags).version, "registered as"
     tracker.set_tags({"registry.model": name, "registry.version": str(version)})
     failed = [g for g in data["gates"] if g["status"] == "FAIL"]

@@ -76,11 +76,23 @@ def budget_line(found: dict | None, budget: float) -> str:
     return f"  - KL ≤ {fmt(budget)}: {found['format']}, {speed}, significantly faster than the others within budget"
 
 
+def training_checks(rows: dict, comparisons: dict) -> list[str]:
+    """The signs of a fine-tune gone wrong, one sentence each: a held-out loss left above where the
+    model started, and deployed formats measured better than the model they were made from."""
+    checks = [why for p in ordered(rows) if (why := rows[p]["train"].get("check"))]
+    flagged = [f"{p} {n}" for p in ordered(rows) for n, c in comparisons["own"].get(p, {}).items() if below_source(c)]
+    if flagged:
+        checks.append(f"the perplexity of {', '.join(flagged)} is {UNDERTRAINED}.")
+    return checks
+
+
 def headline(rows: dict, comparisons: dict, decision: dict, columns: list[str], r: DictConfig, confidence: float,
              resamples: int) -> list[str]:
     """The answer in words, as Markdown list lines: what each precision costs, what each format
     keeps, and what to pick."""
     lines, level = [], f"{confidence:.0%}"
+    # First, since every number below is of a model the fine-tune may have damaged.
+    lines += [f"- **Check the training**: {check}" for check in training_checks(rows, comparisons)]
     for precision in ordered(rows):
         row, train = rows[precision], rows[precision]["train"]
         cost = ", ".join(text.format(fmt(train[k])) for k, text, _ in COSTS if train.get(k) is not None)
@@ -106,9 +118,6 @@ def headline(rows: dict, comparisons: dict, decision: dict, columns: list[str], 
                       for n in columns if n in own and (c := row["artifacts"][n])]
         else:
             lines.append(f"- **{precision}**: {cost}.")
-    flagged = [f"{p} {n}" for p in ordered(rows) if len(rows) > 1 for n, c in comparisons["own"][p].items() if below_source(c)]
-    if flagged:
-        lines.append(f"- **Check the training**: the perplexity of {', '.join(flagged)} is {UNDERTRAINED}.")
     if comparisons["noise"]:
         lines.append(f"- **Noise floor**, fp32 at seed {r.noise_seed} against fp32 at the main seed; differences between "
                      "precisions within it are training noise. Perplexity ratio:")

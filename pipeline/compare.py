@@ -1,0 +1,111 @@
+"""train.precision=compare: the whole comparison from one command.
+
+The runs a user would otherwise start one by one (a Hydra sweep over train.precision, then the
+noise-floor run, then the report), in order, each a pipeline run of its own in MLflow with the
+settings a single run of it would have: so each output has the address that run would give it,
+and is reused by (or reuses) the sweep, `make compare` and single runs alike.
+
+1. Each precision of report.precisions this machine trains (pipeline.hardware.compared_precisions):
+   the selected stages but the report.
+2. The noise floor: fp32 again at report.noise_seed, trained, quantized, exported and evaluated
+   against the main seed's fp32 model (evaluate.reference_seed), so that the report can tell a
+   difference between precisions from seed-to-seed noise. Not served: its speed is fp32's.
+3. The report, once, over all of them.
+
+Every run's checks pass before the first stage starts. The noise floor's settings differ from the
+fp32 run's in the seed alone, so fp32's checks are its checks; the one of its own, that the
+reference model exists, is made when fp32 has trained it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from pipeline import hardware
+from pipeline.artifacts import keep_log
+from pipeline.config import validate
+from pipeline.console import captured, say
+from pipeline.contract import PipelineError
+from pipeline.graph import selected_stages
+from pipeline.preflight import preflight, print_report, report_only
+from pipeline.runner import checked, execute, finish, tracker_for
+from pipeline.tracking import quiet_libraries
+
+# What the noise-floor run makes: enough to measure each format of a second fp32 model.
+NOISE_STAGES = ("prepare", "train", "quantize", "export", "evaluate")
+
+
+@dataclass
+class Part:
+    """One run of the comparison: what it is, in words and as the name of its MLflow run."""
+    title: str
+    run_name: str
+    cfg: DictConfig
+
+
+def parts(cfg: DictConfig, precisions: list[str]) -> list[Part]:
+    """The comparison's runs, in the order they run (fp32 first: the noise floor and every other
+    precision are measured against it)."""
+    stages = selected_stages(cfg.stage)
+    chain = [s for s in stages if s != "report"]
+    r, model = cfg.report, cfg.model.name
+    found = [Part(p, f"{model}-{p}", variant(cfg, chain, {"train.precision": p})) for p in precisions if chain]
+    noise = [s for s in chain if s in NOISE_STAGES]
+    if noise and "train" in noise:
+        found.append(Part(f"noise floor (fp32 at seed {r.noise_seed})", f"{model}-fp32-seed{r.noise_seed}",
+                          variant(cfg, noise, {"train.precision": "fp32", "seed": r.noise_seed,
+                                               "evaluate.reference_seed": cfg.seed})))
+    if "report" in stages:
+        found.append(Part("report", f"{model}-report", variant(cfg, ["report"], {"train.precision": "fp32"})))
+    return found
+
+
+def variant(cfg: DictConfig, stages: list[str], changes: dict) -> DictConfig:
+    copy = OmegaConf.create(OmegaConf.to_container(cfg, resolve=False))
+    with open_dict(copy):
+        copy.stage = list(stages)
+        for key, value in changes.items():
+            OmegaConf.update(copy, key, value, merge=False)
+    return copy
+
+
+def run_comparison(cfg: DictConfig) -> None:
+    quiet_libraries()
+    only, stages = report_only(cfg.stage)
+    with open_dict(cfg):
+        cfg.stage = stages
+    validate(cfg)  # the settings first: a bad one is one line, before the hardware is asked anything
+    with captured(None if cfg.verbose else keep_log("preflight", "")):
+        hw = hardware.detect()
+        precisions, left_out = hardware.compared_precisions(cfg.report.precisions, hw)
+    runs = parts(cfg, precisions)
+    if only:
+        check_each(runs)
+        return
+    emulated = [p for p in precisions if hardware.emulated(p, hw)]
+    say(f"comparing training precisions {', '.join(precisions)} with the fp32 noise floor: {len(runs)} runs"
+        + "".join(f"; {p} left out: {why}" for p, why in left_out.items())
+        + (f"; {', '.join(emulated)} emulated on this CPU, so its step time is not a native machine's" if emulated else ""))
+    noise = next((p for p in runs if p.title.startswith("noise")), None)
+    plans = {id(p): checked(p.cfg) for p in runs if p is not noise}  # every check, before any work
+    tracker = tracker_for(cfg)
+    for number, part in enumerate(runs, 1):
+        say(f"== {number}/{len(runs)}: {part.title}")
+        plan = plans.get(id(part)) or checked(part.cfg)
+        execute(part.cfg, plan, tracker, part.run_name)
+    finish(runs[-1].cfg, selected_stages(cfg.stage))
+
+
+def check_each(runs: list[Part]) -> None:
+    """stage=check: each run's pre-flight report (the noise floor's is fp32's, as above)."""
+    failed = 0
+    for part in runs:
+        if part.title.startswith("noise"):
+            say(f"{part.title}: the settings of the fp32 run at another seed, checked with it")
+            continue
+        say(f"== {part.title}")
+        failed += print_report(preflight(part.cfg, report=True), part.cfg.stage)
+    if failed:
+        raise PipelineError("the pre-flight checks above failed; nothing was run.")
