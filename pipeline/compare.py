@@ -5,8 +5,9 @@ noise-floor run, then the report), in order, each a pipeline run of its own in M
 settings a single run of it would have: so each output has the address that run would give it,
 and is reused by (or reuses) the sweep, `make compare` and single runs alike.
 
-1. Each precision of report.precisions this machine trains (pipeline.hardware.compared_precisions):
-   the selected stages but the report.
+1. Each precision of report.precisions this machine trains natively, fp32 first
+   (pipeline.hardware.compared_precisions): the selected stages but the report. Where that is fp32
+   alone (a CPU without bf16 instructions), the report recommends it provisionally and says why.
 2. The noise floor: fp32 again at report.noise_seed, trained, quantized, exported and evaluated
    against the main seed's fp32 model (evaluate.reference_seed), so that the report can tell a
    difference between precisions from seed-to-seed noise. Not served: its speed is fp32's.
@@ -84,10 +85,8 @@ def run_comparison(cfg: DictConfig) -> None:
     if only:
         check_each(runs)
         return
-    emulated = [p for p in precisions if hardware.emulated(p, hw)]
     say(f"comparing training precisions {', '.join(precisions)} with the fp32 noise floor: {len(runs)} runs"
-        + "".join(f"; {p} left out: {why}" for p, why in left_out.items())
-        + (f"; {', '.join(emulated)} emulated on this CPU, so its step time is not a native machine's" if emulated else ""))
+        + "".join(f"; {p} left out: {why}" for p, why in left_out.items()))
     noise = next((p for p in runs if p.title.startswith("noise")), None)
     plans = {id(p): checked(p.cfg) for p in runs if p is not noise}  # every check, before any work
     tracker = tracker_for(cfg)

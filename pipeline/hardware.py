@@ -141,16 +141,15 @@ def emulated(precision: str, hw: Hardware) -> bool:
 
 
 def compared_precisions(wanted, hw: Hardware) -> tuple[list[str], dict[str, str]]:
-    """Of the precisions `wanted` (report.precisions, fp32 first and always: the others are measured
-    against it), those train.precision=compare trains on this machine, and why each other one is
-    left out. A GPU runs every one it supports. A CPU computes fp32 natively and bf16 or fp16 only
-    with AMX or AVX-512 support; bf16 is trained even where it is emulated, since what it does to
-    the deployed model is the same on any machine (its step time there is not, and the report's
-    cost line shows it), while fp16 is left out where emulated: nobody trains in it on a CPU."""
+    """Of the precisions `wanted` (report.precisions; fp32 first and always, since the others are
+    measured against it), those train.precision=compare trains on this machine, and why each other
+    one is left out: what the hardware cannot run, and on a CPU what it would only emulate (bf16
+    without AVX512-BF16 or AMX, fp16 without AVX512-FP16 or AMX-FP16), several times slower than
+    fp32 and so no choice on it. train.precision=<it> still runs one of those."""
     chosen, left_out = [], {}
     for precision in ["fp32", *(p for p in wanted if p != "fp32")]:
-        if precision == "fp16" and emulated(precision, hw):
-            left_out[precision] = f"{hw.describe()} has no native fp16 (AMX-FP16 or AVX512-FP16)"
+        if emulated(precision, hw):
+            left_out[precision] = f"{hw.describe()} would emulate it, slower than fp32"
             continue
         try:
             resolve_precision(precision, hw)

@@ -182,19 +182,31 @@ def test_noise_floor_comes_from_a_real_second_fp32_run(reports):
 
 @pytest.mark.slow
 def test_one_command_runs_each_precision_the_noise_floor_and_the_report(reports):
-    """train.precision=compare runs what the three steps ran, as the same runs: every stage's
-    output is found at the address those runs gave it, and the report is theirs."""
-    console = reports.console
-    assert "comparing training precisions fp32, bf16 with the fp32 noise floor: 4 runs" in console
-    assert ("bf16 emulated on this CPU" in console) == hardware.emulated("bf16", hardware.detect())
+    """train.precision=compare runs what the steps above ran, as the same runs: every stage's output
+    is found at the address those runs gave it, and the report is theirs. It trains the precisions
+    this machine runs natively: fp32 and bf16 where it has bf16 instructions, else fp32 alone."""
+    precisions, left_out = hardware.compared_precisions(["fp32", "bf16"], hardware.detect())
+    console, parts = reports.console, [*precisions, "noise floor (fp32 at seed 1)", "report"]
+    assert (f"comparing training precisions {', '.join(precisions)} with the fp32 noise floor: {len(parts)} runs"
+            + "".join(f"; {p} left out: {why}" for p, why in left_out.items())) in console
     titles = [line for line in console.splitlines() if line.startswith("== ")]
-    assert titles == ["== 1/4: fp32", "== 2/4: bf16", "== 3/4: noise floor (fp32 at seed 1)", "== 4/4: report"]
-    assert " done in " not in console.split("== 4/4")[0]  # nothing run again: all reused
-    assert console.count(": reusing ") == 6 + 6 + 5
+    assert titles == [f"== {n}/{len(parts)}: {title}" for n, title in enumerate(parts, 1)]
+    assert " done in " not in console.split(f"== {len(parts)}/")[0]  # before the report, all reused
+    assert console.count(": reusing ") == 6 * len(precisions) + 5
     compared, noise = (read_json(path / "report.json") for path in (reports.compared, reports.noise))
-    assert compared["rows"] == noise["rows"] and compared["comparisons"] == noise["comparisons"]
-    assert compared["decision"]["status"] != "provisional"  # the noise floor was measured
-    for name in ("tiny-fp32", "tiny-bf16", "tiny-fp32-seed1", "tiny-report"):
+    assert set(compared["rows"]) == set(precisions) and compared["noise"] == noise["noise"]
+    for p in precisions:
+        assert compared["rows"][p] == noise["rows"][p]
+        assert compared["comparisons"]["own"][p] == noise["comparisons"]["own"][p]
+    assert compared["comparisons"]["noise"] == noise["comparisons"]["noise"]
+    decision = compared["decision"]
+    if precisions == ["fp32"]:  # nothing else to compare here: fp32, provisionally, with the reason
+        assert decision["status"] == "provisional" and decision["precision"] == "fp32"
+        assert "bf16 was not (train.precision=compare trains those this machine runs natively)" in decision["reasons"][0]
+        assert "**Provisional recommendation: train in fp32**, the only training precision measured." in compared["headline"]
+    else:
+        assert decision["status"] != "provisional"  # the noise floor was measured
+    for name in [f"tiny-{p}" for p in precisions] + ["tiny-fp32-seed1", "tiny-report"]:
         assert runs(reports.cwd, name)[-1].info.status == "FINISHED", name
 
 
@@ -327,6 +339,16 @@ def test_a_fine_tune_that_worsened_the_model_and_formats_better_than_their_sourc
     rows["fp32"]["train"]["check"] = got_worse(fp32 | {"heldout_loss": 2.9})
     rows["bf16"]["sequence_nll"]["q4"] = rows["bf16"]["sequence_nll"]["trained"]
     assert training_checks(rows, compare(rows, None, ["trained", "q4"], 300, 0.95)) == []
+
+
+def test_fp32_alone_with_its_noise_floor_is_a_provisional_answer_that_names_the_others():
+    rows, noise = {"fp32": fake_row({"trained": 3.0}, 0.4)}, fake_row({"trained": 3.01}, 0.41)
+    decision = decide(rows, compare(rows, noise, ["trained"], 300, 0.95), REPORT, SEED)
+    assert decision["status"] == "provisional" and decision["precision"] == "fp32" and decision["alone"]
+    assert decision["reasons"][0].startswith("it is the only training precision run with these settings: bf16, fp16 "
+                                             "were not (train.precision=compare trains those this machine runs natively)")
+    # Without the noise floor it is a single run, not a comparison: no answer, and what adds one.
+    assert decide(rows, compare(rows, None, ["trained"], 300, 0.95), REPORT, SEED)["status"] == "none"
 
 
 def test_decision_refuses_with_the_numbers_when_the_data_cannot_support_one():

@@ -227,6 +227,16 @@ def decide(rows: dict, comparisons: dict, r: DictConfig, cfg: DictConfig) -> dic
     sweep = f"python -m pipeline -m train.precision={','.join(ordered(set(r.precisions) | {'fp32'}))} stage=all"
     noise_run = (f"python -m pipeline 'stage=[train,quantize,export,evaluate]' train.precision=fp32 seed={r.noise_seed} "
                  f"evaluate.reference_seed={cfg.seed}")
+    others = [p for p in ordered(r.precisions) if p not in rows]
+    if set(rows) == {"fp32"} and comparisons["noise"] and others:
+        # What train.precision=compare leaves on a machine that trains nothing else natively (a CPU
+        # without AVX512-BF16 or AMX): fp32 is the answer there, and what the others cost is unmeasured.
+        return {"status": "provisional", "precision": "fp32", "passing": ["fp32"], "alone": True,
+                "reasons": [f"it is the only training precision run with these settings: {', '.join(others)} "
+                            f"{'was' if len(others) == 1 else 'were'} not (train.precision=compare trains those this "
+                            f"machine runs natively), so what {'it costs' if len(others) == 1 else 'they cost'} the "
+                            f"deployed model is not measured; `{sweep}` runs {'it' if len(others) == 1 else 'them'} "
+                            "all the same."]}
     if len(rows) == 1:
         return {"status": "none", "reasons": [f"only {next(iter(rows))} was run with these settings. `{sweep}` adds "
                                               "the cross-precision comparison, and `make compare` runs it with the fp32 "

@@ -126,9 +126,12 @@ def headline(rows: dict, comparisons: dict, decision: dict, columns: list[str], 
         lines.append("- **No recommendation**: " + " Also, ".join(decision["reasons"]))
     else:
         word = "Recommendation" if decision["status"] == "recommended" else "Provisional recommendation"
-        lines.append(f"- **{word}: train in {decision['precision']}**, the cheapest measured training precision "
-                     f"whose deployed perplexity is not significantly worse than fp32's at any format "
-                     f"(passing: {', '.join(decision['passing'])}).")
+        if decision.get("alone"):
+            lines.append(f"- **{word}: train in {decision['precision']}**, the only training precision measured.")
+        else:
+            lines.append(f"- **{word}: train in {decision['precision']}**, the cheapest measured training precision "
+                         f"whose deployed perplexity is not significantly worse than fp32's at any format "
+                         f"(passing: {', '.join(decision['passing'])}).")
         lines += [f"  - Provisional because {reason}" for reason in decision["reasons"]]
     pick = decision.get("precision") or (next(iter(rows)) if len(rows) == 1 else None)
     if pick:
