@@ -31,7 +31,7 @@ from pipeline.console import captured, say
 from pipeline.contract import PipelineError
 from pipeline.graph import selected_stages
 from pipeline.preflight import preflight, print_report, report_only
-from pipeline.runner import checked, execute, finish, tracker_for
+from pipeline.runner import checked, chosen, execute, finish, tracker_for
 from pipeline.tracking import quiet_libraries
 
 # What the noise-floor run makes: enough to measure each format of a second fp32 model.
@@ -88,11 +88,12 @@ def run_comparison(cfg: DictConfig) -> None:
     say(f"comparing training precisions {', '.join(precisions)} with the fp32 noise floor: {len(runs)} runs"
         + "".join(f"; {p} left out: {why}" for p, why in left_out.items()))
     noise = next((p for p in runs if p.title.startswith("noise")), None)
-    plans = {id(p): checked(p.cfg) for p in runs if p is not noise}  # every check, before any work
+    plans = {id(p): checked(p.cfg, announce=False) for p in runs if p is not noise}  # every check, before any work
     tracker = tracker_for(cfg)
     for number, part in enumerate(runs, 1):
         say(f"== {number}/{len(runs)}: {part.title}")
-        plan = plans.get(id(part)) or checked(part.cfg)
+        plan = plans.get(id(part)) or checked(part.cfg, announce=False)
+        chosen(part.cfg, plan)
         execute(part.cfg, plan, tracker, part.run_name)
     finish(runs[-1].cfg, selected_stages(cfg.stage))
 

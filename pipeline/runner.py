@@ -132,19 +132,25 @@ def run(cfg: DictConfig) -> None:
     finish(cfg, plan["stages"])
 
 
-def checked(cfg: DictConfig) -> dict:
-    """Every pre-flight check (pipeline.preflight), the first failure raised; what was chosen, said."""
+def checked(cfg: DictConfig, announce: bool = True) -> dict:
+    """Every pre-flight check (pipeline.preflight), the first failure raised; what was chosen, said
+    (or, with `announce` false, left for `chosen` to say when the run starts)."""
     # The checks import the libraries, whose import-time warnings are no reading for the terminal.
     with captured(None if cfg.verbose else keep_log("preflight", "")):
         if exports(cfg):
             llamacpp.ConverterProcess.fork_early()  # before the checks compute anything
         plan = preflight(cfg)
+    if announce:
+        chosen(cfg, plan)
+    return plan
+
+
+def chosen(cfg: DictConfig, plan: dict) -> None:
     say(f"precision: {cfg.train.precision} (requested {plan['requested']}: {plan['reason']})")
     # What else the pipeline chose for this model, where it was asked to (quantize.group_size=auto).
     for name, _, detail in plan["checks"].outcomes:
         if name == "group size" and detail.startswith("quantize.group_size=auto"):
             say(detail)
-    return plan
 
 
 def tracker_for(cfg: DictConfig):
