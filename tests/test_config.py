@@ -34,6 +34,21 @@ def test_config_groups_cover_the_pipeline():
     assert {"tiny", "hf"} <= set(GROUPS["model"]) and {"pydoc", "text", "hf"} <= set(GROUPS["data"])
 
 
+@pytest.mark.parametrize("overrides, lr, steps", [
+    ([], 1e-3, 300),  # model=base picks the small models' recipe
+    (["model=tiny"], 1e-3, 300),
+    (["model=smollm2"], 1e-4, 60),  # a pretrained model gets the pretrained recipe
+    (["model=hf", "model.name_or_path=/ckpt"], 1e-4, 60),
+    (["model=base", "train=default"], 1e-4, 60),  # the command line wins over the model's pick
+    (["model=smollm2", "train=base"], 1e-3, 300),
+    (["model=base", "train.lr=3e-4"], 3e-4, 300),
+])
+def test_each_model_fine_tunes_on_its_recipe_unless_told_otherwise(overrides, lr, steps):
+    with initialize_config_dir(str(CONF), version_base="1.3"):
+        train = compose("config", overrides=overrides).train
+    assert (train.lr, train.max_steps) == (lr, steps)
+
+
 def test_stage_selection():
     assert selected_stages("all") == list(STAGES)
     assert selected_stages(["train", "prepare"]) == ["prepare", "train"]  # always chain order
