@@ -22,10 +22,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, open_dict
 
 from pipeline import hardware
-from pipeline.artifacts import keep_log
+from pipeline.artifacts import keep_log, variant
 from pipeline.config import validate
 from pipeline.console import captured, say
 from pipeline.contract import PipelineError
@@ -44,6 +44,8 @@ class Part:
     title: str
     run_name: str
     cfg: DictConfig
+    # The noise floor: checked with the fp32 run, whose settings it shares but for the seed.
+    noise: bool = False
 
 
 def parts(cfg: DictConfig, precisions: list[str]) -> list[Part]:
@@ -52,24 +54,15 @@ def parts(cfg: DictConfig, precisions: list[str]) -> list[Part]:
     stages = selected_stages(cfg.stage)
     chain = [s for s in stages if s != "report"]
     r, model = cfg.report, cfg.model.name
-    found = [Part(p, f"{model}-{p}", variant(cfg, chain, {"train.precision": p})) for p in precisions if chain]
+    found = [Part(p, f"{model}-{p}", variant(cfg, {"stage": chain, "train.precision": p})) for p in precisions if chain]
     noise = [s for s in chain if s in NOISE_STAGES]
-    if noise and "train" in noise:
+    if "train" in noise:
         found.append(Part(f"noise floor (fp32 at seed {r.noise_seed})", f"{model}-fp32-seed{r.noise_seed}",
-                          variant(cfg, noise, {"train.precision": "fp32", "seed": r.noise_seed,
-                                               "evaluate.reference_seed": cfg.seed})))
+                          variant(cfg, {"stage": noise, "train.precision": "fp32", "seed": r.noise_seed,
+                                        "evaluate.reference_seed": cfg.seed}), noise=True))
     if "report" in stages:
-        found.append(Part("report", f"{model}-report", variant(cfg, ["report"], {"train.precision": "fp32"})))
+        found.append(Part("report", f"{model}-report", variant(cfg, {"stage": ["report"], "train.precision": "fp32"})))
     return found
-
-
-def variant(cfg: DictConfig, stages: list[str], changes: dict) -> DictConfig:
-    copy = OmegaConf.create(OmegaConf.to_container(cfg, resolve=False))
-    with open_dict(copy):
-        copy.stage = list(stages)
-        for key, value in changes.items():
-            OmegaConf.update(copy, key, value, merge=False)
-    return copy
 
 
 def run_comparison(cfg: DictConfig) -> None:
@@ -87,8 +80,7 @@ def run_comparison(cfg: DictConfig) -> None:
         return
     say(f"comparing training precisions {', '.join(precisions)} with the fp32 noise floor: {len(runs)} runs"
         + "".join(f"; {p} left out: {why}" for p, why in left_out.items()))
-    noise = next((p for p in runs if p.title.startswith("noise")), None)
-    plans = {id(p): checked(p.cfg, announce=False) for p in runs if p is not noise}  # every check, before any work
+    plans = {id(p): checked(p.cfg, announce=False) for p in runs if not p.noise}  # every check, before any work
     tracker = tracker_for(cfg)
     for number, part in enumerate(runs, 1):
         say(f"== {number}/{len(runs)}: {part.title}")
@@ -102,7 +94,7 @@ def check_each(runs: list[Part]) -> None:
     """stage=check: each run's pre-flight report (the noise floor's is fp32's, as above)."""
     failed = 0
     for part in runs:
-        if part.title.startswith("noise"):
+        if part.noise:
             say(f"{part.title}: the settings of the fp32 run at another seed, checked with it")
             continue
         say(f"== {part.title}")

@@ -132,7 +132,8 @@ def run(cfg: DictConfig, tracker) -> None:
             # The other arms' training, beside this report's own rows.
             "qat_train": {p: {q: row["train"] for q, row in by.items() if q != cfg.train.qat} for p, by in arms.items()},
             "deploy": deployable(rows, decision, r.deploy_kl, e.bootstrap, e.confidence)}
-    data["headline"] = (headline(rows, comparisons, decision, columns, r, e.confidence, e.bootstrap)
+    data["checks"] = training_checks(rows, comparisons)
+    data["headline"] = (headline(rows, comparisons, decision, columns, r, e.confidence, e.bootstrap, data["checks"])
                         + qat_lines(data["qat"], level)
                         + deploy_lines(data["deploy"], r.registered_model if registering(cfg) else None))
     data["tables"] = tables(data, columns, e.confidence)
@@ -156,9 +157,8 @@ def record(cfg: DictConfig, tracker) -> None:
     out = stage_dir(cfg, "report")
     data = read_json(out / "report.json")
     answer, decision = "\n".join(data["headline"]), data["decision"]
-    checks = training_checks(data["rows"], data["comparisons"])
     tags = {"mlflow.note.content": answer, "report.decision": decision["status"],
-            **({"report.check_training": " ".join(checks)} if checks else {}),
+            **({"report.check_training": " ".join(data["checks"])} if data["checks"] else {}),
             **({"report.precision": decision["precision"]} if "precision" in decision else {})}
     tracker.set_tags(tags)  # the report run's description in the MLflow UI, and the pipeline run's
     tracker.set_tags(tags, tracker.pipeline_run_id)

@@ -87,12 +87,12 @@ def training_checks(rows: dict, comparisons: dict) -> list[str]:
 
 
 def headline(rows: dict, comparisons: dict, decision: dict, columns: list[str], r: DictConfig, confidence: float,
-             resamples: int) -> list[str]:
+             resamples: int, checks: list[str]) -> list[str]:
     """The answer in words, as Markdown list lines: what each precision costs, what each format
-    keeps, and what to pick."""
+    keeps, and what to pick; first the training's `checks` (training_checks)."""
     lines, level = [], f"{confidence:.0%}"
     # First, since every number below is of a model the fine-tune may have damaged.
-    lines += [f"- **Check the training**: {check}" for check in training_checks(rows, comparisons)]
+    lines += [f"- **Check the training**: {check}" for check in checks]
     for precision in ordered(rows):
         row, train = rows[precision], rows[precision]["train"]
         cost = ", ".join(text.format(fmt(train[k])) for k, text, _ in COSTS if train.get(k) is not None)
