@@ -34,6 +34,8 @@ RECIPES = {
     "lora-2e-4": ["train.lr=2e-4", "model.lora.enabled=true", "model.lora.r=16", "model.lora.alpha=32",
                   "model.lora.target_modules=[q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj]"],
     "full-5e-5-mb4": ["train.lr=5e-5", "model.lora.enabled=false", "train.micro_batch_size=4"],
+    "full-1e-4-mb4": ["train.lr=1e-4", "model.lora.enabled=false", "train.micro_batch_size=4"],
+    "full-2e-4-mb4": ["train.lr=2e-4", "model.lora.enabled=false", "train.micro_batch_size=4"],
 }
 BASE = ["model=smollm2", "data=stdlib", "train.precision=fp32", "train.warmup_ratio=0.1", "train.log_every=1",
         "train.eval_batches=8", "tracking.log_model=false"]

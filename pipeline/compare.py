@@ -10,7 +10,8 @@ and is reused by (or reuses) the sweep, `make compare` and single runs alike.
    alone (a CPU without bf16 instructions), the report recommends it provisionally and says why.
 2. The noise floor: fp32 again at report.noise_seed, trained, quantized, exported and evaluated
    against the main seed's fp32 model (evaluate.reference_seed), so that the report can tell a
-   difference between precisions from seed-to-seed noise. Not served: its speed is fp32's.
+   difference between precisions from seed-to-seed noise. Not served: its speed is fp32's. Where
+   fp32 is the only precision, only its trained model is measured.
 3. The report, once, over all of them.
 
 Every run's checks pass before the first stage starts. The noise floor's settings differ from the
@@ -36,6 +37,9 @@ from pipeline.tracking import quiet_libraries
 
 # What the noise-floor run makes: enough to measure each format of a second fp32 model.
 NOISE_STAGES = ("prepare", "train", "quantize", "export", "evaluate")
+# Where fp32 is the one precision trained, no difference between precisions is set against the
+# floor at each format: the trained model's is the floor, and the formats' would double the time.
+ALONE_NOISE_STAGES = ("prepare", "train", "evaluate")
 
 
 @dataclass
@@ -55,7 +59,7 @@ def parts(cfg: DictConfig, precisions: list[str]) -> list[Part]:
     chain = [s for s in stages if s != "report"]
     r, model = cfg.report, cfg.model.name
     found = [Part(p, f"{model}-{p}", variant(cfg, {"stage": chain, "train.precision": p})) for p in precisions if chain]
-    noise = [s for s in chain if s in NOISE_STAGES]
+    noise = [s for s in chain if s in (NOISE_STAGES if len(precisions) > 1 else ALONE_NOISE_STAGES)]
     if "train" in noise:
         found.append(Part(f"noise floor (fp32 at seed {r.noise_seed})", f"{model}-fp32-seed{r.noise_seed}",
                           variant(cfg, {"stage": noise, "train.precision": "fp32", "seed": r.noise_seed,

@@ -27,11 +27,34 @@ def token_metrics(ref_logprobs, logits, input_ids) -> dict:
     }
 
 
-def batched_logprobs(logits_fn, ids, batch_size: int):
-    """Next-token log-probabilities [n, seq, vocab] of ids [n, seq], `batch_size` rows at a time."""
+def batched_logprobs(logits_fn, ids, batch_size: int, widths=None):
+    """Next-token log-probabilities [n, seq, vocab] of ids [n, seq], `batch_size` rows at a time;
+    with `widths` (each row's real tokens, padding after them), each batch is run only up to its
+    longest row, and the padding's positions hold zeros."""
     import torch
 
-    return torch.cat([torch.log_softmax(logits_fn(ids[i : i + batch_size]), -1) for i in range(0, len(ids), batch_size)])
+    return torch.cat([widened(torch.log_softmax(logits_fn(trimmed(ids, i, batch_size, widths)), -1), ids.shape[1])
+                      for i in range(0, len(ids), batch_size)])
+
+
+def trimmed(ids, start: int, batch_size: int, widths=None):
+    """Rows start..start+batch_size of ids, without the columns that are padding in every one of them:
+    a model's output at a position depends only on the positions before it, so dropping the padding
+    after the last real token changes no real position's output and saves its compute (on chat data,
+    most of a row of data.seq_len)."""
+    rows = ids[start : start + batch_size]
+    return rows if widths is None else rows[:, : max(1, int(widths[start : start + batch_size].max()))]
+
+
+def widened(values, width: int, dim: int = 1):
+    """values padded with zeros along `dim` to `width` (positions dropped as padding by trimmed)."""
+    import torch.nn.functional as F
+
+    missing = width - values.shape[dim]
+    if missing <= 0:
+        return values
+    pad = [0, 0] * (values.dim() - dim - 1) + [0, missing]
+    return F.pad(values, pad)
 
 
 def mean_kl(ref_logits, logits) -> float:
@@ -151,15 +174,18 @@ def summarize(per_token: dict, mask, resamples: int, confidence: float) -> dict:
     return out
 
 
-def greedy(logits_fn, prompts, new_tokens: int):
-    """Greedy continuations of `prompts` [n, p] using only a logits function (works for any format)."""
+def cached_greedy(model, prompts, new_tokens: int):
+    """Greedy continuations of `prompts` [n, p] by a torch causal LM, a token a step on its KV cache
+    as a server decodes, rather than the whole sequence again for every new token."""
     import torch
 
-    ids = prompts
-    for _ in range(new_tokens):
-        next_ids = logits_fn(ids)[:, -1].argmax(-1, keepdim=True)
-        ids = torch.cat([ids, next_ids], dim=1)
-    return ids[:, prompts.shape[1] :]
+    found, past, ids = [], None, prompts
+    with torch.no_grad():
+        for _ in range(new_tokens):
+            out = model(input_ids=ids, past_key_values=past, use_cache=True)
+            past, ids = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
+            found.append(ids)
+    return torch.cat(found, dim=1) if found else prompts[:, :0]
 
 
 def prefix_agreement(reference, candidate) -> float:

@@ -42,6 +42,20 @@ def forced(rerun, stages: list[str]) -> set[str]:
     return set(stages) if "all" in names else set(downstream(names)) & set(stages)
 
 
+def readers_of_new(cfg: DictConfig, stages: list[str], again: set[str]) -> set[str]:
+    """The selected stages whose output exists but reads an output this run makes anew: reused, it
+    would hold what it measured of the old one, or nothing of it (an evaluate run before there was
+    any GGUF file, found again after the export has made them)."""
+    fresh, found = set(), set()
+    for name in stages:  # chain order: a stage's readers come after it
+        if not reused(cfg, name, again | found):
+            fresh.add(name)
+        elif fresh & set(STAGES[name].STAGE.reads):
+            found.add(name)
+            fresh.add(name)
+    return found
+
+
 def report_only(stage) -> tuple[bool, object]:
     """Whether `stage` asks for the pre-flight report, and the stages it is about."""
     names = stage_names(stage)
@@ -143,6 +157,7 @@ def preflight(cfg: DictConfig, report: bool = False) -> dict:
         checks(f"base model: {name}", base_check)
     # A stage whose output is reused does no work: its settings passed its check when it ran, and
     # its check may cost seconds (llm-compressor's import) of a run that otherwise only looks.
+    plan["again"] |= readers_of_new(cfg, stages, plan["again"])
     plan["unchecked"] = {name for name in stages if reused(cfg, name, plan["again"])}
     for name in stages:
         if name in plan["unchecked"]:

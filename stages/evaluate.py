@@ -33,7 +33,7 @@ from pipeline.artifacts import atomic_dir, disk_bytes, fp32_reference, read_json
 from pipeline import llamacpp
 from pipeline.chat import heldout_chat_prompts, is_chat, prompt_ids
 from pipeline.data import load_sequences, pad_id
-from pipeline.metrics import batched_logprobs, greedy, prefix_agreement, summarize, token_metrics
+from pipeline.metrics import batched_logprobs, cached_greedy, prefix_agreement, summarize, token_metrics, trimmed, widened
 from pipeline.models import load_causal_lm, model_logits
 from pipeline.config import BASE_TYPES
 from pipeline.formats import MANIFEST, METHODS, gguf_files, quantized_checkpoints
@@ -75,14 +75,9 @@ class Scorer(NamedTuple):
     greedy: Callable
 
 
-def hf_logits(path: Path, seq_len: int):
-    return model_logits(load_causal_lm(path))
-
-
 def model_scorer(model) -> Scorer:
-    """A torch model's Scorer: greedy continuations from its logits, a batch of prompts at a time."""
-    logits = model_logits(model)
-    return Scorer(logits, partial(greedy, logits))
+    """A torch model's Scorer: greedy continuations on its KV cache, a batch of prompts at a time."""
+    return Scorer(model_logits(model), partial(cached_greedy, model))
 
 
 def hf_scorer(path: Path, seq_len: int) -> Scorer:
@@ -186,33 +181,36 @@ def continuations(generate, prompts: list, new_tokens: int):
     return torch.stack(out)
 
 
-def measure(scorer: Scorer, ids, ref_logprobs, masks, prompts, ref_continuation, e: DictConfig, others=None) -> dict:
+def measure(scorer: Scorer | None, ids, ref_logprobs, masks, prompts, ref_continuation, e: DictConfig, others=None,
+            widths=None) -> dict:
     """Metrics of one artifact; with `others` ({suffix: log-probabilities}), also its KL and top-1
     against those trained models: the fp32-trained reference, which puts every training precision
     on one scale, and for a QAT run the same run without QAT. The per-sequence NLL sums let the
-    report test differences between artifacts pairwise."""
+    report test differences between artifacts pairwise. scorer=None measures the reference itself,
+    from its log-probabilities and continuations (a second pass of the model would repeat them)."""
     import torch
 
     others = others or {}
     per_token = {k: [] for k in ("nll", "kl", "top1", "dp")}
     versus = {suffix: {k: [] for k in ("nll", "kl", "top1")} for suffix in others}
     for i in range(0, len(ids), e.batch_size):
-        batch_ids = ids[i : i + e.batch_size]
-        logits = scorer.logits(batch_ids)
-        for key, value in token_metrics(ref_logprobs[i : i + e.batch_size], logits, batch_ids).items():
-            per_token[key].append(value)
+        batch_ids = trimmed(ids, i, e.batch_size, widths)
+        width, scored = batch_ids.shape[1], ids.shape[1] - 1
+        logits = scorer.logits(batch_ids) if scorer else ref_logprobs[i : i + e.batch_size, :width]
+        for key, value in token_metrics(ref_logprobs[i : i + e.batch_size, :width], logits, batch_ids).items():
+            per_token[key].append(widened(value, scored))
         for suffix, logprobs in others.items():
-            for key, value in token_metrics(logprobs[i : i + e.batch_size], logits, batch_ids).items():
+            for key, value in token_metrics(logprobs[i : i + e.batch_size, :width], logits, batch_ids).items():
                 if key in versus[suffix]:
-                    versus[suffix][key].append(value)
+                    versus[suffix][key].append(widened(value, scored))
     per_token = {k: torch.cat(v) for k, v in per_token.items()}
     result = {name: summarize(per_token, mask, e.bootstrap, e.confidence) for name, mask in masks.items()}
     result["sequence_nll"] = (per_token["nll"].double() * masks["all"]).sum(1).tolist()
     for suffix, found in versus.items():
         found = summarize({k: torch.cat(v) for k, v in found.items()}, masks["all"], e.bootstrap, e.confidence)
         result["all"].update({f"{k}_vs_{suffix}{ci}": found[f"{k}{ci}"] for k in ("kl", "top1") for ci in ("", "_ci")})
-    result["all"]["greedy_agreement"] = prefix_agreement(ref_continuation, continuations(scorer.greedy, prompts,
-                                                                                        e.continuation_tokens))
+    own = continuations(scorer.greedy, prompts, e.continuation_tokens) if scorer else ref_continuation
+    result["all"]["greedy_agreement"] = prefix_agreement(ref_continuation, own)
     return result
 
 
@@ -297,12 +295,14 @@ def second_opinions(cfg: DictConfig, found: list, held_out, tokenizer, folder: P
     return results
 
 
-def reference_logprobs(path: Path, ids, batch_size: int, seq_len: int):
-    reference = hf_logits(path, seq_len)
-    return reference, batched_logprobs(reference, ids, batch_size)
+def reference_logprobs(path: Path, ids, batch_size: int, seq_len: int, widths=None):
+    """The trained model at `path` as a Scorer, and its log-probabilities on ids."""
+    reference = hf_scorer(path, seq_len)
+    return reference, batched_logprobs(reference.logits, ids, batch_size, widths)
 
 
 def run(cfg: DictConfig, tracker) -> None:
+    import torch
     from transformers import AutoTokenizer
 
     e = cfg.evaluate
@@ -312,6 +312,13 @@ def run(cfg: DictConfig, tracker) -> None:
     tokenizer = AutoTokenizer.from_pretrained(trained)
     # One conversation a row: packing would let a row's tokens depend on which others share it.
     held_out = load_sequences(prepared, "heldout", cfg.data.seq_len, packing=False, pad_id=pad_id(tokenizer))[: e.max_sequences]
+    # Shortest first, so that a batch's rows are of about one length and little of it is padding
+    # (measure runs each batch up to its longest row): a stable order, the same for every artifact
+    # and every run, which pairs the per-sequence numbers the report compares.
+    widths = held_out.real.sum(1)
+    if not bool(held_out.real.all()):
+        held_out = held_out[torch.argsort(widths, stable=True)]
+        widths = held_out.real.sum(1)
     ids = held_out.ids
     masks = slice_masks(ids, held_out.targets[:, 1:], np.load(prepared / "train.npy"), tokenizer)
     prompts = greedy_prompts(cfg, prepared, ids, tokenizer)
@@ -320,20 +327,20 @@ def run(cfg: DictConfig, tracker) -> None:
     # The references, once each, in fp32: this run's trained model and, unless this run is it,
     # the fp32-trained model of otherwise identical settings (at evaluate.reference_seed) and, for a QAT
     # run, the same run without QAT, where they exist.
-    reference, ref_logprobs = reference_logprobs(trained, ids, e.batch_size, cfg.data.seq_len)
-    ref_continuation = continuations(partial(greedy, reference), prompts, e.continuation_tokens)
+    reference, ref_logprobs = reference_logprobs(trained, ids, e.batch_size, cfg.data.seq_len, widths)
+    ref_continuation = continuations(reference.greedy, prompts, e.continuation_tokens)
     others, computed = {}, {}
     for suffix, settings in references(cfg).items():
         other = stage_dir(settings, "train")
         if other != trained and other.is_dir():
             if other not in computed:  # a fp32 QAT run's two references are one model
-                computed[other] = reference_logprobs(other, ids, e.batch_size, cfg.data.seq_len)[1]
+                computed[other] = reference_logprobs(other, ids, e.batch_size, cfg.data.seq_len, widths)[1]
             others[suffix] = computed[other]
 
     results = {}
     for name, kind, path in found:
-        result = measure(LOADERS[kind](path, cfg.data.seq_len), ids, ref_logprobs, masks, prompts, ref_continuation, e,
-                         others)
+        scorer = None if path == trained else LOADERS[kind](path, cfg.data.seq_len)  # the reference is the trained model
+        result = measure(scorer, ids, ref_logprobs, masks, prompts, ref_continuation, e, others, widths)
         result["all"]["size_mb"] = disk_bytes(path) / 2**20
         if kind == "gguf":  # what llama.cpp stored: its bits a weight, and the tensors it kept in other types
             result["all"].update(gguf_layout(cfg, name))

@@ -409,7 +409,11 @@ def finish(cfg: DictConfig, model, accelerator, tokenizer, progress: Progress, e
     """The final held-out loss and the output: the model (LoRA merged) and summary.json, written
     by the main process once every process has taken part in gathering the weights."""
     t, out, world = cfg.train, stage_dir(cfg, "train"), accelerator.num_processes
-    final_loss = heldout_loss(model, eval_blocks, t.micro_batch_size, accelerator, loss_on_all(cfg))
+    # The loop measured it at its last step (a second pass over the held-out batches costs a real
+    # model as much as several training steps); a run resumed at its end had no such step.
+    last = progress.history["eval_loss"][-1] if progress.history["eval_loss"] else None
+    final_loss = (last[1] if last and last[0] == t.max_steps else
+                  heldout_loss(model, eval_blocks, t.micro_batch_size, accelerator, loss_on_all(cfg)))
     distributed = accelerator.distributed_type.value
     sharded = distributed in SHARDED  # FSDP and DeepSpeed shard the weights
     state_dict = accelerator.get_state_dict(model) if sharded else None

@@ -45,10 +45,19 @@ def pytest_collection_modifyitems(items):
     items.sort(key=lambda item: rank.get(item.path.name, len(LONGEST_FIRST)))
 
 
+# The data of the tests of a checkpoint of their own (model=hf), unless they name one: plain text,
+# which every tokenizer takes (the default, chat data, needs a chat template the family
+# checkpoints of tests/families.py mostly lack); the toy models pick it themselves.
+TEST_DATA = "data=pydoc"
+
+
 def with_test_model(overrides) -> list[str]:
-    """The overrides with TEST_MODEL first, unless they name a model or a composed config of their own."""
+    """The overrides with TEST_MODEL first, unless they name a model or a composed config of their
+    own; a checkpoint's (model=hf) get TEST_DATA unless they name data."""
     overrides = list(overrides)
     own = any(o.startswith(("model=", "--config-name")) for o in overrides)
+    if "model=hf" in overrides and not any(o.startswith("data=") for o in overrides):
+        overrides.insert(overrides.index("model=hf") + 1, TEST_DATA)
     return overrides if own else [*TEST_MODEL, *overrides]
 
 
@@ -63,11 +72,16 @@ def compose_with(*overrides):
 def refused(tmp_path: Path, *overrides: str) -> str:
     """The error `python -m pipeline` refuses these settings with, found in-process by the same
     pre-flight checks (pipeline.preflight.preflight); nothing may have been written."""
+    from pipeline.artifacts import variant
     from pipeline.contract import USER_ERRORS
+    from pipeline.hardware import COMPARE
     from pipeline.preflight import preflight
 
+    cfg = compose_with(*overrides, f"paths.artifacts={tmp_path}/artifacts")
+    if cfg.train.precision == COMPARE:  # the comparison checks its fp32 run first (pipeline.compare)
+        cfg = variant(cfg, {"train.precision": "fp32"})
     with pytest.raises(USER_ERRORS) as error:
-        preflight(compose_with(*overrides, f"paths.artifacts={tmp_path}/artifacts"))
+        preflight(cfg)
     assert not (tmp_path / "artifacts").exists()
     return str(error.value)
 

@@ -34,19 +34,27 @@ def test_config_groups_cover_the_pipeline():
     assert {"tiny", "hf"} <= set(GROUPS["model"]) and {"pydoc", "text", "hf"} <= set(GROUPS["data"])
 
 
-@pytest.mark.parametrize("overrides, lr, steps", [
-    ([], 1e-3, 300),  # model=base picks the small models' recipe
-    (["model=tiny"], 1e-3, 300),
-    (["model=smollm2"], 1e-4, 60),  # a pretrained model gets the pretrained recipe
-    (["model=hf", "model.name_or_path=/ckpt"], 1e-4, 60),
-    (["model=base", "train=default"], 1e-4, 60),  # the command line wins over the model's pick
-    (["model=smollm2", "train=base"], 1e-3, 300),
-    (["model=base", "train.lr=3e-4"], 3e-4, 300),
+@pytest.mark.parametrize("overrides, data, lr, steps, precision", [
+    # The default: the real model on chat data, its recipe, every precision compared.
+    ([], "stdlib", 1e-4, 16, "compare"),
+    (["model=smollm2"], "stdlib", 1e-4, 16, "compare"),
+    (["model=hf", "model.name_or_path=/ckpt"], "stdlib", 1e-4, 16, "compare"),
+    # The toy picks its own data and recipe, one precision; so does the smoke profile.
+    (["model=base"], "pydoc", 1e-3, 300, "auto"),
+    (["model=tiny"], "pydoc", 1e-3, 300, "auto"),
+    (["profile=smoke"], "pydoc", 5e-3, 30, "auto"),
+    (["profile=smoke", "model=hf", "model.name_or_path=/ckpt"], "pydoc", 5e-3, 30, "auto"),
+    # The command line wins over the model's and the profile's picks.
+    (["model=base", "train=default"], "pydoc", 1e-4, 16, "compare"),
+    (["model=base", "data=stdlib"], "stdlib", 1e-3, 300, "auto"),
+    (["model=smollm2", "train=base"], "stdlib", 1e-3, 300, "auto"),
+    (["model=base", "train.lr=3e-4"], "pydoc", 3e-4, 300, "auto"),
+    (["profile=smoke", "model=smollm2", "data=stdlib", "train.precision=compare"], "stdlib", 5e-3, 30, "compare"),
 ])
-def test_each_model_fine_tunes_on_its_recipe_unless_told_otherwise(overrides, lr, steps):
+def test_each_model_fine_tunes_on_its_data_and_recipe_unless_told_otherwise(overrides, data, lr, steps, precision):
     with initialize_config_dir(str(CONF), version_base="1.3"):
-        train = compose("config", overrides=overrides).train
-    assert (train.lr, train.max_steps) == (lr, steps)
+        cfg = compose("config", overrides=overrides)
+    assert (cfg.data.name, cfg.train.lr, cfg.train.max_steps, cfg.train.precision) == (data, lr, steps, precision)
 
 
 def test_stage_selection():

@@ -136,7 +136,7 @@ def test_a_checkpoint_llama_cpp_would_run_differently_is_refused_before_training
     from tests.conftest import compose_with
 
     preflight(compose_with("stage=[prepare,train]", "model=hf", f"model.name_or_path={model}", "data.seq_len=64",
-                           f"paths.artifacts={tmp_path}/elsewhere"))
+                           "train.precision=fp32", f"paths.artifacts={tmp_path}/elsewhere"))
 
 
 def test_lora_targets_that_match_no_layer_are_refused_before_training(tmp_path):

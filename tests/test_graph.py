@@ -168,4 +168,4 @@ def test_an_address_needs_no_particular_import_order():
             "    print(stage_dir(compose('config'), 'report').name)\n")
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-2000:]
-    assert result.stdout.startswith("stdlib-base-sweep-seed0-")
+    assert result.stdout.startswith("smollm2-135m-instruct-sweep-seed0-")

@@ -56,7 +56,7 @@ def pickle_checkpoint(tmp_path):
 def test_the_report_lists_every_check_and_runs_nothing(tmp_path):
     model = bpe_phi3(tmp_path)
     result = pipeline(tmp_path, "stage=check", "model=hf", f"model.name_or_path={model}", "data.seq_len=64",
-                      "model.lora.enabled=true", "serve.engines=[external]", check=False)
+                      "train.precision=fp32", "model.lora.enabled=true", "serve.engines=[external]", check=False)
     lines = result.stdout.splitlines()
     listed = {line.split()[1]: line.split()[0] for line in lines if line.startswith("  ")}
     assert listed == {"settings": "passed", "precision": "passed", "group": "passed", "launch": "passed",

@@ -10,10 +10,12 @@ import numpy as np
 from omegaconf import DictConfig
 
 from pipeline.formats import METHODS, NO_QAT, QAT, SMOOTHED
-from pipeline.hardware import PRECISIONS
+from pipeline.hardware import COMPARE, PRECISIONS
 from pipeline.metrics import bootstrap_ci, percentile_interval, round_rate, round_replicates
 from pipeline.contract import declared
 from stages.report.collect import column
+
+COMPARE_RUN = f"train.precision={COMPARE}"
 
 GATE_METRICS = ("perplexity", "kl", "kl_vs_fp32", "top1", "perplexity_ratio_to_fp32", "size_mb",
                 "ttft_ms_p50", "ttft_ms_p99", "itl_ms_p50", "output_tokens_per_s")
@@ -238,9 +240,11 @@ def decide(rows: dict, comparisons: dict, r: DictConfig, cfg: DictConfig) -> dic
                             f"deployed model is not measured; `{sweep}` runs {'it' if len(others) == 1 else 'them'} "
                             "all the same."]}
     if len(rows) == 1:
-        return {"status": "none", "reasons": [f"only {next(iter(rows))} was run with these settings. `{sweep}` adds "
-                                              "the cross-precision comparison, and `make compare` runs it with the fp32 "
-                                              "noise floor through DVC."]}
+        return {"status": "none", "reasons": [f"only {next(iter(rows))} was run with these settings. "
+                                              f"`python -m pipeline {COMPARE_RUN}` (the default of a pretrained model) "
+                                              "adds the cross-precision comparison: each precision this machine trains "
+                                              f"natively, the fp32 noise floor and the report; `{sweep}` trains every "
+                                              "precision all the same."]}
     if "fp32" not in rows:
         return {"status": "none", "reasons": [f"there is no fp32-trained model to compare against: run `{sweep}` "
                                               "(or `make compare`)."]}
@@ -267,7 +271,7 @@ def decide(rows: dict, comparisons: dict, r: DictConfig, cfg: DictConfig) -> dic
     if not comparisons["noise"]:
         decision["reasons"].append(f"the seed-to-seed difference of two fp32 runs was not measured, so a difference "
                                    f"between precisions may be training noise: run `{noise_run}`, then "
-                                   "`python -m pipeline stage=report` (`make compare` includes it).")
+                                   f"`python -m pipeline stage=report` (`python -m pipeline {COMPARE_RUN}` runs it all).")
     return decision
 
 
