@@ -34,7 +34,7 @@ FAST = ["profile=smoke", "train.max_steps=8"]
 
 # The longest test modules first: the two test processes of `make test` (each takes whole modules,
 # whose tests share module fixtures) then finish close together.
-LONGEST_FIRST = ("test_report.py", "test_base.py", "test_dvc.py", "test_team.py", "test_families.py", "test_train.py",
+LONGEST_FIRST = ("test_smollm2.py", "test_report.py", "test_base.py", "test_dvc.py", "test_team.py", "test_families.py", "test_train.py",
                  "test_tracking.py", "test_distributed.py", "test_gpu_bundle.py", "test_qat.py", "test_vllm.py",
                  "test_export.py", "test_reuse.py", "test_serve.py", "test_config.py", "test_chat.py",
                  "test_quantize_evaluate.py")
