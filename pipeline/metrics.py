@@ -27,6 +27,15 @@ def token_metrics(ref_logprobs, logits, input_ids) -> dict:
     }
 
 
+def own_metrics(ref_logprobs, input_ids) -> dict:
+    """token_metrics of the reference against itself, exactly: its NLL, and zero KL and Δp, full
+    top-1 agreement (log-probabilities normalised again would differ from themselves in the last bits)."""
+    import torch
+
+    nll = -ref_logprobs[:, :-1].gather(-1, input_ids[:, 1:].unsqueeze(-1)).squeeze(-1)
+    return {"nll": nll, "kl": torch.zeros_like(nll), "top1": torch.ones_like(nll), "dp": torch.zeros_like(nll)}
+
+
 def batched_logprobs(logits_fn, ids, batch_size: int, widths=None):
     """Next-token log-probabilities [n, seq, vocab] of ids [n, seq], `batch_size` rows at a time;
     with `widths` (each row's real tokens, padding after them), each batch is run only up to its

@@ -33,7 +33,8 @@ from pipeline.artifacts import atomic_dir, disk_bytes, fp32_reference, read_json
 from pipeline import llamacpp
 from pipeline.chat import heldout_chat_prompts, is_chat, prompt_ids
 from pipeline.data import load_sequences, pad_id
-from pipeline.metrics import batched_logprobs, cached_greedy, prefix_agreement, summarize, token_metrics, trimmed, widened
+from pipeline.metrics import (batched_logprobs, cached_greedy, own_metrics, prefix_agreement, summarize, token_metrics,
+                              trimmed, widened)
 from pipeline.models import load_causal_lm, model_logits
 from pipeline.config import BASE_TYPES
 from pipeline.formats import MANIFEST, METHODS, gguf_files, quantized_checkpoints
@@ -196,8 +197,10 @@ def measure(scorer: Scorer | None, ids, ref_logprobs, masks, prompts, ref_contin
     for i in range(0, len(ids), e.batch_size):
         batch_ids = trimmed(ids, i, e.batch_size, widths)
         width, scored = batch_ids.shape[1], ids.shape[1] - 1
-        logits = scorer.logits(batch_ids) if scorer else ref_logprobs[i : i + e.batch_size, :width]
-        for key, value in token_metrics(ref_logprobs[i : i + e.batch_size, :width], logits, batch_ids).items():
+        ref = ref_logprobs[i : i + e.batch_size, :width]
+        logits = scorer.logits(batch_ids) if scorer else ref
+        found = token_metrics(ref, logits, batch_ids) if scorer else own_metrics(ref, batch_ids)
+        for key, value in found.items():
             per_token[key].append(widened(value, scored))
         for suffix, logprobs in others.items():
             for key, value in token_metrics(logprobs[i : i + e.batch_size, :width], logits, batch_ids).items():
