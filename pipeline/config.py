@@ -266,6 +266,7 @@ class Evaluate:
     extra: dict[str, str] = setting(factory=dict)
     reference_seed: Optional[int] = None
     second_opinion: SecondOpinion = field(default_factory=SecondOpinion)
+    grid_effect: Optional[str] = None
 
 
 @dataclass

@@ -300,6 +300,33 @@ class GGUFError(ValueError):
     """A file that is not a complete, loadable GGUF model."""
 
 
+def file_type(name: str, setting: str = "export.types"):
+    """llama.cpp's file type `name` (q4_k_m, q8_0, ...), refused in one line naming `setting` and the valid ones."""
+    import gguf
+
+    try:
+        return gguf.LlamaFileType[f"MOSTLY_{name.upper()}"]
+    except KeyError:
+        valid = sorted(t.name.removeprefix("MOSTLY_").lower() for t in gguf.LlamaFileType if t.name.startswith("MOSTLY_"))
+        raise ValueError(f"{setting}: {name!r} is not a llama.cpp type; valid: {', '.join(valid)}.") from None
+
+
+def quantize(source: Path, target: Path, name: str, embedding_type: str | None = None,
+             imatrix: Path | None = None) -> None:
+    """`source` quantized to the llama.cpp file type `name` by llama-quantize, the importance matrix
+    `imatrix` given; a failure is one line with its reason, its output kept in a log."""
+    file_type(name)
+    stated = ["--token-embedding-type", embedding_type, "--output-tensor-type", embedding_type] if embedding_type else []
+    # Beside the matrix, which the file names as llama-quantize was given it: not the scratch folder's path.
+    stated += ["--imatrix", imatrix.name] if imatrix else []
+    result = subprocess.run([str(tool("llama-quantize")), *stated, str(source), str(target), name.upper(), "1"],
+                            capture_output=True, text=True, cwd=imatrix.parent if imatrix else None)
+    if result.returncode != 0 or not target.exists():
+        log = keep_log(f"llama-quantize-{name}", result.stdout + result.stderr)
+        raise PipelineError(f"llama-quantize failed on {source.name} -> {name} (exit status {result.returncode}): "
+                            f"{last_words(result.stdout + result.stderr)} (its output: {log})")
+
+
 def tensor_types(path: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
     """{tensor name: (GGML type name, shape)} read from the file's header."""
     return dict(_header(path).tensors)
@@ -475,14 +502,15 @@ def logits_fn(llm):
 
 
 def greedy_fn(llm):
-    """Greedy continuations [n, count] of prompts [n, p], each decoded a token a step on llama.cpp's
-    KV cache, as a server decodes (not the whole sequence again for every token)."""
+    """Greedy continuations [n, count] of `prompts` (token id rows of any lengths), each decoded a
+    token a step on llama.cpp's KV cache, as a server decodes (not the whole sequence again for
+    every token)."""
     import numpy as np
     import torch
 
     def greedy(prompts, count: int):
         rows = []
-        for row in prompts.tolist():
+        for row in (p.tolist() for p in prompts):
             llm.reset()
             llm.eval(row)
             new = [int(np.argmax(llm.scores[llm.n_tokens - 1]))]

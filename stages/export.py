@@ -78,16 +78,6 @@ LOGIT_TOLERANCE_SCALE = {"f16": 1, "f32": 1, "bf16": 8}
 PROBE = "Grüße, naïve café: 東京 🦙 x² → ∞\n\tdef f(x):\n        return x  # 12345\n\n"
 
 
-def file_type(name: str):
-    import gguf
-
-    try:
-        return gguf.LlamaFileType[f"MOSTLY_{name.upper()}"]
-    except KeyError:
-        valid = sorted(t.name.removeprefix("MOSTLY_").lower() for t in gguf.LlamaFileType if t.name.startswith("MOSTLY_"))
-        raise ValueError(f"export.types: {name!r} is not a llama.cpp type; valid: {', '.join(valid)}.") from None
-
-
 def main_tensor_type(name: str):
     """The GGML type a llama.cpp file type stores its weights in (q4_k_m -> Q4_K)."""
     import gguf
@@ -102,7 +92,7 @@ def main_tensor_type(name: str):
 def check(cfg: DictConfig) -> list[str]:
     x = cfg.export
     for name in [*x.types, *x.embedding_types, *x.embedding_types.values()]:
-        file_type(name)
+        llamacpp.file_type(name)
     require_qat_artifact(cfg, "export", x.types)
     if x.types:
         llamacpp.tool("llama-quantize")
@@ -256,20 +246,6 @@ def rounded_like_gguf(model, dtype: str):
         if parameter.ndim > 1:
             parameter.data = parameter.data.to(torch_dtype).float()
     return model
-
-
-def quantize_gguf(source: Path, target: Path, name: str, embedding_type: str | None = None,
-                  imatrix: Path | None = None) -> None:
-    file_type(name)
-    stated = ["--token-embedding-type", embedding_type, "--output-tensor-type", embedding_type] if embedding_type else []
-    # Beside the matrix, which the file names as llama-quantize was given it: not the scratch folder's path.
-    stated += ["--imatrix", imatrix.name] if imatrix else []
-    result = subprocess.run([str(llamacpp.tool("llama-quantize")), *stated, str(source), str(target), name.upper(), "1"],
-                            capture_output=True, text=True, cwd=imatrix.parent if imatrix else None)
-    if result.returncode != 0 or not target.exists():
-        log = keep_log(f"llama-quantize-{name}", result.stdout + result.stderr)
-        raise PipelineError(f"llama-quantize failed on {source.name} -> {name} (exit status {result.returncode}): "
-                            f"{last_words(result.stdout + result.stderr)} (its output: {log})")
 
 
 def with_imatrix(x: DictConfig) -> list[str]:
@@ -552,7 +528,7 @@ def run(cfg: DictConfig, tracker) -> None:
                 kind = f"{name}-{STAGE.names['imatrix']}" if matrix else name
                 target = gguf_file(tmp, source, kind)
                 started = time.perf_counter()
-                quantize_gguf(full, target, name, x.embedding_types.get(name), matrix)
+                llamacpp.quantize(full, target, name, x.embedding_types.get(name), matrix)
                 files[kind] = {"seconds": time.perf_counter() - started,
                                **validate(target, name, tokenizer, texts, x.check, check_ids=check_ids[:1],
                                           refuse_fallback=fallback_refusal(cfg, name))}

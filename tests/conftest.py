@@ -24,8 +24,9 @@ GROUPS = {g.name: sorted(p.stem for p in g.glob("*.yaml")) for g in CONF.iterdir
 # The whole chain, small but real (conf/profile/smoke.yaml), at fp32 so that it runs at one speed
 # on every CPU; FAST trains for only a handful of steps.
 SMALL_CHAIN = ["profile=smoke", "train.precision=fp32"]
-# The tests train the tiny model from random initialisation unless they name a model: the offline
-# default, a fine-tune of the pretrained base (model=base), has tests of its own (tests/test_base.py).
+# The tests train the tiny model from random initialisation unless they name a model: the toy, a
+# fine-tune of the pretrained base (model=base), has tests of its own (tests/test_base.py), as has
+# the offline default, SmolLM2-135M-Instruct (tests/test_smollm2.py).
 # Two of its four layers: still several blocks for every per-layer path (AWQ, QAT, K-quants, the
 # converter's tensor map), and a third less time a training step (a smoke chain: 15% less).
 TEST_MODEL = ["model=tiny", "model.arch.num_hidden_layers=2"]

@@ -1,6 +1,5 @@
-"""The offline default: a fine-tune of a base model pretrained on the standard library's docstrings,
-built once per machine. The base never sees the text it is measured on; the fine-tune learns; and
-the deployed formats cost what quantization costs a trained model."""
+"""The toy (model=base): a fine-tune of a base model pretrained on the standard library's docstrings,
+built once per machine. The base never sees the text it is measured on, and the fine-tune learns."""
 
 import numpy as np
 import pytest
@@ -10,18 +9,9 @@ from pipeline.artifacts import read_json, stage_dir
 from pipeline.hardware import detect, resolve_precision
 from pipeline.models import base_config, starting_checkpoint
 from stages.prepare import SHARED_PASSAGE, load_documents, normalized, split, stdlib_docstrings
-from stages.report.collect import assemble
-from stages.report.stats import paired_ratio
 from tests.conftest import compose_with, only_dir, pipeline, runs
 
 BASE = "model=base"
-# The default chain up to the measurements its assertions read, on the trained model's GGUF files
-# alone: llm-compressor's checkpoints, the AWQ-smoothed source (which doubles the export and the
-# evaluation), llama-perplexity's second opinion and the greedy continuations have tests of their
-# own on the smoke chain. Half the held-out sequences: the assertions read signs and orders, not
-# intervals (on the first 64 on an AMD EPYC, 4-bit cost x1.0013-1.0019, on all 119 x1.0016-1.0017).
-MEASURED = ["stage=[prepare,train,export,evaluate]", "export.sources=[trained]", "export.imatrix=[]",
-            "evaluate.second_opinion.enabled=false", "evaluate.max_sequences=64", "evaluate.prompts=1"]
 
 
 @pytest.mark.slow  # reads every docstring of the standard library and every pydoc topic (seconds)
@@ -50,25 +40,16 @@ def test_the_base_is_addressed_by_its_recipe_not_by_the_fine_tune():
     assert base_config(compose_with("model=tiny")) is None
 
 
+
 @pytest.mark.slow
-def test_the_default_fine_tune_learns_and_quantization_costs_quality(tmp_path):
-    pipeline(tmp_path, *MEASURED, BASE)
-    cfg = compose_with(BASE, *MEASURED[1:], f"paths.artifacts={tmp_path}/artifacts")
+def test_the_toy_fine_tune_learns_and_its_base_is_built_once_per_machine(tmp_path):
+    """The toy's fine-tune (model=base, on the pydoc text the base never saw) lowers the held-out
+    loss; what quantization costs a fine-tuned model is asserted on the real one (test_smollm2.py)."""
+    pipeline(tmp_path, "stage=[prepare,train]", BASE)
+    cfg = compose_with(BASE, f"paths.artifacts={tmp_path}/artifacts")
     cfg.train.precision = resolve_precision(cfg.train.precision, detect())[0]  # as the run resolved `auto`
     train = read_json(stage_dir(cfg, "train") / "summary.json")
-    # Fine-tuning on the pydoc text lowers the held-out loss of the base, which never saw it.
     assert train["heldout_loss"] < train["start_heldout_loss"] - 0.3, train
-    evaluation = stage_dir(cfg, "evaluate")
-    row = assemble(train, read_json(evaluation / "summary.json"), read_json(evaluation / "per_sequence.json"), None, "c1")
-    kl = {name: row["artifacts"][name]["kl"] for name in ("trained.16bit", "trained.q8_0", "trained.q4_k_m")}
-    assert kl["trained.16bit"] < kl["trained.q8_0"] < kl["trained.q4_k_m"], kl
-    # 4-bit costs perplexity: the fine-tune is trained far enough that quantization noise no longer
-    # lowers it, as it did an undertrained one. The cost, 0.1-0.2% on the whole held-out split (about
-    # 15,000 tokens), is near the interval's width: on an AMD EPYC q4_k_m's was x1.0017 [1.0006, 1.0027],
-    # on a Xeon with AMX x1.0008 [0.9996, 1.0019] (benchmarks/RESULTS.md), so only its sign is asserted.
-    for name in ("trained.q4_k_m", "trained.q4_0"):
-        q4 = paired_ratio(row, name, row, "trained", 1000, 0.95)
-        assert q4["ratio"] > 1, (name, q4)
 
     (base_run,) = runs(tmp_path, "base")
     assert base_run.data.tags["output"] == starting_checkpoint(cfg)

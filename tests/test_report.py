@@ -18,7 +18,7 @@ from pipeline.artifacts import read_json, stage_dir
 from stages.report.render import NOISE, plot_data
 from stages.report.register import registering
 from stages.report.stats import compare, decide, deployable, gate_results, paired_ratio, pareto_front, verdict
-from stages.report.text import deploy_lines, fmt, gate_line, lookup, training_checks
+from stages.report.text import deploy_lines, fmt, gate_line, grid_lines, lookup, training_checks
 from stages.train import got_worse
 from tests.conftest import SMALL_CHAIN, compose_with, mlflow_client, only_dir, pipeline, refused, replace, runs
 
@@ -303,6 +303,18 @@ def test_paired_ratio_matches_the_perplexity_ratio_and_its_interval_narrows_with
     assert paired_ratio(b, "trained", a, "trained", 500, 0.95) is None  # different sequences never pair
 
 
+def test_the_noise_floor_of_the_trained_models_pairs_them_on_every_held_out_sequence():
+    fp32, noise = fake_row({"trained": 3.0, "q4": 3.1}, 0.2), fake_row({"trained": 3.2, "q4": 3.3}, 0.21)
+    assert compare({"fp32": fp32}, noise, ["trained", "q4"], 300, 0.95)["noise"]["trained"]["ratio"] > 1.1
+    # The noise run's evaluation measured both trained models on more sequences: those pair them.
+    noise["reference_pairs"] = {"tokens": [50] * 120, "nll": {"trained": [150.0] * 120, "fp32": [149.0] * 120}}
+    found = compare({"fp32": fp32}, noise, ["trained", "q4"], 300, 0.95)["noise"]
+    assert found["trained"]["ratio"] == pytest.approx(math.exp(1 / 50))
+    assert found["q4"] == paired_ratio(noise, "q4", fp32, "q4", 300, 0.95)  # the formats: on the rows' sequences
+    noise["train"]["qat"] = "q4_0"  # a QAT run's fp32 reference is the model without QAT, not the fp32 row's
+    assert compare({"fp32": fp32}, noise, ["trained"], 300, 0.95)["noise"]["trained"]["ratio"] > 1.1
+
+
 def test_verdict_counts_the_noise_floor_and_says_which_side_of_1_it_is():
     assert verdict({"ratio_ci": [1.02, 1.04]}, 0) == "worse"
     # The interval excludes 1 but lies inside the noise band: not "no significant difference".
@@ -335,6 +347,25 @@ def test_a_fine_tune_that_worsened_the_model_and_formats_better_than_their_sourc
     rows["fp32"]["train"]["check"] = got_worse(fp32 | {"heldout_loss": 2.9})
     rows["bf16"]["sequence_nll"]["q4"] = rows["bf16"]["sequence_nll"]["trained"]
     assert training_checks(rows, compare(rows, None, ["trained", "q4"], 300, 0.95)) == []
+
+
+def test_the_starting_weights_grid_effect_is_stated_only_as_its_intervals_support():
+    def grid(start_ci, trained_ci):
+        return {"type": "q4_k_m", "starting": {"kl": sum(start_ci) / 2, "kl_ci": start_ci},
+                "trained": {"kl": sum(trained_ci) / 2, "kl_ci": trained_ci}}
+
+    rows = {"fp32": fake_row({"trained": 3.0}, 0.4)}
+    assert grid_lines(rows, "95%") == []  # not measured: no line, never a number
+    rows["fp32"]["grid_effect"] = grid([0.01, 0.02], [0.05, 0.07])
+    (line,) = grid_lines(rows, "95%")
+    assert line.startswith("- **The starting weights' grid**: q4_k_m made from the starting weights costs KL 0.015 "
+                           "[0.010, 0.020] against the starting model; made from the fine-tuned weights, KL 0.060 "
+                           "[0.050, 0.070] against the fine-tuned model (95% intervals), 4.0× the starting model's")
+    rows["fp32"]["grid_effect"] = grid([0.08, 0.1], [0.05, 0.07])
+    assert "the starting model's is 1.5× it: the grid the file shipped the weights on gives q4_k_m no discount" in \
+        grid_lines(rows, "95%")[0]
+    rows["fp32"]["grid_effect"] = grid([0.01, 0.06], [0.05, 0.07])
+    assert "within each other's intervals" in grid_lines(rows, "95%")[0]
 
 
 def test_fp32_alone_with_its_noise_floor_is_a_provisional_answer_that_names_the_others():

@@ -73,6 +73,18 @@ def test_a_code_change_reruns_that_stage_and_those_after_it(project):
     assert outputs[-1] != outputs[0] and all(Path(o).is_dir() for o in (outputs[0], outputs[-1]))
 
 
+def test_a_stage_that_reads_an_output_made_anew_runs_again(project):
+    """An export made again (its output gone) is read again by the evaluation and the serving
+    benchmark, whose outputs still exist: reused, they would hold what they measured of the old
+    files, or nothing of them."""
+    (export,) = (project / "artifacts" / "export").iterdir()
+    shutil.rmtree(export)
+    pipeline(project, "stage=all", *CHAIN, root=project)
+    reused = stage_runs(project, last_parent(project))
+    assert [s for s, again in reused.items() if not again] == ["export", "evaluate", "serve", "report"]
+    assert export.is_dir()
+
+
 def test_a_bad_setting_prints_one_line_without_a_traceback(tmp_path):
     # What a user's shell shows, from a whole interpreter start.
     result = pipeline(tmp_path, "train.max_steps=0", check=False, fork=False)

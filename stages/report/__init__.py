@@ -41,8 +41,8 @@ from stages.report.register import register, registering
 from stages.report.render import TITLES, plot_data, render
 from stages.report.stats import (GATE_METRICS, compare, decide, deployable, faster, gate_results, ordered,
                                  qat_against_ptq, waterfall)
-from stages.report.text import (RULE, deploy_lines, gate_line, headline, html_page, markdown, qat_lines, tables,
-                                training_checks)
+from stages.report.text import (RULE, deploy_lines, gate_line, grid_lines, headline, html_page, markdown, qat_lines,
+                                tables, training_checks)
 
 # It reads every precision's outputs, beyond its own address, so it always runs (in seconds).
 # It also reads the deployable artifact and the data hash where it registers (register.py).
@@ -134,7 +134,7 @@ def run(cfg: DictConfig, tracker) -> None:
             "deploy": deployable(rows, decision, r.deploy_kl, e.bootstrap, e.confidence)}
     data["checks"] = training_checks(rows, comparisons)
     data["headline"] = (headline(rows, comparisons, decision, columns, r, e.confidence, e.bootstrap, data["checks"])
-                        + qat_lines(data["qat"], level)
+                        + grid_lines(rows, level) + qat_lines(data["qat"], level)
                         + deploy_lines(data["deploy"], r.registered_model if registering(cfg) else None))
     data["tables"] = tables(data, columns, e.confidence)
     data["plots"] = plot_data(data, columns, r.quality_metric,

@@ -9,10 +9,13 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 from pipeline.artifacts import read_json, stage_dir, variant, verify_stage_output
+from pipeline.contract import declared
 
 # Serving figures a row's cells carry (at report.serve_level), each with its interval.
 SERVED = ("output_tokens_per_s", "ttft_ms_p50", "ttft_ms_p99", "itl_ms_p50")
 # What served each format, as the report names it.
+# The evaluate stage's file of the starting weights' grid effect.
+GRID_EFFECT = declared("evaluate").names["grid_effect"]
 ENGINE_NAMES = {"llamacpp": "llama-server", "vllm": "vLLM", "external": "the endpoint"}
 
 
@@ -22,16 +25,22 @@ def column(name: str) -> str:
     return f"{source}.16bit" if kind in ("f16", "bf16") else name
 
 
-def assemble(train: dict, evaluation: dict | None, per_sequence: dict | None, serving: dict | None, level: str) -> dict:
+def assemble(train: dict, evaluation: dict | None, per_sequence: dict | None, serving: dict | None, level: str,
+             grid: dict | None = None) -> dict:
     """One training run's row: its training summary and, per deployed format, what was measured
-    (served figures with their intervals, and each round's per-request values they rest on)."""
+    (served figures with their intervals, and each round's per-request values they rest on), and
+    the starting weights' grid effect where the evaluation measured it."""
     row = {"train": train, "artifacts": {}, "sequence_nll": {}, "sequence_tokens": []}
+    if grid:
+        row["grid_effect"] = grid
     if evaluation:
         row["artifacts"] = {column(n): dict(v) for n, v in evaluation.items()}
     if per_sequence:
         row["sequence_nll"] = {column(n): v for n, v in per_sequence["nll"].items()}
         row["sequence_tokens"] = per_sequence["tokens"]
         row["scored"] = per_sequence.get("scored", "all tokens")
+        if per_sequence.get("references"):  # the trained model and its references on every held-out sequence
+            row["reference_pairs"] = per_sequence["references"]
     for name, result in (serving or {}).get("results", {}).items():
         measured = result.get("levels", {}).get(level)
         if result["status"] == "ok" and measured and column(name) in row["artifacts"]:
@@ -61,7 +70,7 @@ def collect(cfg: DictConfig, changes: dict) -> dict | None:
     evaluation, serving = stage_dir(run, "evaluate"), stage_dir(run, "serve")
     return assemble(read_json(train), _json_or_none(evaluation / "summary.json"),
                     _json_or_none(evaluation / "per_sequence.json"), _json_or_none(serving / "summary.json"),
-                    cfg.report.serve_level)
+                    cfg.report.serve_level, _json_or_none(evaluation / GRID_EFFECT))
 
 
 def collect_runs(client, run_ids: list[str], level: str) -> tuple[dict, dict | None, list[int]]:
@@ -89,7 +98,8 @@ def collect_runs(client, run_ids: list[str], level: str) -> tuple[dict, dict | N
                 raise ValueError(f"report.runs: MLflow run {run_id} has no train stage summary.")
             row = assemble(train, artifact(by_stage, "evaluate", "evaluation/summary.json"),
                            artifact(by_stage, "evaluate", "evaluation/per_sequence.json"),
-                           artifact(by_stage, "serve", "serve/summary.json"), level)
+                           artifact(by_stage, "serve", "serve/summary.json"), level,
+                           artifact(by_stage, "evaluate", f"evaluation/{GRID_EFFECT}"))
             if precision not in rows:
                 rows[precision] = row
                 seeds += [seed] if precision == "fp32" else []

@@ -36,6 +36,19 @@ def paired_ratio(a: dict, a_name: str, b: dict, b_name: str, resamples: int, con
             "ratio_ci": list(bootstrap_ci(diff, tokens, resamples, confidence, transform=np.exp))}
 
 
+def against_fp32(row: dict, name: str, fp32: dict, resamples: int, confidence: float) -> dict | None:
+    """paired_ratio of a row's artifact over the fp32 row's; for the trained models, over every
+    held-out sequence where the row's evaluation measured both (reference_pairs: its fp32 reference
+    is the fp32 row's model where neither trained with QAT)."""
+    pair = row.get("reference_pairs")
+    plain = row["train"].get("qat", NO_QAT) == NO_QAT and fp32["train"].get("qat", NO_QAT) == NO_QAT
+    if name == "trained" and plain and pair and "fp32" in pair["nll"]:
+        ours, theirs = ({"sequence_nll": {name: pair["nll"][key]}, "sequence_tokens": pair["tokens"]} for key in (name, "fp32"))
+        found = paired_ratio(ours, name, theirs, name, resamples, confidence)
+        return found and {**found, "sequences": len(pair["tokens"])}
+    return paired_ratio(row, name, fp32, name, resamples, confidence)
+
+
 def verdict(comparison: dict, noise: float) -> str:
     """"worse" / "better" only beyond the noise floor; "no significant difference" only where the
     interval holds 1; an interval that excludes 1 but lies inside the floor is said to be so."""
@@ -67,14 +80,14 @@ def compare(rows: dict, noise: dict | None, columns: list[str], resamples: int, 
     if fp32 is None:
         return out
     if noise is not None:
-        found = {n: paired_ratio(noise, n, fp32, n, resamples, confidence) for n in columns}
+        found = {n: against_fp32(noise, n, fp32, resamples, confidence) for n in columns}
         out["noise"] = {n: c for n, c in found.items() if c}
     for precision, row in rows.items():
         if precision == "fp32":
             continue
         out["vs_fp32"][precision] = {}
         for name in columns:
-            found = paired_ratio(row, name, fp32, name, resamples, confidence)
+            found = against_fp32(row, name, fp32, resamples, confidence)
             if found:
                 floor = abs(out["noise"][name]["ratio"] - 1) if name in out["noise"] else 0.0
                 out["vs_fp32"][precision][name] = {**found, "noise": floor, "verdict": verdict(found, floor)}

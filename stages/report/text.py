@@ -46,6 +46,11 @@ def ratio(c: dict) -> str:
     return f"×{c['ratio']:.4f} [{c['ratio_ci'][0]:.4f}, {c['ratio_ci'][1]:.4f}]"
 
 
+def on_every(c: dict) -> str:
+    """Where a comparison of trained models was paired on every held-out sequence, not the artifacts' first ones."""
+    return f" (on all {c['sequences']} held-out sequences)" if "sequences" in c else ""
+
+
 def served_text(c: dict) -> str:
     if not c.get("output_tokens_per_s"):
         return ""
@@ -107,7 +112,7 @@ def headline(rows: dict, comparisons: dict, decision: dict, columns: list[str], 
         if precision in comparisons["vs_fp32"]:
             lines.append(f"- **{precision}**: {cost}. Deployed perplexity against the fp32-trained model's at the same "
                          f"format ({level} paired interval):")
-            lines += [f"  - {n}: {ratio(c)}, {c['verdict']}" for n, c in comparisons["vs_fp32"][precision].items()]
+            lines += [f"  - {n}: {ratio(c)}{on_every(c)}, {c['verdict']}" for n, c in comparisons["vs_fp32"][precision].items()]
         elif len(rows) == 1:
             lines.append(f"- **{precision}**: {cost}. Each deployed format against this {precision}-trained model "
                          f"({level} intervals):")
@@ -121,7 +126,7 @@ def headline(rows: dict, comparisons: dict, decision: dict, columns: list[str], 
     if comparisons["noise"]:
         lines.append(f"- **Noise floor**, fp32 at seed {r.noise_seed} against fp32 at the main seed; differences between "
                      "precisions within it are training noise. Perplexity ratio:")
-        lines += [f"  - {n}: {ratio(c)}" for n, c in comparisons["noise"].items()]
+        lines += [f"  - {n}: {ratio(c)}{on_every(c)}" for n, c in comparisons["noise"].items()]
     if decision["status"] == "none":
         lines.append("- **No recommendation**: " + " Also, ".join(decision["reasons"]))
     else:
@@ -169,6 +174,28 @@ def qat_lines(found: dict, level: str) -> list[str]:
                          f"at the same format ({level} paired interval), {c['verdict']}; {recovered}"
                          + (f"; ×{fmt(c['step_time_ratio'])} the step time" if c["step_time_ratio"] else "") + ".")
     return lines
+
+
+def grid_lines(rows: dict, level: str) -> list[str]:
+    """The starting weights' grid effect (evaluate.grid_effect), from the first row that measured it:
+    a 4-bit type's KL on the weights as a quantized file shipped them, against the fine-tuned ones."""
+    found = next((row["grid_effect"] for p in ordered(rows) if (row := rows[p]).get("grid_effect")), None)
+    if found is None:
+        return []
+    start, trained, kind = found["starting"], found["trained"], found["type"]
+    if trained["kl_ci"][0] > start["kl_ci"][1]:
+        verdict = (f"{trained['kl'] / start['kl']:.1f}× the starting model's: the weights as shipped sit on the file's "
+                   f"grid, which {kind} nearly keeps, and the fine-tune moved them off it, so the fine-tuned figure is "
+                   "the one a deployment pays")
+    elif start["kl_ci"][0] > trained["kl_ci"][1]:
+        verdict = (f"the starting model's is {start['kl'] / trained['kl']:.1f}× it: the grid the file shipped the weights "
+                   f"on gives {kind} no discount, so the fine-tuned figure is not flattered by it")
+    else:
+        verdict = (f"within each other's intervals: the grid the file shipped the weights on makes no measured "
+                   f"difference to {kind}'s cost")
+    return [f"- **The starting weights' grid**: {kind} made from the starting weights costs KL {fmt(start['kl'])}"
+            f"{interval(start['kl_ci'])} against the starting model; made from the fine-tuned weights, KL "
+            f"{fmt(trained['kl'])}{interval(trained['kl_ci'])} against the fine-tuned model ({level} intervals), {verdict}."]
 
 
 def cell(text: str, source: str | None = None) -> dict:
