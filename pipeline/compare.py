@@ -69,16 +69,30 @@ def parts(cfg: DictConfig, precisions: list[str]) -> list[Part]:
     return found
 
 
+def comparison(cfg: DictConfig) -> tuple[list[Part], list[str], dict[str, str]]:
+    """The runs train.precision=compare makes of these settings on this machine, the precisions it
+    trains, and why each other one of report.precisions is left out."""
+    validate(cfg)  # the settings first: a bad one is one line, before the hardware is asked anything
+    with captured(None if cfg.verbose else keep_log("preflight", "")):
+        hw = hardware.detect()
+        precisions, left_out = hardware.compared_precisions(cfg.report.precisions, hw)
+    return parts(cfg, precisions), precisions, left_out
+
+
+def checked_runs(cfg: DictConfig) -> list[DictConfig]:
+    """The settings of each run a command makes that its pre-flight checks check: the runs of a
+    comparison but the noise floor (the fp32 run's settings at another seed), or the one run."""
+    if cfg.train.precision != hardware.COMPARE:
+        return [cfg]
+    return [part.cfg for part in comparison(cfg)[0] if not part.noise]
+
+
 def run_comparison(cfg: DictConfig) -> None:
     quiet_libraries()
     only, stages = report_only(cfg.stage)
     with open_dict(cfg):
         cfg.stage = stages
-    validate(cfg)  # the settings first: a bad one is one line, before the hardware is asked anything
-    with captured(None if cfg.verbose else keep_log("preflight", "")):
-        hw = hardware.detect()
-        precisions, left_out = hardware.compared_precisions(cfg.report.precisions, hw)
-    runs = parts(cfg, precisions)
+    runs, precisions, left_out = comparison(cfg)
     if only:
         check_each(runs)
         return

@@ -320,16 +320,21 @@ def reference_pairs(models: dict, held_out, batch_size: int) -> dict:
     widths = held_out.real.sum(1)
     order = torch.argsort(widths, stable=True)
     held_out, widths = held_out[order], widths[order]
-    scored = held_out.targets[:, 1:].double()
     nll = {}
     for name, path in models.items():
-        logits, sums = model_logits(load_causal_lm(path)), []
-        for i in range(0, len(held_out), batch_size):
-            batch = trimmed(held_out.ids, i, batch_size, widths)
-            token_nll = own_metrics(torch.log_softmax(logits(batch), -1), batch)["nll"]
-            sums.append((widened(token_nll, scored.shape[1]).double() * scored[i : i + batch_size]).sum(1))
-        nll[name] = torch.cat(sums).tolist()
-    return {"tokens": scored.sum(1).long().tolist(), "nll": nll}
+        logits = model_logits(load_causal_lm(path)) if len(held_out) else None
+        nll[name] = [x for i in range(0, len(held_out), batch_size)
+                     for x in sequence_sums(torch.log_softmax(logits(trimmed(held_out.ids, i, batch_size, widths)), -1),
+                                            held_out.ids[i : i + batch_size], held_out.targets[i : i + batch_size])]
+    return {"tokens": held_out.targets[:, 1:].sum(1).tolist(), "nll": nll}
+
+
+def sequence_sums(logprobs, ids, targets) -> list[float]:
+    """Per-sequence NLL over the scored tokens (targets) of log-probabilities [n, width, vocab], which
+    may stop short of the rows' padding."""
+    width = logprobs.shape[1]
+    token_nll = own_metrics(logprobs, ids[:, :width])["nll"].double()
+    return (token_nll * targets[:, 1:width]).sum(1).tolist()
 
 
 def reference_logprobs(path: Path, ids, batch_size: int, seq_len: int, widths=None):
@@ -379,7 +384,16 @@ def run(cfg: DictConfig, tracker) -> None:
     # models (two seeds above all, the noise floor) differ by a few percent, which max_sequences,
     # sized for the artifacts' passes, cannot resolve. On the default, two seeds' fine-tunes stood
     # x1.041 [0.961, 1.134] apart on the first 32 conversations and x1.016 [0.972, 1.063] on all 119.
-    pairs = reference_pairs({"trained": trained, **paired}, every, e.batch_size) if paired else None
+    # The sequences the artifacts are measured on come from the passes above; the rest, from new ones.
+    pairs = None
+    if paired:
+        pairs = reference_pairs({"trained": trained, **paired}, every[len(held_out):], e.batch_size)
+        measured = {"trained": ref_logprobs, **{suffix: others[suffix] for suffix in paired}}
+        for name, logprobs in measured.items():
+            pairs["nll"][name][:0] = [x for i in range(0, len(ids), e.batch_size)
+                                      for x in sequence_sums(logprobs[i : i + e.batch_size, : widths[i : i + e.batch_size].max()],
+                                                             ids[i : i + e.batch_size], held_out.targets[i : i + e.batch_size])]
+        pairs["tokens"][:0] = held_out.targets[:, 1:].sum(1).tolist()
 
     results = {}
     for name, kind, path in found:

@@ -73,16 +73,14 @@ def compose_with(*overrides):
 def refused(tmp_path: Path, *overrides: str) -> str:
     """The error `python -m pipeline` refuses these settings with, found in-process by the same
     pre-flight checks (pipeline.preflight.preflight); nothing may have been written."""
-    from pipeline.artifacts import variant
+    from pipeline.compare import checked_runs
     from pipeline.contract import USER_ERRORS
-    from pipeline.hardware import COMPARE
     from pipeline.preflight import preflight
 
     cfg = compose_with(*overrides, f"paths.artifacts={tmp_path}/artifacts")
-    if cfg.train.precision == COMPARE:  # the comparison checks its fp32 run first (pipeline.compare)
-        cfg = variant(cfg, {"train.precision": "fp32"})
     with pytest.raises(USER_ERRORS) as error:
-        preflight(cfg)
+        for run in checked_runs(cfg):  # a comparison's runs in turn, fp32 first, as it checks them
+            preflight(run)
     assert not (tmp_path / "artifacts").exists()
     return str(error.value)
 

@@ -18,7 +18,7 @@ from pipeline.artifacts import read_json, stage_dir
 from stages.report.render import NOISE, plot_data
 from stages.report.register import registering
 from stages.report.stats import compare, decide, deployable, gate_results, paired_ratio, pareto_front, verdict
-from stages.report.text import deploy_lines, fmt, gate_line, grid_lines, lookup, training_checks
+from stages.report.text import budget_line, deploy_lines, fmt, gate_line, grid_lines, lookup, training_checks
 from stages.train import got_worse
 from tests.conftest import SMALL_CHAIN, compose_with, mlflow_client, only_dir, pipeline, refused, replace, runs
 
@@ -366,6 +366,13 @@ def test_the_starting_weights_grid_effect_is_stated_only_as_its_intervals_suppor
         grid_lines(rows, "95%")[0]
     rows["fp32"]["grid_effect"] = grid([0.01, 0.06], [0.05, 0.07])
     assert "within each other's intervals" in grid_lines(rows, "95%")[0]
+
+
+def test_a_budget_with_one_served_format_ranks_nothing():
+    cell = {"output_tokens_per_s": 30.0, "output_tokens_per_s_ci": [28.0, 32.0], "size_mb": 138.1}
+    line = budget_line({"format": "trained.q8_0", "cell": cell, "same_speed": [], "within": 1}, 0.01)
+    assert line == "  - KL ≤ 0.010: trained.q8_0, 30.000 [28.000, 32.000] tokens/s, the only served format within budget"
+    assert "significantly faster" in budget_line({"format": "a", "cell": cell, "same_speed": [], "within": 2}, 0.01)
 
 
 def test_fp32_alone_with_its_noise_floor_is_a_provisional_answer_that_names_the_others():

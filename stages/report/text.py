@@ -78,6 +78,8 @@ def budget_line(found: dict | None, budget: float) -> str:
     if found["same_speed"]:
         return (f"  - KL ≤ {fmt(budget)}: {', '.join(found['same_speed'])} are ≈ in speed at this model size (no "
                 f"significant difference); the smallest file is {found['format']} ({fmt(c['size_mb'])} MB, {speed})")
+    if found["within"] == 1:
+        return f"  - KL ≤ {fmt(budget)}: {found['format']}, {speed}, the only served format within budget"
     return f"  - KL ≤ {fmt(budget)}: {found['format']}, {speed}, significantly faster than the others within budget"
 
 
