@@ -133,11 +133,17 @@ def test_two_precision_report_compares_pairwise_and_says_what_is_missing(reports
     assert_every_value_has_its_source(data)
     assert_plots_embedded(reports.pair, data)
 
-    # The paired ratio is the ratio of the two perplexities the evaluate stage measured.
+    # The paired ratio is the ratio of the two perplexities the evaluate stage measured: for each
+    # format on the artifacts' sequences; for the trained models on every held-out sequence, which
+    # the bf16 run's evaluation measured both of them on.
     rows, by_format = data["rows"], data["comparisons"]["vs_fp32"]["bf16"]
     assert set(by_format) == set(data["columns"])
     for name, c in by_format.items():
         expected = rows["bf16"]["artifacts"][name]["perplexity"] / rows["fp32"]["artifacts"][name]["perplexity"]
+        if name == "trained":
+            pair = rows["bf16"]["reference_pairs"]
+            expected = math.exp((sum(pair["nll"]["trained"]) - sum(pair["nll"]["fp32"])) / sum(pair["tokens"]))
+            assert c["sequences"] == len(pair["tokens"]) > len(rows["bf16"]["sequence_tokens"])
         assert c["ratio"] == pytest.approx(expected, rel=1e-9)
         assert c["ratio_ci"][0] <= c["ratio"] <= c["ratio_ci"][1] and c["noise"] == 0
         assert c["verdict"] == verdict(c, 0)

@@ -77,7 +77,7 @@ def budget_line(found: dict | None, budget: float) -> str:
     speed = f"{fmt(c['output_tokens_per_s'])}{interval(c.get('output_tokens_per_s_ci'))} tokens/s"
     if found["same_speed"]:
         return (f"  - KL ≤ {fmt(budget)}: {', '.join(found['same_speed'])} are ≈ in speed at this model size (no "
-                f"significant difference); the smallest file is {found['format']} ({fmt(c['size_mb'])} MB, {speed})")
+                f"significant difference); the smallest file is {found['format']} ({c['size_mb']:.1f} MB, {speed})")
     if found["within"] == 1:
         return f"  - KL ≤ {fmt(budget)}: {found['format']}, {speed}, the only served format within budget"
     return f"  - KL ≤ {fmt(budget)}: {found['format']}, {speed}, significantly faster than the others within budget"
@@ -121,7 +121,7 @@ def headline(rows: dict, comparisons: dict, decision: dict, columns: list[str], 
             own = comparisons["own"][precision]
             lines += [f"  - {n}: perplexity {ratio(own[n])}"
                       f"{f' ({UNDERTRAINED})' if below_source(own[n]) else ''}, KL {fmt(c['kl'])}, "
-                      f"top-1 {c['top1']:.1%}, {fmt(c['size_mb'])} MB{layout_text(c)}{served_text(c)}"
+                      f"top-1 {c['top1']:.1%}, {c['size_mb']:.1f} MB{layout_text(c)}{served_text(c)}"
                       for n in columns if n in own and (c := row["artifacts"][n])]
         else:
             lines.append(f"- **{precision}**: {cost}.")
