@@ -57,6 +57,8 @@ def check(cfg: DictConfig) -> None:
                          f"must fit in data.seq_len={cfg.data.seq_len}.")
     if e.second_opinion.enabled:
         llamacpp.tool("llama-perplexity")
+    if e.grid_effect is not None:
+        llamacpp.file_type(e.grid_effect, "evaluate.grid_effect")
     for name, path in e.extra.items():
         if not (Path(path) / "config.json").is_file():
             raise FileNotFoundError(f"evaluate.extra.{name}={path!r} is not a Hugging Face checkpoint directory.")
@@ -323,18 +325,20 @@ def reference_pairs(models: dict, held_out, batch_size: int) -> dict:
     nll = {}
     for name, path in models.items():
         logits = model_logits(load_causal_lm(path)) if len(held_out) else None
-        nll[name] = [x for i in range(0, len(held_out), batch_size)
-                     for x in sequence_sums(torch.log_softmax(logits(trimmed(held_out.ids, i, batch_size, widths)), -1),
-                                            held_out.ids[i : i + batch_size], held_out.targets[i : i + batch_size])]
+        nll[name] = sequence_sums(lambda i, batch: torch.log_softmax(logits(batch), -1), held_out, widths, batch_size)
     return {"tokens": held_out.targets[:, 1:].sum(1).tolist(), "nll": nll}
 
 
-def sequence_sums(logprobs, ids, targets) -> list[float]:
-    """Per-sequence NLL over the scored tokens (targets) of log-probabilities [n, width, vocab], which
-    may stop short of the rows' padding."""
-    width = logprobs.shape[1]
-    token_nll = own_metrics(logprobs, ids[:, :width])["nll"].double()
-    return (token_nll * targets[:, 1:width]).sum(1).tolist()
+def sequence_sums(logprobs_of, held_out, widths, batch_size: int) -> list[float]:
+    """Per-sequence NLL over the scored tokens of `held_out`, `batch_size` rows at a time, each batch
+    up to its longest row (`widths`: each row's real tokens); logprobs_of(i, batch) gives the
+    log-probabilities [n, width, vocab] of the batch of rows i.. ."""
+    sums = []
+    for i in range(0, len(held_out), batch_size):
+        batch = trimmed(held_out.ids, i, batch_size, widths)
+        token_nll = own_metrics(logprobs_of(i, batch), batch)["nll"].double()
+        sums += (token_nll * held_out.targets[i : i + batch_size, 1 : batch.shape[1]]).sum(1).tolist()
+    return sums
 
 
 def reference_logprobs(path: Path, ids, batch_size: int, seq_len: int, widths=None):
@@ -390,9 +394,8 @@ def run(cfg: DictConfig, tracker) -> None:
         pairs = reference_pairs({"trained": trained, **paired}, every[len(held_out):], e.batch_size)
         measured = {"trained": ref_logprobs, **{suffix: others[suffix] for suffix in paired}}
         for name, logprobs in measured.items():
-            pairs["nll"][name][:0] = [x for i in range(0, len(ids), e.batch_size)
-                                      for x in sequence_sums(logprobs[i : i + e.batch_size, : widths[i : i + e.batch_size].max()],
-                                                             ids[i : i + e.batch_size], held_out.targets[i : i + e.batch_size])]
+            pairs["nll"][name][:0] = sequence_sums(lambda i, batch: logprobs[i : i + len(batch), : batch.shape[1]],
+                                                   held_out, widths, e.batch_size)
         pairs["tokens"][:0] = held_out.targets[:, 1:].sum(1).tolist()
 
     results = {}

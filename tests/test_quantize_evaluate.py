@@ -183,6 +183,11 @@ def test_indivisible_group_size_fails_before_any_work(tmp_path):
     assert "model.layers.0.self_attn.q_proj (input width 256)" in message and "[256, 768]" in message
 
 
+def test_a_grid_effect_type_llama_cpp_lacks_fails_before_any_work(tmp_path):
+    message = refused(tmp_path, "stage=evaluate", "evaluate.grid_effect=q4_km")
+    assert message.startswith("evaluate.grid_effect: 'q4_km' is not a llama.cpp type; valid: ") and "q4_k_m" in message
+
+
 def test_group_size_auto_takes_the_largest_that_fits_and_a_set_one_is_kept(tmp_path):
     """SmolLM2's width of 576 fits groups of 64, not 128: auto takes 64 and says why; a number is the
     user's, refused where it does not fit; auto stays in the settings, so outputs keep one address."""

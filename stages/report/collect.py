@@ -13,9 +13,9 @@ from pipeline.contract import declared
 
 # Serving figures a row's cells carry (at report.serve_level), each with its interval.
 SERVED = ("output_tokens_per_s", "ttft_ms_p50", "ttft_ms_p99", "itl_ms_p50")
-# What served each format, as the report names it.
 # The evaluate stage's file of the starting weights' grid effect.
 GRID_EFFECT = declared("evaluate").names["grid_effect"]
+# What served each format, as the report names it.
 ENGINE_NAMES = {"llamacpp": "llama-server", "vllm": "vLLM", "external": "the endpoint"}
 
 
